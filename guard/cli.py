@@ -1,0 +1,203 @@
+"""The ``guard`` command: ``train``, ``eval`` and ``data`` (export rows of the shared pool as JSONL)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from guard.settings import Settings
+from probes.data import DatasetError, deduplicate, load_datasets, split, write_jsonl
+from probes.defaults import SHIPPED_DIR, recipe_splits, resolve_probe, train_recipes
+from probes.evaluate import evaluate
+from probes.features import POOLINGS
+from probes.model import LoadedModel, load_model
+from probes.presets import PRESETS, RECIPES
+from probes.probe import LinearProbe, ProbeError
+from probes.report import write_report
+from probes.sources import SOURCES, read_source
+from probes.train import TrainConfig, train_probe
+
+log = logging.getLogger("guard")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env().override(
+        model=args.model, cache_dir=args.cache_dir, data_dir=args.data_dir, threads=args.threads
+    )
+    try:
+        return args.run(args, settings)
+    except (DatasetError, ProbeError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"guard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="default model name or a local HF causal-LM directory (GUARD_MODEL)")
+    common.add_argument("--cache-dir", type=Path, help="model and feature cache (GUARD_CACHE_DIR)")
+    common.add_argument("--data-dir", type=Path, help="the shared data pool (GUARD_DATA_DIR)")
+    common.add_argument("--threads", type=int, help="torch CPU threads (GUARD_THREADS)")
+    common.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub.add_parser("train", parents=[common], help="train a probe (or the default policies)"))
+    _eval_parser(sub.add_parser("eval", parents=[common], help="evaluate a probe on labelled data"))
+    _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
+    return parser
+
+
+def _model(settings: Settings) -> LoadedModel:
+    return load_model(settings.model, cache_dir=settings.cache_dir, threads=settings.threads or None,
+                      layer_path=settings.layer_path or None)
+
+
+# -- train ----------------------------------------------------------------------------------------------
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", default=[], help="JSONL or CSV file (repeatable)")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--name", help="policy name stored in the manifest")
+    p.add_argument("--out", type=Path, help="artifact directory (with --preset: where the policies go)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="train the shipped default policies from the data pool")
+    p.add_argument("--policy", action="append", help="with --preset: only these policies (repeatable)")
+    p.add_argument("--layers", help="comma-separated layers to concatenate (default: sweep every layer, keep the best)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="threshold: this FPR on dev negatives")
+    p.add_argument("--dev-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-text-tokens", type=int, default=256)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    config = TrainConfig(layers=layers, pooling=args.pooling, target_fpr=args.target_fpr, seed=args.seed,
+                         max_text_tokens=args.max_text_tokens)
+    if args.preset:
+        names = args.policy or list(PRESETS[args.preset])
+        lm = _model(settings)
+        results = train_recipes(lm, names, settings.data_dir, args.out or SHIPPED_DIR, config,
+                                cache_dir=settings.cache_dir, progress=not args.no_progress)
+        for name, result in results.items():
+            _print_trained(name, result.probe, args.out or SHIPPED_DIR)
+        return 0
+    if not args.data or not args.name or not args.out:
+        raise ValueError("--data, --name and --out are required (or use --preset)")
+    dataset = load_datasets(args.data, text_col=args.text_col, label_col=args.label_col)
+    if dataset.duplicates_dropped:
+        print(f"dropped {dataset.duplicates_dropped} exact duplicate row(s)", file=sys.stderr)
+    train, dev = split(dataset, dev_fraction=args.dev_fraction, seed=args.seed)
+    provenance = {
+        "files": [str(Path(p).resolve()) for p in args.data],
+        "text_col": args.text_col,
+        "label_col": args.label_col,
+        "duplicates_dropped": dataset.duplicates_dropped,
+        "dev_fraction": args.dev_fraction,
+    }
+    lm = _model(settings)
+    result = train_probe(lm, train, dev, args.name, config, provenance=provenance, cache_dir=settings.cache_dir,
+                         progress=not args.no_progress)
+    result.probe.save(args.out)
+    _print_trained(args.name, result.probe, args.out.parent)
+    return 0
+
+
+def _print_trained(name: str, probe: LinearProbe, out: Path) -> None:
+    dev = probe.manifest["metrics"]["dev"]
+    print(f"{name}: layers {list(probe.layers)}, dev AUROC {dev['auroc']:.4f}, TPR {dev['tpr_at_threshold']:.3f} "
+          f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}) -> {out / name}")
+
+
+# -- eval -----------------------------------------------------------------------------------------------
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", required=True, help="probe directory or shipped policy name")
+    p.add_argument("--data", action="append", required=True, help="JSONL or CSV file (repeatable)")
+    p.add_argument("--text-col", default="text")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--scores-out", type=Path, help="write each row's score as JSONL")
+    p.add_argument("--report", type=Path, help="directory for report.html and its PNGs")
+    p.add_argument("--baselines", action="store_true", help="also TF-IDF and MiniLM classifiers on the probe's rows")
+    p.add_argument("--train-data", action="append", help="baselines' training files (default: from the manifest)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_eval)
+
+
+def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    probe_dir = resolve_probe(args.probe)
+    dataset = load_datasets(args.data, text_col=args.text_col, label_col=args.label_col)
+    lm = _model(settings)
+    probe = LinearProbe.load(probe_dir, model_fingerprint=lm.fingerprint)
+    baseline_data = _baseline_data(probe, args, settings) if args.baselines else None
+    evaluation = evaluate(lm, probe, dataset, baseline_data=baseline_data, cache_dir=settings.cache_dir,
+                          progress=not args.no_progress)
+    report = evaluation.as_json(probe)
+    if args.scores_out:
+        _write_scores(args.scores_out, dataset, evaluation.probe.scores, probe.threshold)
+    if args.report:
+        report["report"] = str(write_report(args.report, probe, evaluation, dataset.labels, f"guard eval: {probe.name}"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _baseline_data(probe: LinearProbe, args: argparse.Namespace, settings: Settings):
+    data = probe.manifest.get("data", {})
+    if args.train_data:
+        dataset = load_datasets(args.train_data, text_col=args.text_col, label_col=args.label_col)
+        return split(dataset, dev_fraction=float(data.get("dev_fraction", 0.2)), seed=int(data.get("split_seed", 0)))
+    if "preset" in data:
+        train, dev, _ = recipe_splits(data["preset"], settings.data_dir)
+        return train, dev
+    if "files" in data:
+        dataset = load_datasets(data["files"], text_col=data.get("text_col", "text"), label_col=data.get("label_col", "label"))
+        return split(dataset, dev_fraction=float(data["dev_fraction"]), seed=int(data.get("split_seed", 0)))
+    raise ValueError("the manifest records no training data; pass --train-data for the baselines")
+
+
+def _write_scores(path: Path, dataset, scores, threshold: float) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for row, score in zip(dataset.rows, scores, strict=True):
+            record = {"text": row.text, "prompt": row.prompt, "label": row.label, "score": float(score),
+                      "flagged": bool(score > threshold)}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _print_table(report: dict) -> None:
+    columns = ("auroc", "auprc", "f1", "tpr_at_threshold", "fpr_at_threshold", "tpr_at_1pct_fpr", "n")
+    rows = {"probe": report, **report["baselines"]}
+    print(f"{'':8}" + "".join(f"{c:>18}" for c in columns))
+    for name, m in rows.items():
+        cells = "".join(f"{m[c]:>18.4f}" if isinstance(m[c], float) else f"{m[c]!s:>18}" for c in columns)
+        print(f"{name:8}{cells}")
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def _data_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["policy", "source"], help="a policy's rows or a whole source dataset")
+    p.add_argument("name", help=f"policy ({', '.join(RECIPES)}) or source ({', '.join(SOURCES)})")
+    p.add_argument("--split", choices=["train", "dev", "all"], default="all", help="for a policy")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_data)
+
+
+def _data(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "source":
+        rows = deduplicate(read_source(args.name, settings.data_dir)).rows
+    else:
+        if args.name not in RECIPES:
+            raise KeyError(f"unknown policy {args.name!r}; known: {sorted(RECIPES)}")
+        train, dev, _ = recipe_splits(args.name, settings.data_dir)
+        rows = {"train": train.rows, "dev": dev.rows, "all": train.rows + dev.rows}[args.split]
+    write_jsonl(rows, args.out)
+    print(f"wrote {len(rows)} rows to {args.out}")
+    return 0

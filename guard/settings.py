@@ -1,0 +1,39 @@
+"""One settings object for every command: ``GUARD_*`` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from probes.model import DEFAULT_MODEL, default_cache_dir
+from probes.sources import default_data_dir
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = DEFAULT_MODEL
+    cache_dir: Path = default_cache_dir()
+    data_dir: Path = default_data_dir()
+    threads: int = 0  # 0: torch's default
+    layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Defaults overridden by ``GUARD_<FIELD>`` variables (``GUARD_MODEL``, ``GUARD_CACHE_DIR``, ...)."""
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f"GUARD_{f.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(getattr(cls, f.name))
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"GUARD_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+    def override(self, **flags: object) -> Settings:
+        """A copy with the CLI flags that were given (``None`` means 'not given')."""
+        return replace(self, **{k: v for k, v in flags.items() if v is not None})

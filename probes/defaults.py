@@ -1,0 +1,83 @@
+"""The default policies shipped inside the package, and training them reproducibly from the data pool.
+
+``guard train --preset default`` runs :func:`train_recipes` for every recipe in ``probes.presets``:
+the union of all policies' texts is extracted once (all layers, cached on disk), then each policy is
+split, swept and fitted on its own rows, and written to ``probes/shipped/<name>/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from probes.data import Dataset, deduplicate, split
+from probes.features import extract
+from probes.model import LoadedModel
+from probes.presets import RECIPES
+from probes.probe import LinearProbe, ProbeError
+from probes.train import TrainConfig, TrainResult, train_probe
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+DEV_FRACTION = 0.2
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []
+
+
+def resolve_probe(reference: str | Path) -> Path:
+    """A probe directory from a path, or from the name of a shipped default policy."""
+    path = Path(reference)
+    if (path / "manifest.json").is_file():
+        return path
+    if (SHIPPED_DIR / str(reference) / "manifest.json").is_file():
+        return SHIPPED_DIR / str(reference)
+    raise ProbeError(
+        f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
+    )
+
+
+def load_shipped(name: str, *, model_fingerprint: str | None = None) -> LinearProbe:
+    return LinearProbe.load(resolve_probe(name), model_fingerprint=model_fingerprint)
+
+
+def recipe_splits(name: str, data_dir: Path) -> tuple[Dataset, Dataset, dict]:
+    dataset, provenance = RECIPES[name].rows(data_dir)
+    train, dev = split(dataset, dev_fraction=DEV_FRACTION, seed=0)
+    return train, dev, {**provenance, "dev_fraction": DEV_FRACTION}
+
+
+def train_recipes(
+    lm: LoadedModel,
+    names: Sequence[str],
+    data_dir: Path,
+    out_dir: Path = SHIPPED_DIR,
+    config: TrainConfig = TrainConfig(),
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, TrainResult]:
+    unknown = set(names) - set(RECIPES)
+    if unknown:
+        raise KeyError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {sorted(RECIPES)}")
+    splits = {name: recipe_splits(name, data_dir) for name in names}
+    union = deduplicate(
+        row.__class__(row.text, 0, row.prompt) for train, dev, _ in splits.values() for row in (*train.rows, *dev.rows)
+    )
+    layers = list(config.layers) if config.layers else list(range(lm.num_layers))
+    features = extract(lm, union, layers, pooling=config.pooling, max_text_tokens=config.max_text_tokens,
+                       cache_dir=cache_dir, progress=progress)
+    index = {row.key: i for i, row in enumerate(union.rows)}
+
+    def rows_of(data: Dataset) -> np.ndarray:
+        return features[[index[row.key] for row in data.rows]]
+
+    results = {}
+    for name, (train, dev, provenance) in splits.items():
+        result = train_probe(lm, train, dev, name, config, provenance=provenance,
+                             features=(rows_of(train), rows_of(dev)), progress=progress)
+        result.probe.save(out_dir / name)
+        results[name] = result
+    return results

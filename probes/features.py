@@ -1,0 +1,146 @@
+"""Batched activation extraction: pooled residual-stream features for every row, cached on disk.
+
+Batches are sorted by length and right-padded after a shared prefix: the chat template's system
+prompt and role marker are the same for every row, so their KV cache is computed once and reused,
+and right padding keeps each row's position ids exactly as they are when it runs alone (features do
+not depend on what else is in the batch). The LM head is never run: the base model is enough.
+
+Pooling (both are what the server computes online):
+- ``mean``: mean over the text's own tokens. For a prompt, computed once after prefill; for a reply,
+  the server keeps a running mean over the tokens generated so far, so a linear probe's logit is the
+  mean of per-token logits.
+- ``last``: the text's last token.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from probes.data import Dataset
+from probes.hooks import capture
+from probes.model import LoadedModel
+from probes.render import Encoded, encode_row
+
+POOLINGS = ("mean", "last")
+_CACHE_FORMAT = 1
+
+
+def extract(
+    lm: LoadedModel,
+    dataset: Dataset,
+    layers: Sequence[int],
+    *,
+    pooling: str = "mean",
+    max_text_tokens: int = 256,
+    batch_tokens: int = 2048,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Pooled features ``[n_rows, n_layers, d_model]`` (float32) for ``layers`` (decoder-layer indices)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(lm.fingerprint, dataset.texts_sha256(), layers, pooling, max_text_tokens)
+        path = cache_dir / "features" / f"{key}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+    encoded = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
+    features = np.zeros((len(encoded), len(layers), lm.hidden_size), dtype=np.float32)
+    batches = _batches(encoded, batch_tokens)
+    prefixes: dict[tuple[int, ...], DynamicCache] = {}
+    with tqdm(total=len(encoded), desc="extracting", unit="text", disable=not progress) as bar:
+        for batch in batches:
+            features[batch] = _run_batch(lm, [encoded[i] for i in batch], layers, pooling, prefixes)
+            bar.update(len(batch))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, features, allow_pickle=False)
+        tmp.replace(path)
+    return features
+
+
+def pool(hidden: torch.Tensor, start: int, end: int, pooling: str) -> torch.Tensor:
+    """Pool ``hidden[pos, d_model]`` over the half-open span ``[start, end)``."""
+    if pooling == "mean":
+        return hidden[start:end].mean(dim=0)
+    return hidden[end - 1]
+
+
+def _run_batch(
+    lm: LoadedModel,
+    rows: list[Encoded],
+    layers: Sequence[int],
+    pooling: str,
+    prefixes: dict[tuple[int, ...], DynamicCache],
+) -> np.ndarray:
+    shared = _shared_prefix(rows)
+    cache = None
+    if shared:
+        if shared not in prefixes:
+            prefixes[shared] = _prefix_cache(lm, shared)
+        cache = copy.deepcopy(prefixes[shared])
+        cache.batch_repeat_interleave(len(rows))
+    offset = len(shared)
+    width = max(len(r.ids) for r in rows) - offset
+    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), offset + width), dtype=torch.long)
+    mask[:, :offset] = 1
+    for i, row in enumerate(rows):
+        ids[i, : len(row.ids) - offset] = torch.tensor(row.ids[offset:])
+        mask[i, offset : len(row.ids)] = 1
+    with torch.inference_mode(), capture(lm.model, layers, layer_path=lm.layer_path) as store:
+        lm.model.base_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
+    out = np.empty((len(rows), len(layers), lm.hidden_size), dtype=np.float32)
+    for j, layer in enumerate(layers):
+        hidden = store[layer].float()  # [batch, pos, d_model]
+        for i, row in enumerate(rows):
+            out[i, j] = pool(hidden[i], row.start - offset, row.end - offset, pooling).numpy()
+    return out
+
+
+def _shared_prefix(rows: list[Encoded]) -> tuple[int, ...]:
+    """Longest common token prefix of the batch that stops before any row's scored span."""
+    limit = min(r.start for r in rows)
+    first = rows[0].ids
+    n = 0
+    while n < limit and all(r.ids[n] == first[n] for r in rows):
+        n += 1
+    return tuple(first[:n])
+
+
+def _prefix_cache(lm: LoadedModel, prefix: tuple[int, ...]) -> DynamicCache:
+    cache = DynamicCache(config=lm.model.config)
+    with torch.inference_mode():
+        lm.model.base_model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+    return cache
+
+
+def _batches(encoded: list[Encoded], batch_tokens: int) -> list[list[int]]:
+    """Index batches of similar length, each at most ``batch_tokens`` padded tokens (and at least one row)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and len(encoded[index].ids) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _cache_key(fingerprint: str, data_hash: str, layers: Sequence[int], pooling: str, max_text_tokens: int) -> str:
+    spec = [_CACHE_FORMAT, fingerprint, data_hash, list(layers), pooling, max_text_tokens]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:32]

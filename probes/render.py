@@ -1,0 +1,68 @@
+"""Turning a row (a user text, or a prompt and the assistant's reply) into token ids and the span probes read.
+
+Features are pooled over the text's own tokens inside the chat template, never over the template:
+pooling over system prompt and role markers gives texts of different lengths different template
+shares, a length confound (see shared/FINDINGS.md). The server renders conversations with the same
+function, so the tokens it scores are the tokens the probes were trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+_SENTINEL = "\x00GUARD-SPAN\x00"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of a rendered conversation and the half-open token span ``[start, end)`` of the scored text."""
+
+    ids: tuple[int, ...]
+    start: int
+    end: int
+
+
+def render_messages(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, str]],
+    *,
+    span_message: int,
+    add_generation_prompt: bool = False,
+) -> Encoded:
+    """Render ``messages`` with the tokenizer's chat template; the span covers ``messages[span_message]``'s content.
+
+    Without a chat template, messages are joined by blank lines (base models such as GPT-2).
+    """
+    target = messages[span_message]["content"]
+    marked = [dict(m) for m in messages]
+    marked[span_message]["content"] = _SENTINEL
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    else:
+        text = "\n\n".join(m["content"] for m in marked) + ("\n\n" if add_generation_prompt else "")
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("the chat template altered or repeated a message's content; cannot locate the scored span")
+    head, tail = text.split(_SENTINEL)
+    full = head + target + tail
+    char_start, char_end = len(head), len(head) + len(target)
+    enc = tokenizer(full, add_special_tokens=not tokenizer.chat_template, return_offsets_mapping=True)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < char_end and b > char_start and b > a]
+    if not inside:
+        raise ValueError("the scored text is empty after tokenisation")
+    return Encoded(tuple(enc["input_ids"]), inside[0], inside[-1] + 1)
+
+
+def encode_row(
+    tokenizer: PreTrainedTokenizerBase, text: str, prompt: str | None = None, *, max_text_tokens: int = 256
+) -> Encoded:
+    """A user text (``prompt is None``) or an assistant reply to ``prompt``; the span is cut at ``max_text_tokens``."""
+    if prompt is None:
+        encoded = render_messages(tokenizer, [{"role": "user", "content": text}], span_message=0)
+    else:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+        encoded = render_messages(tokenizer, messages, span_message=1)
+    end = min(encoded.end, encoded.start + max_text_tokens)
+    return Encoded(encoded.ids[:end], encoded.start, end)

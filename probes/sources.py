@@ -1,0 +1,170 @@
+"""Readers for the public safety datasets in the shared data pool (``../shared/data``, see its README).
+
+Each source yields rows labelled in its own terms (1 harmful / violating, 0 benign) with a category
+where the dataset has one; a policy recipe (``probes.presets``) decides what each row means for it.
+The data is read in place and never copied into the repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from probes.data import Row
+
+SourceReader = Callable[[Path], list[Row]]
+
+
+def default_data_dir() -> Path:
+    """``GUARD_DATA_DIR``, else ``../shared/data`` next to the working directory."""
+    return Path(os.environ.get("GUARD_DATA_DIR", Path.cwd().parent / "shared" / "data"))
+
+
+def read_source(name: str, data_dir: Path) -> list[Row]:
+    if name not in SOURCES:
+        raise KeyError(f"unknown source {name!r}; known: {', '.join(sorted(SOURCES))}")
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data pool {data_dir} not found; set GUARD_DATA_DIR or --data-dir")
+    return SOURCES[name](data_dir)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _rows(source: str, items: list[tuple[str, int, str | None]]) -> list[Row]:
+    return [Row(text.strip(), label, category=cat, source=source) for text, label, cat in items if text and text.strip()]
+
+
+def _advbench(d: Path) -> list[Row]:
+    return _rows("advbench", [(r["goal"], 1, None) for r in _csv(d / "advbench/harmful_behaviors.csv")])
+
+
+def _harmbench(d: Path) -> list[Row]:
+    rows = _csv(d / "harmbench/harmbench_behaviors_text_all.csv")
+    return _rows("harmbench", [(r["Behavior"], 1, r["SemanticCategory"]) for r in rows])
+
+
+def _strongreject(d: Path) -> list[Row]:
+    return _rows("strongreject", [(r["forbidden_prompt"], 1, r["category"]) for r in _csv(d / "strongreject/strongreject.csv")])
+
+
+def _malicious_instruct(d: Path) -> list[Row]:
+    lines = (d / "malicious_instruct/malicious_instruct.txt").read_text(encoding="utf-8").splitlines()
+    return _rows("malicious_instruct", [(line, 1, None) for line in lines])
+
+
+def _do_not_answer(d: Path) -> list[Row]:
+    rows = _csv(d / "do_not_answer/do_not_answer_en.csv")
+    return _rows("do_not_answer", [(r["question"], 1, f"{r['types_of_harm']}|{r['specific_harms']}") for r in rows])
+
+
+def _ailuminate(d: Path) -> list[Row]:
+    rows = _csv(d / "ailuminate/airr_official_1.0_demo_en_us_prompt_set_release.csv")
+    return _rows("ailuminate", [(r["prompt_text"], 1, r["hazard"]) for r in rows])
+
+
+def _alpaca(d: Path) -> list[Row]:
+    items = json.loads((d / "alpaca_noinput/alpaca.json").read_text(encoding="utf-8"))
+    return _rows("alpaca", [(x["instruction"], 0, None) for x in items])
+
+
+def _toxicchat(d: Path) -> list[Row]:
+    data = json.loads((d / "toxicchat/toxic_chat_train.json").read_text(encoding="utf-8"))
+    items = []
+    for x in data["instances"]:
+        notes = x["annotations"]
+        jailbreak = notes["jailbreaking"]["majority_human"] == "1"
+        items.append((x["instance"], int(notes["toxicity"]["majority_human"]), "jailbreak" if jailbreak else None))
+    return _rows("toxicchat", items)
+
+
+_STL_FILES = {
+    "I-MaliciousInstructions": 1, "I-CoNa": 1, "I-Controversial": 1, "Q-Harm": 1,
+    "I-PhysicalSafetyUnsafe": 1, "I-PhysicalSafetySafe": 0, "I-Alpaca": 0,
+}
+
+
+def _safety_tuned_llamas(d: Path) -> list[Row]:
+    items = []
+    for name, label in _STL_FILES.items():
+        data = json.loads((d / f"safety_tuned_llamas/evaluation/{name}.json").read_text(encoding="utf-8"))
+        items += [(text, label, name) for text in data["instructions"]]
+    return _rows("safety_tuned_llamas", items)
+
+
+def _hatecheck(d: Path) -> list[Row]:
+    rows = _csv(d / "hatecheck/test_suite_cases.csv")
+    return _rows("hatecheck", [(r["test_case"], int(r["label_gold"] == "hateful"), r["functionality"]) for r in rows])
+
+
+def _toxigen(d: Path) -> list[Row]:
+    items = []
+    for path in sorted((d / "toxigen/prompts").glob("*.txt.gz")):
+        kind, group = path.name.removesuffix("_1k.txt.gz").split("_", 1)
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                for part in line.strip().split("\\n-"):
+                    items.append((part.strip().lstrip("- ").strip(), int(kind == "hate"), group))
+    return _rows("toxigen", items)
+
+
+_DAVIDSON = {"0": (1, "hate"), "1": (1, "offensive"), "2": (0, "neither")}
+
+
+def _davidson(d: Path) -> list[Row]:
+    rows = _csv(d / "davidson_hate_offensive/labeled_data.csv")
+    return _rows("davidson", [(r["tweet"], *_DAVIDSON[r["class"]]) for r in rows])
+
+
+_MEDICAL = {"0": "not-medical", "1": "non-serious", "2": "serious", "3": "critical"}
+
+
+def _medicheck(d: Path) -> list[Row]:
+    rows = _csv(d / "medical_safety/medicheck-expert.csv")
+    items = [(r["query"], int(r["query-label-expert"] in {"2", "3"}), _MEDICAL[r["query-label-expert"]]) for r in rows]
+    return _rows("medicheck", items)
+
+
+def _medicheck_neg(d: Path) -> list[Row]:
+    lines = (d / "medical_safety/medicheck-neg.csv").read_text(encoding="utf-8").splitlines()
+    return _rows("medicheck_neg", [(line.strip().strip('"'), 0, "not-medical") for line in lines])
+
+
+_DNA_MODELS = ("GPT4", "ChatGPT", "Claude", "ChatGLM2", "llama2-7b-chat", "vicuna-7b")
+
+
+def _do_not_answer_responses(d: Path) -> list[Row]:
+    """Response-level rows: the assistant's reply to a risky question, human-labelled harmful (1) or safe (0)."""
+    out = []
+    for r in _csv(d / "do_not_answer/data_en.csv"):
+        for m in _DNA_MODELS:
+            text = r.get(f"{m}_response", "").strip()
+            if text and r.get(f"{m}_harmful") in {"0", "1"}:
+                out.append(Row(text, int(r[f"{m}_harmful"]), prompt=r["question"].strip(), category=r["types_of_harm"],
+                               source="do_not_answer_responses"))
+    return out
+
+
+SOURCES: dict[str, SourceReader] = {
+    "advbench": _advbench,
+    "harmbench": _harmbench,
+    "strongreject": _strongreject,
+    "malicious_instruct": _malicious_instruct,
+    "do_not_answer": _do_not_answer,
+    "ailuminate": _ailuminate,
+    "alpaca": _alpaca,
+    "toxicchat": _toxicchat,
+    "safety_tuned_llamas": _safety_tuned_llamas,
+    "hatecheck": _hatecheck,
+    "toxigen": _toxigen,
+    "davidson": _davidson,
+    "medicheck": _medicheck,
+    "medicheck_neg": _medicheck_neg,
+    "do_not_answer_responses": _do_not_answer_responses,
+}

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from probes.data import DatasetError, Row, deduplicate, load_datasets, read_dataset, split
+
+
+def write(path, text, mode="w"):
+    with open(path, mode) as f:
+        f.write(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok", "label": 1}\n{"label": 0}\n', r"bad\.jsonl:2: missing or empty 'text'"),
+        ('{"text": "ok", "label": 2}\n', r"bad\.jsonl:1: 'label' must be 0 or 1, got 2"),
+        ('{"text": "ok", "label": "yes"}\n', r"bad\.jsonl:1: 'label' must be 0 or 1"),
+        ('{"text": "ok", "label": 1}\n{not json}\n', r"bad\.jsonl:2: not valid JSON"),
+        ('["a list"]\n', r"bad\.jsonl:1: expected a JSON object"),
+        ('{"text": "   ", "label": 1}\n', r"bad\.jsonl:1: missing or empty 'text'"),
+        ('{"text": "ok", "label": 1, "prompt": ""}\n', r"bad\.jsonl:1: 'prompt' must be a non-empty string"),
+        ("\n\n", r"bad\.jsonl: no rows"),
+    ],
+)
+def test_bad_jsonl_rows_name_file_and_line(tmp_path, content, message):
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(write(tmp_path / "bad.jsonl", content))
+
+
+def test_undecodable_file_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": 1}\n{"text": "\xff\xfe", "label": 0}\n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        read_dataset(path)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        read_dataset(tmp_path / "nope.jsonl")
+    with pytest.raises(DatasetError, match="unsupported format"):
+        read_dataset(write(tmp_path / "x.txt", "hello"))
+
+
+def test_csv_columns_and_line_numbers(tmp_path):
+    path = write(tmp_path / "d.csv", 'goal,harmful\n"a, b",1\n"multi\nline",0\nbad,7\n')
+    with pytest.raises(DatasetError, match=r"d\.csv:1: missing column"):
+        read_dataset(path)
+    with pytest.raises(DatasetError, match=r"d\.csv:5: 'harmful' must be 0 or 1"):
+        read_dataset(path, text_col="goal", label_col="harmful")
+    write(path, 'goal,harmful\n"a, b",1\n"multi\nline",0\n')
+    rows = read_dataset(path, text_col="goal", label_col="harmful")
+    assert [(r.text, r.label) for r in rows] == [("a, b", 1), ("multi\nline", 0)]
+
+
+def test_duplicates_counted_and_conflicts_refused(tmp_path):
+    a = write(tmp_path / "a.jsonl", '{"text": "x", "label": 1}\n{"text": "x", "label": 1}\n{"text": "y", "label": 0}\n')
+    data = load_datasets([a])
+    assert data.duplicates_dropped == 1 and data.counts() == {"n": 2, "positive": 1, "negative": 1}
+    b = write(tmp_path / "b.jsonl", '{"text": "x", "label": 0}\n')
+    with pytest.raises(DatasetError, match="labelled 0 here and 1"):
+        load_datasets([a, b])
+
+
+def test_prompt_rows_differ_from_plain_rows(tmp_path):
+    path = write(tmp_path / "r.jsonl", json.dumps({"text": "x", "label": 1, "prompt": "p"}) + "\n"
+                 + json.dumps({"text": "x", "label": 0}) + "\n")
+    assert load_datasets([path]).counts()["n"] == 2
+
+
+def test_split_is_deterministic_and_order_independent():
+    rows = [Row(f"text {i}", i % 2) for i in range(500)]
+    train, dev = split(deduplicate(rows), dev_fraction=0.2, seed=0)
+    train2, dev2 = split(deduplicate(reversed(rows)), dev_fraction=0.2, seed=0)
+    assert {r.text for r in dev.rows} == {r.text for r in dev2.rows}
+    assert 60 < len(dev.rows) < 140 and len(train.rows) + len(dev.rows) == 500
+    _, dev3 = split(deduplicate(rows), dev_fraction=0.2, seed=1)
+    assert {r.text for r in dev3.rows} != {r.text for r in dev.rows}

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from probes.metrics import binary_metrics, threshold_for_fpr
+from probes.probe import ARRAYS_FILE, MANIFEST_FILE, LinearProbe, ProbeError
+
+
+def make_probe(layers=(3, 7), d=8, seed=0) -> LinearProbe:
+    rng = np.random.default_rng(seed)
+    shape = (len(layers), d)
+    return LinearProbe(
+        name="unit", layers=tuple(layers), weight=rng.normal(size=shape).astype(np.float32), bias=0.25,
+        mean=rng.normal(size=shape).astype(np.float32), scale=rng.uniform(0.5, 2, size=shape).astype(np.float32),
+        direction=rng.normal(size=shape).astype(np.float32), threshold=0.7,
+        manifest={"model_fingerprint": "sha256:abc", "metrics": {"dev": {"auroc": 0.9}}},
+    )
+
+
+def test_round_trip_is_equal(tmp_path):
+    probe = make_probe()
+    loaded = LinearProbe.load(probe.save(tmp_path / "p"))
+    assert loaded == probe
+    assert loaded.version == probe.version and len(probe.version) == 12
+    manifest = json.loads((tmp_path / "p" / MANIFEST_FILE).read_text())
+    assert manifest["version"] == probe.version and manifest["layers"] == [3, 7]
+    assert loaded != make_probe(seed=1)
+
+
+def test_no_pickle_in_artifact(tmp_path):
+    make_probe().save(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted([ARRAYS_FILE, MANIFEST_FILE])
+    assert b"pickle" not in (tmp_path / "p" / ARRAYS_FILE).read_bytes()
+
+
+def test_corrupt_arrays_refused(tmp_path):
+    path = make_probe().save(tmp_path / "p")
+    blob = bytearray((path / ARRAYS_FILE).read_bytes())
+    blob[-1] ^= 0xFF
+    (path / ARRAYS_FILE).write_bytes(bytes(blob))
+    with pytest.raises(ProbeError, match="corrupt"):
+        LinearProbe.load(path)
+
+
+def test_fingerprint_mismatch_refused(tmp_path):
+    path = make_probe().save(tmp_path / "p")
+    assert LinearProbe.load(path, model_fingerprint="sha256:abc")
+    with pytest.raises(ProbeError, match="retrain it on this model"):
+        LinearProbe.load(path, model_fingerprint="sha256:other")
+
+
+def test_missing_files_and_bad_manifest(tmp_path):
+    with pytest.raises(ProbeError, match="is missing"):
+        LinearProbe.load(tmp_path)
+    path = make_probe().save(tmp_path / "p")
+    (path / MANIFEST_FILE).write_text("{")
+    with pytest.raises(ProbeError, match="not valid JSON"):
+        LinearProbe.load(path)
+
+
+def test_folded_weights_match_standardised_scoring():
+    probe = make_probe()
+    x = np.random.default_rng(2).normal(size=(5, 2, 8))
+    expected = ((x - probe.mean) / probe.scale * probe.weight).sum(axis=(1, 2)) + probe.bias
+    np.testing.assert_allclose(probe.decision_function(x), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        probe.decision_function(x[:, :1])
+
+
+def test_threshold_for_fpr_bounds_false_positives():
+    rng = np.random.default_rng(0)
+    negatives = rng.random(1000)
+    for target in (0.0, 0.01, 0.05, 0.2):
+        t = threshold_for_fpr(negatives, target)
+        assert (negatives > t).mean() <= target
+        assert (negatives >= t).mean() > target or target == 0.0
+
+
+def test_binary_metrics_known_values():
+    m = binary_metrics([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], threshold=0.5)
+    assert m["auroc"] == 0.75 and m["f1"] == 0.5 and m["fpr_at_threshold"] == 0.5 and m["tpr_at_threshold"] == 0.5
+    assert m["n"] == 4 and m["n_positive"] == 2
+    single = binary_metrics([1, 1], [0.2, 0.9], threshold=0.5)
+    assert single["auroc"] is None and single["tpr_at_threshold"] == 0.5

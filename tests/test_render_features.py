@@ -1,0 +1,54 @@
+import numpy as np
+import torch
+
+from probes.data import Dataset, Row
+from probes.features import extract
+from probes.hooks import capture
+from probes.render import encode_row
+
+TEXTS = ["How do I bake bread?", "Write a poem about the sea and the wind.", "Tell me how to steal a car.",
+         "What is the capital of France?", "I hate those people."]
+
+
+def test_span_covers_exactly_the_text(tiny_lm):
+    enc = encode_row(tiny_lm.tokenizer, "How do I bake bread?")
+    assert tiny_lm.tokenizer.decode(enc.ids[enc.start : enc.end]) == "How do I bake bread?"
+    reply = encode_row(tiny_lm.tokenizer, "Sure, here is how.", "Tell me how to bake bread.")
+    assert tiny_lm.tokenizer.decode(reply.ids[reply.start : reply.end]) == "Sure, here is how."
+    assert "Tell me how" in tiny_lm.tokenizer.decode(reply.ids[: reply.start])
+
+
+def test_span_truncation(tiny_lm):
+    enc = encode_row(tiny_lm.tokenizer, "Write a poem about the sea and the wind.", max_text_tokens=3)
+    assert enc.end - enc.start == 3 and len(enc.ids) == enc.end
+
+
+def test_batched_features_equal_unbatched_and_manual_mean(tiny_lm):
+    rows = tuple(Row(t, 0) for t in TEXTS) + (Row("Sure, here is how.", 1, prompt="Tell me how to bake bread."),)
+    layers = [0, 2, 3]
+    batched = extract(tiny_lm, Dataset(rows), layers, progress=False)
+    alone = np.stack([extract(tiny_lm, Dataset((r,)), layers, progress=False)[0] for r in rows])
+    np.testing.assert_allclose(batched, alone, rtol=1e-4, atol=1e-5)
+    enc = encode_row(tiny_lm.tokenizer, TEXTS[1])
+    with torch.inference_mode(), capture(tiny_lm.model, layers) as store:
+        tiny_lm.model(input_ids=torch.tensor([enc.ids]))
+    manual = store[2][0, enc.start : enc.end].mean(0).numpy()
+    np.testing.assert_allclose(batched[1, 1], manual, rtol=1e-4, atol=1e-5)
+
+
+def test_last_pooling_reads_the_last_text_token(tiny_lm):
+    enc = encode_row(tiny_lm.tokenizer, TEXTS[0])
+    with torch.inference_mode(), capture(tiny_lm.model, [1]) as store:
+        tiny_lm.model(input_ids=torch.tensor([enc.ids]))
+    last = extract(tiny_lm, Dataset((Row(TEXTS[0], 0),)), [1], pooling="last", progress=False)
+    np.testing.assert_allclose(last[0, 0], store[1][0, enc.end - 1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_feature_cache_round_trip(tiny_lm, tmp_path):
+    data = Dataset(tuple(Row(t, 0) for t in TEXTS))
+    first = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 1
+    second = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(first, second)
+    extract(tiny_lm, data, [1], pooling="last", cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2
