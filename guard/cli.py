@@ -26,7 +26,9 @@ log = logging.getLogger("guard")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     settings = Settings.from_env().override(
         model=args.model, cache_dir=args.cache_dir, data_dir=args.data_dir, threads=args.threads
     )
@@ -53,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model(settings: Settings) -> LoadedModel:
-    return load_model(settings.model, cache_dir=settings.cache_dir, threads=settings.threads or None,
-                      layer_path=settings.layer_path or None)
+    return load_model(
+        settings.model,
+        cache_dir=settings.cache_dir,
+        threads=settings.threads or None,
+        layer_path=settings.layer_path or None,
+    )
 
 
 # -- train ----------------------------------------------------------------------------------------------
@@ -78,13 +84,25 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    config = TrainConfig(layers=layers, pooling=args.pooling, target_fpr=args.target_fpr, seed=args.seed,
-                         max_text_tokens=args.max_text_tokens)
+    config = TrainConfig(
+        layers=layers,
+        pooling=args.pooling,
+        target_fpr=args.target_fpr,
+        seed=args.seed,
+        max_text_tokens=args.max_text_tokens,
+    )
     if args.preset:
         names = args.policy or list(PRESETS[args.preset])
         lm = _model(settings)
-        results = train_recipes(lm, names, settings.data_dir, args.out or SHIPPED_DIR, config,
-                                cache_dir=settings.cache_dir, progress=not args.no_progress)
+        results = train_recipes(
+            lm,
+            names,
+            settings.data_dir,
+            args.out or SHIPPED_DIR,
+            config,
+            cache_dir=settings.cache_dir,
+            progress=not args.no_progress,
+        )
         for name, result in results.items():
             _print_trained(name, result.probe, args.out or SHIPPED_DIR)
         return 0
@@ -102,8 +120,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         "dev_fraction": args.dev_fraction,
     }
     lm = _model(settings)
-    result = train_probe(lm, train, dev, args.name, config, provenance=provenance, cache_dir=settings.cache_dir,
-                         progress=not args.no_progress)
+    result = train_probe(
+        lm,
+        train,
+        dev,
+        args.name,
+        config,
+        provenance=provenance,
+        cache_dir=settings.cache_dir,
+        progress=not args.no_progress,
+    )
     result.probe.save(args.out)
     _print_trained(args.name, result.probe, args.out.parent)
     return 0
@@ -111,8 +137,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_trained(name: str, probe: LinearProbe, out: Path) -> None:
     dev = probe.manifest["metrics"]["dev"]
-    print(f"{name}: layers {list(probe.layers)}, dev AUROC {dev['auroc']:.4f}, TPR {dev['tpr_at_threshold']:.3f} "
-          f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}) -> {out / name}")
+    print(
+        f"{name}: layers {list(probe.layers)}, dev AUROC {dev['auroc']:.4f}, TPR {dev['tpr_at_threshold']:.3f} "
+        f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}) -> {out / name}"
+    )
 
 
 # -- eval -----------------------------------------------------------------------------------------------
@@ -136,13 +164,16 @@ def _eval(args: argparse.Namespace, settings: Settings) -> int:
     lm = _model(settings)
     probe = LinearProbe.load(probe_dir, model_fingerprint=lm.fingerprint)
     baseline_data = _baseline_data(probe, args, settings) if args.baselines else None
-    evaluation = evaluate(lm, probe, dataset, baseline_data=baseline_data, cache_dir=settings.cache_dir,
-                          progress=not args.no_progress)
+    evaluation = evaluate(
+        lm, probe, dataset, baseline_data=baseline_data, cache_dir=settings.cache_dir, progress=not args.no_progress
+    )
     report = evaluation.as_json(probe)
     if args.scores_out:
         _write_scores(args.scores_out, dataset, evaluation.probe.scores, probe.threshold)
     if args.report:
-        report["report"] = str(write_report(args.report, probe, evaluation, dataset.labels, f"guard eval: {probe.name}"))
+        report["report"] = str(
+            write_report(args.report, probe, evaluation, dataset.labels, f"guard eval: {probe.name}")
+        )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -159,7 +190,9 @@ def _baseline_data(probe: LinearProbe, args: argparse.Namespace, settings: Setti
         train, dev, _ = recipe_splits(data["preset"], settings.data_dir)
         return train, dev
     if "files" in data:
-        dataset = load_datasets(data["files"], text_col=data.get("text_col", "text"), label_col=data.get("label_col", "label"))
+        dataset = load_datasets(
+            data["files"], text_col=data.get("text_col", "text"), label_col=data.get("label_col", "label")
+        )
         return split(dataset, dev_fraction=float(data["dev_fraction"]), seed=int(data.get("split_seed", 0)))
     raise ValueError("the manifest records no training data; pass --train-data for the baselines")
 
@@ -167,8 +200,13 @@ def _baseline_data(probe: LinearProbe, args: argparse.Namespace, settings: Setti
 def _write_scores(path: Path, dataset, scores, threshold: float) -> None:
     with open(path, "w", encoding="utf-8") as out:
         for row, score in zip(dataset.rows, scores, strict=True):
-            record = {"text": row.text, "prompt": row.prompt, "label": row.label, "score": float(score),
-                      "flagged": bool(score > threshold)}
+            record = {
+                "text": row.text,
+                "prompt": row.prompt,
+                "label": row.label,
+                "score": float(score),
+                "flagged": bool(score > threshold),
+            }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

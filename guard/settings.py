@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from probes.model import DEFAULT_MODEL, default_cache_dir
@@ -14,8 +14,8 @@ from probes.sources import default_data_dir
 @dataclass(frozen=True)
 class Settings:
     model: str = DEFAULT_MODEL
-    cache_dir: Path = default_cache_dir()
-    data_dir: Path = default_data_dir()
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    data_dir: Path = field(default_factory=default_data_dir)
     threads: int = 0  # 0: torch's default
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
 
@@ -27,7 +27,7 @@ class Settings:
             raw = env.get(f"GUARD_{f.name.upper()}")
             if raw is None:
                 continue
-            kind = type(getattr(cls, f.name))
+            kind = type(f.default_factory() if f.default is MISSING else f.default)
             try:
                 values[f.name] = kind(raw)
             except ValueError:

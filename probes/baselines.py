@@ -64,8 +64,13 @@ def minilm_embedder(batch_size: int = 64, max_length: int = 256) -> Embed:
     def embed(texts: Sequence[str]) -> np.ndarray:
         out = []
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 hidden = model(**batch).last_hidden_state  # [batch, pos, d]
             mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.data import Dataset, deduplicate, split
-from probes.features import extract
+from probes.data import Dataset, Row, deduplicate, split
 from probes.model import LoadedModel
 from probes.presets import RECIPES
 from probes.probe import LinearProbe, ProbeError
-from probes.train import TrainConfig, TrainResult, train_probe
+from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 DEV_FRACTION = 0.2
 
 
 def shipped_names() -> list[str]:
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []
+    return (
+        sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []
+    )
 
 
 def resolve_probe(reference: str | Path) -> Path:
@@ -54,21 +55,20 @@ def train_recipes(
     names: Sequence[str],
     data_dir: Path,
     out_dir: Path = SHIPPED_DIR,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, TrainResult]:
+    config = config or TrainConfig()
     unknown = set(names) - set(RECIPES)
     if unknown:
         raise KeyError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {sorted(RECIPES)}")
     splits = {name: recipe_splits(name, data_dir) for name in names}
     union = deduplicate(
-        row.__class__(row.text, 0, row.prompt) for train, dev, _ in splits.values() for row in (*train.rows, *dev.rows)
+        Row(row.text, 0, row.prompt) for train, dev, _ in splits.values() for row in (*train.rows, *dev.rows)
     )
-    layers = list(config.layers) if config.layers else list(range(lm.num_layers))
-    features = extract(lm, union, layers, pooling=config.pooling, max_text_tokens=config.max_text_tokens,
-                       cache_dir=cache_dir, progress=progress)
+    features = extract_candidates(lm, union, config, cache_dir=cache_dir, progress=progress)
     index = {row.key: i for i, row in enumerate(union.rows)}
 
     def rows_of(data: Dataset) -> np.ndarray:
@@ -76,8 +76,16 @@ def train_recipes(
 
     results = {}
     for name, (train, dev, provenance) in splits.items():
-        result = train_probe(lm, train, dev, name, config, provenance=provenance,
-                             features=(rows_of(train), rows_of(dev)), progress=progress)
+        result = train_probe(
+            lm,
+            train,
+            dev,
+            name,
+            config,
+            provenance=provenance,
+            features=(rows_of(train), rows_of(dev)),
+            progress=progress,
+        )
         result.probe.save(out_dir / name)
         results[name] = result
     return results

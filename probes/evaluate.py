@@ -42,8 +42,15 @@ def probe_scores(
     lm: LoadedModel, probe: LinearProbe, dataset: Dataset, *, cache_dir: Path | None = None, progress: bool = True
 ) -> np.ndarray:
     max_text_tokens = int(probe.manifest.get("max_text_tokens", 256))
-    features = extract(lm, dataset, probe.layers, pooling=probe.pooling, max_text_tokens=max_text_tokens,
-                       cache_dir=cache_dir, progress=progress)
+    features = extract(
+        lm,
+        dataset,
+        probe.layers,
+        pooling=probe.pooling,
+        max_text_tokens=max_text_tokens,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
     return probe.predict_proba(features)
 
 

@@ -46,7 +46,10 @@ def hooks(model: nn.Module, factories: dict[int, Hook], *, layer_path: str | Non
 def capture(
     model: nn.Module, layers: Sequence[int], *, layer_path: str | None = None
 ) -> Iterator[dict[int, torch.Tensor]]:
-    """Record each listed layer's residual-stream output of the last forward pass: ``{layer: [batch, pos, d_model]}``."""
+    """Record the listed layers' residual-stream outputs of the last forward pass.
+
+    Yields ``{layer: tensor[batch, pos, d_model]}``, filled in by each forward pass inside the block.
+    """
     store: dict[int, torch.Tensor] = {}
     with hooks(model, {layer: _recorder(store, layer) for layer in layers}, layer_path=layer_path):
         yield store

@@ -74,8 +74,12 @@ class Recipe:
                 elif previous.label != pick.label:
                     conflicts += 1
             counts.append({"source": pick.source, "label": pick.label, "rows": taken, "why": pick.why})
-        provenance = {"preset": self.name, "picks": counts, "label_conflicts_skipped": conflicts,
-                      "heldout_sources": list(self.heldout)}
+        provenance = {
+            "preset": self.name,
+            "picks": counts,
+            "label_conflicts_skipped": conflicts,
+            "heldout_sources": list(self.heldout),
+        }
         return Dataset(tuple(chosen.values())), provenance
 
 
@@ -109,8 +113,13 @@ HARMFUL_REQUEST = Recipe(
         Pick("harmbench", 1, lambda r: r.category != "copyright", why="harmful behaviours; copyright is not harm"),
         Pick("strongreject", 1, why="forbidden prompts, 6 categories"),
         Pick("malicious_instruct", 1, why="malicious questions"),
-        Pick("do_not_answer", 1, lambda r: not r.category.startswith(_NOT_HARMFUL_DNA), cap=500,
-             why="risky requests; 'treat chatbot as a human' is not harmful"),
+        Pick(
+            "do_not_answer",
+            1,
+            lambda r: not r.category.startswith(_NOT_HARMFUL_DNA),
+            cap=500,
+            why="risky requests; 'treat chatbot as a human' is not harmful",
+        ),
         Pick("ailuminate", 1, cap=600, why="hazard prompts incl. adversarial phrasing"),
         Pick("toxicchat", 0, _benign(), cap=1200, why="real user traffic: what ordinary prompts look like"),
         Pick("alpaca", 0, cap=1500, why="benign instructions"),
@@ -141,8 +150,10 @@ SELF_HARM_POLICY = Recipe(
         Pick("ailuminate", 1, _category("ssh"), why="suicide & self-harm hazard prompts"),
         Pick("do_not_answer", 1, lambda r: "Self-Harm" in (r.category or ""), why="self-harm requests"),
         *(Pick(s, 1, _matches(SELF_HARM), why="harmful requests that mention self-harm") for s in HARMFUL_REQUESTS),
-        *(Pick(s, 0, _avoids(SELF_HARM), cap=150, why="other harms: the policy must be specific")
-          for s in HARMFUL_REQUESTS),
+        *(
+            Pick(s, 0, _avoids(SELF_HARM), cap=150, why="other harms: the policy must be specific")
+            for s in HARMFUL_REQUESTS
+        ),
         Pick("medicheck", 0, _avoids(SELF_HARM), cap=300, why="medical questions without self-harm"),
         Pick("toxicchat", 0, lambda r: r.label == 0 and not SELF_HARM.search(r.text), cap=800, why="ordinary traffic"),
         Pick("alpaca", 0, _avoids(SELF_HARM), cap=800, why="benign instructions"),
@@ -156,8 +167,10 @@ WEAPONS_POLICY = Recipe(
         Pick("ailuminate", 1, _category("iwp"), why="indiscriminate weapons hazard prompts"),
         Pick("harmbench", 1, _category("chemical_biological"), why="chemical and biological weapons behaviours"),
         *(Pick(s, 1, _matches(WEAPONS), why="harmful requests about CBRNE weapons") for s in HARMFUL_REQUESTS),
-        *(Pick(s, 0, _avoids(WEAPONS), cap=150, why="other harms: the policy must be specific")
-          for s in HARMFUL_REQUESTS),
+        *(
+            Pick(s, 0, _avoids(WEAPONS), cap=150, why="other harms: the policy must be specific")
+            for s in HARMFUL_REQUESTS
+        ),
         Pick("toxicchat", 0, lambda r: r.label == 0 and not WEAPONS.search(r.text), cap=800, why="ordinary traffic"),
         Pick("alpaca", 0, _avoids(WEAPONS), cap=800, why="benign instructions, some about chemistry and physics"),
     ),
@@ -169,12 +182,19 @@ MEDICAL_ADVICE = Recipe(
     picks=(
         Pick("medicheck", 1, _category("serious", "critical"), why="expert-labelled serious/critical queries"),
         Pick("ailuminate", 1, _category("spc_hlt"), why="specialised health advice prompts"),
-        Pick("medicheck", 0, _category("non-serious", "not-medical"), cap=400,
-             why="hard negatives: low-risk medical questions"),
+        Pick(
+            "medicheck",
+            0,
+            _category("non-serious", "not-medical"),
+            cap=400,
+            why="hard negatives: low-risk medical questions",
+        ),
         Pick("medicheck_neg", 0, cap=800, why="non-medical Reddit questions in the same register"),
         Pick("alpaca", 0, cap=300, why="benign instructions"),
     ),
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (HARMFUL_REQUEST, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r for r in (HARMFUL_REQUEST, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE)
+}
 PRESETS: dict[str, tuple[str, ...]] = {"default": tuple(RECIPES)}

@@ -81,7 +81,9 @@ class LinearProbe:
             return NotImplemented
         return (
             self._scalars() == other._scalars()
-            and all(np.array_equal(a, b) for a, b in zip(self._arrays().values(), other._arrays().values(), strict=True))
+            and all(
+                np.array_equal(a, b) for a, b in zip(self._arrays().values(), other._arrays().values(), strict=True)
+            )
             and self.manifest == other.manifest
         )
 
@@ -171,4 +173,3 @@ class LinearProbe:
     def with_threshold(self, threshold: float, **manifest_updates: Any) -> LinearProbe:
         manifest = {k: v for k, v in self.manifest.items() if k != "version"}
         return replace(self, threshold=threshold, manifest={**manifest, **manifest_updates})
-

@@ -22,7 +22,10 @@ def write_report(directory: Path, probe: LinearProbe, evaluation: Evaluation, la
     curves = {"probe": evaluation.probe.scores, **{k: v.scores for k, v in evaluation.baselines.items()}}
     images = []
     if min(labels) != max(labels):
-        images += [_curve_png(directory / "roc.png", labels, curves, "roc"), _curve_png(directory / "pr.png", labels, curves, "pr")]
+        images += [
+            _curve_png(directory / "roc.png", labels, curves, "roc"),
+            _curve_png(directory / "pr.png", labels, curves, "pr"),
+        ]
     sweep = probe.manifest.get("layer_sweep_dev_auroc") or {}
     if sweep:
         images.append(_layer_png(directory / "layers.png", {int(k): v for k, v in sweep.items()}, probe.layers))
@@ -85,7 +88,8 @@ td:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(e
 img{{margin:1em 1em 0 0}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>probe <b>{html.escape(probe.name)}</b> version {html.escape(probe.version)}, layers {list(probe.layers)},
-pooling {html.escape(probe.pooling)}, threshold {probe.threshold:.4f} (target FPR {probe.manifest.get("target_fpr")})</p>
+pooling {html.escape(probe.pooling)}, threshold {probe.threshold:.4f}
+(target FPR {probe.manifest.get("target_fpr")})</p>
 <table><tr><th></th>{head}</tr>{body}</table>
 <div>{figures}</div></body></html>
 """

@@ -38,7 +38,9 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def _rows(source: str, items: list[tuple[str, int, str | None]]) -> list[Row]:
-    return [Row(text.strip(), label, category=cat, source=source) for text, label, cat in items if text and text.strip()]
+    return [
+        Row(text.strip(), label, category=cat, source=source) for text, label, cat in items if text and text.strip()
+    ]
 
 
 def _advbench(d: Path) -> list[Row]:
@@ -51,7 +53,9 @@ def _harmbench(d: Path) -> list[Row]:
 
 
 def _strongreject(d: Path) -> list[Row]:
-    return _rows("strongreject", [(r["forbidden_prompt"], 1, r["category"]) for r in _csv(d / "strongreject/strongreject.csv")])
+    return _rows(
+        "strongreject", [(r["forbidden_prompt"], 1, r["category"]) for r in _csv(d / "strongreject/strongreject.csv")]
+    )
 
 
 def _malicious_instruct(d: Path) -> list[Row]:
@@ -85,8 +89,13 @@ def _toxicchat(d: Path) -> list[Row]:
 
 
 _STL_FILES = {
-    "I-MaliciousInstructions": 1, "I-CoNa": 1, "I-Controversial": 1, "Q-Harm": 1,
-    "I-PhysicalSafetyUnsafe": 1, "I-PhysicalSafetySafe": 0, "I-Alpaca": 0,
+    "I-MaliciousInstructions": 1,
+    "I-CoNa": 1,
+    "I-Controversial": 1,
+    "Q-Harm": 1,
+    "I-PhysicalSafetyUnsafe": 1,
+    "I-PhysicalSafetySafe": 0,
+    "I-Alpaca": 0,
 }
 
 
@@ -146,8 +155,15 @@ def _do_not_answer_responses(d: Path) -> list[Row]:
         for m in _DNA_MODELS:
             text = r.get(f"{m}_response", "").strip()
             if text and r.get(f"{m}_harmful") in {"0", "1"}:
-                out.append(Row(text, int(r[f"{m}_harmful"]), prompt=r["question"].strip(), category=r["types_of_harm"],
-                               source="do_not_answer_responses"))
+                out.append(
+                    Row(
+                        text,
+                        int(r[f"{m}_harmful"]),
+                        prompt=r["question"].strip(),
+                        category=r["types_of_harm"],
+                        source="do_not_answer_responses",
+                    )
+                )
     return out
 
 

@@ -76,7 +76,7 @@ def train_probe(
     train: Dataset,
     dev: Dataset,
     name: str,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     provenance: dict | None = None,
     features: tuple[np.ndarray, np.ndarray] | None = None,
@@ -88,6 +88,7 @@ def train_probe(
     ``features`` (train, dev), when given, are pooled features already extracted for the candidate
     layers (all layers, or ``config.layers``) with ``config.pooling``; otherwise they are extracted here.
     """
+    config = config or TrainConfig()
     for part, data in (("train", train), ("dev", dev)):
         counts = data.counts()
         if counts["positive"] < 2 or counts["negative"] < 2:
@@ -96,9 +97,7 @@ def train_probe(
     layers = _candidate_layers(lm, config.layers)
     if features is None:
         features = tuple(
-            extract(lm, data, layers, pooling=config.pooling, max_text_tokens=config.max_text_tokens,
-                    cache_dir=cache_dir, progress=progress)
-            for data in (train, dev)
+            extract_candidates(lm, data, config, cache_dir=cache_dir, progress=progress) for data in (train, dev)
         )
     features = dict(zip(("train", "dev"), features, strict=True))
     extracted = time.perf_counter()
@@ -161,6 +160,22 @@ def train_probe(
     return TrainResult(probe, layer_auroc, dev_scores, seconds)
 
 
+def extract_candidates(
+    lm: LoadedModel, dataset: Dataset, config: TrainConfig, *, cache_dir: Path | None = None, progress: bool = True
+) -> np.ndarray:
+    """Features of ``dataset`` for every layer training will consider under ``config``."""
+    layers = _candidate_layers(lm, config.layers)
+    return extract(
+        lm,
+        dataset,
+        layers,
+        pooling=config.pooling,
+        max_text_tokens=config.max_text_tokens,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+
+
 def _candidate_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(lm.num_layers))
@@ -183,7 +198,6 @@ def _best(quality: dict) -> object:
 
 def _class_mean_difference(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (x[y == 1].mean(axis=0) - x[y == 0].mean(axis=0)).astype(np.float32)
-
 
 
 def _versions() -> dict[str, str]:

@@ -64,15 +64,17 @@ def test_duplicates_counted_and_conflicts_refused(tmp_path):
 
 
 def test_prompt_rows_differ_from_plain_rows(tmp_path):
-    path = write(tmp_path / "r.jsonl", json.dumps({"text": "x", "label": 1, "prompt": "p"}) + "\n"
-                 + json.dumps({"text": "x", "label": 0}) + "\n")
+    path = write(
+        tmp_path / "r.jsonl",
+        json.dumps({"text": "x", "label": 1, "prompt": "p"}) + "\n" + json.dumps({"text": "x", "label": 0}) + "\n",
+    )
     assert load_datasets([path]).counts()["n"] == 2
 
 
 def test_split_is_deterministic_and_order_independent():
     rows = [Row(f"text {i}", i % 2) for i in range(500)]
     train, dev = split(deduplicate(rows), dev_fraction=0.2, seed=0)
-    train2, dev2 = split(deduplicate(reversed(rows)), dev_fraction=0.2, seed=0)
+    _, dev2 = split(deduplicate(reversed(rows)), dev_fraction=0.2, seed=0)
     assert {r.text for r in dev.rows} == {r.text for r in dev2.rows}
     assert 60 < len(dev.rows) < 140 and len(train.rows) + len(dev.rows) == 500
     _, dev3 = split(deduplicate(rows), dev_fraction=0.2, seed=1)

