@@ -1,4 +1,4 @@
-"""The ``guard`` command: ``train``, ``eval`` and ``data`` (export rows of the shared pool as JSONL)."""
+"""The ``guard`` command: ``serve``, ``train``, ``eval`` and ``data`` (export rows of the shared pool as JSONL)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from guard.policy import PolicyError
 from guard.settings import Settings
 from probes.data import DatasetError, deduplicate, load_datasets, split, write_jsonl
 from probes.defaults import SHIPPED_DIR, recipe_splits, resolve_probe, train_recipes
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args, settings)
-    except (DatasetError, ProbeError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (DatasetError, ProbeError, PolicyError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"guard {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     _train_parser(sub.add_parser("train", parents=[common], help="train a probe (or the default policies)"))
     _eval_parser(sub.add_parser("eval", parents=[common], help="evaluate a probe on labelled data"))
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
+    _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     return parser
 
 
@@ -239,3 +241,38 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
     write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0
+
+
+# -- serve ----------------------------------------------------------------------------------------------
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (GUARD_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (GUARD_PORT, default 8000)")
+    p.add_argument("--policy-file", type=Path, help="YAML/JSON policy file (GUARD_POLICY_FILE)")
+    p.add_argument("--api-key", action="append", help="accepted API key, repeatable (GUARD_API_KEYS, comma-separated)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together (GUARD_MAX_BATCH)")
+    p.add_argument("--layer-path", help="dotted path to the decoder layers (GUARD_LAYER_PATH)")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from guard.policy import load_policies
+    from guard.server.app import create_app
+
+    settings = settings.override(
+        host=args.host,
+        port=args.port,
+        policy_file=args.policy_file,
+        max_batch=args.max_batch,
+        layer_path=args.layer_path,
+        api_keys=",".join(args.api_key) if args.api_key else None,
+    )
+    load_policies(settings.policy_file)  # a bad policy file fails here, before the server starts
+    logging.getLogger().setLevel(logging.INFO)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

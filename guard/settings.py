@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
+from guard.policy import DEFAULT_POLICY_FILE
 from probes.model import DEFAULT_MODEL, default_cache_dir
 from probes.sources import default_data_dir
 
@@ -18,6 +19,19 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     threads: int = 0  # 0: torch's default
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
+    # -- serving --
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy_file: Path = field(default_factory=lambda: DEFAULT_POLICY_FILE)
+    api_keys: str = ""  # comma-separated; empty: no authentication
+    max_batch: int = 8  # sequences decoded together
+    max_waiting: int = 64  # requests queued beyond the batch before 429
+    max_body_bytes: int = 1_000_000
+    default_max_tokens: int = 256  # when a request sets no max_tokens
+    context_window: int = 0  # 0: the model's max_position_embeddings
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:

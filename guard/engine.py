@@ -1,0 +1,362 @@
+"""The generation loop: one thread owns the model and decodes every running request in one shared batch.
+
+Requests join the batch after their own prefill (where prompt-stage policies score the last user
+message) and leave it at token boundaries. Each decode step feeds every row's pending token, which
+yields both that token's hidden states and the logits for the next one: output-stage policies score
+the pending token *before* it is emitted, at the cost of a one-token delay and no extra pass.
+
+- ``block``: the token that crosses the threshold is never emitted; the reply ends with
+  ``content_filter``.
+- ``ablate``: the policy's direction is projected out for the rest of the generation, and the step
+  that produced the offending token is recomputed under ablation, so the token sent comes from the
+  ablated pass.
+- ``flag``: recorded in the verdicts, the text is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from guard.batch import BatchCache
+from guard.events import (
+    Emitted,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Handle,
+    PromptChecked,
+    Verdict,
+)
+from guard.interventions import Ablation
+from guard.policy import Action, Policy
+from guard.sampling import sample
+from guard.scoring import ProbeBank
+from guard.textstream import TextStream
+from probes.hooks import hooks, layer_output, replace_output
+from probes.model import LoadedModel
+from probes.probe import LinearProbe
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts; the caller should retry later."""
+
+
+@dataclass
+class _Sequence:
+    handle: Handle
+    stream: TextStream
+    generator: torch.Generator | None
+    active: torch.Tensor  # [n_policies] bool: this request's policies
+    ablating: torch.Tensor  # [n_ablations] float: directions ablated for this row
+    sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
+    last: torch.Tensor  # [n_policies] the latest token's contributions
+    score: torch.Tensor  # [n_policies] the reply's output-stage score so far
+    crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
+    pending: int = -1  # sampled, not yet checked nor emitted
+    previous: int = -1  # the token fed before ``pending`` (its logits chose ``pending``)
+    position: int = 0  # position id of ``pending``
+    completion_tokens: int = 0
+    ablated_from: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+
+class Engine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policies: Sequence[Policy],
+        probes: Sequence[LinearProbe],
+        *,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+    ) -> None:
+        self.lm = lm
+        self.policies = tuple(policies)
+        self.bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
+        self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
+        self.on_output = torch.tensor([p.on_output for p in policies], dtype=torch.bool)
+        self.mean_pooled = torch.tensor([pool == "mean" for pool in self.bank.pooling], dtype=torch.bool)
+        self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
+        self.ablation = Ablation([pr for pl, pr in zip(policies, probes, strict=True) if pl.action is Action.ABLATE])
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.eos_ids = _eos_ids(lm)
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._batch = BatchCache(lm.model.config)
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the public side (any thread) ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="guard-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Handle:
+        handle = Handle(request, loop)
+        names = request.policies
+        active = torch.tensor([names is None or p.name in names for p in self.policies], dtype=torch.bool)
+        ablating = torch.zeros(self.ablation.count)
+        for p in self.policies:
+            if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
+                ablating[self.ablate_index[p.name]] = 1.0
+        n = len(self.policies)
+        seq = _Sequence(
+            handle,
+            TextStream(self.lm.tokenizer, request.sampling.stop),
+            request.sampling.generator(),
+            active,
+            ablating,
+            sums=torch.zeros(n),
+            last=torch.zeros(n),
+            score=torch.zeros(n),
+            crossed=torch.zeros(n, dtype=torch.bool),
+        )
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(seq)
+            self._wake.notify()
+        return handle
+
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._active), "waiting": len(self._waiting)}
+
+    # -- the engine thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        layers = sorted(set(self.bank.layers) | set(self.ablation.layers))
+        with (
+            torch.inference_mode(),
+            hooks(self.lm.model, {layer: self._hook(layer) for layer in layers}, layer_path=self.lm.layer_path),
+        ):
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    if self._active:
+                        self._step()
+                except Exception as exc:  # a bug must not kill the server: fail the running requests, go on
+                    log.exception("generation step failed")
+                    for seq in self._active:
+                        seq.handle.put(Failed(f"generation failed: {exc}"))
+                    self._active, self._batch = [], BatchCache(self.lm.model.config)
+        for seq in [*self._active, *self._waiting]:
+            seq.handle.put(Failed("the server is shutting down"))
+
+    def _hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
+            hidden = self.ablation.apply(layer, layer_output(output))
+            self._hidden[layer] = hidden
+            return replace_output(output, hidden)
+
+        return hook
+
+    def _admit(self) -> None:
+        while len(self._active) < self.max_batch:
+            with self._wake:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            self._prefill(seq)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        ids = seq.request.prompt_ids
+        start, end = seq.request.prompt_span
+        self.ablation.mask = seq.ablating[None]
+        if seq.request.score_ids is not None:
+            self.lm.model.base_model(input_ids=torch.tensor([seq.request.score_ids]))
+            contributions = self._contributions(lambda v: v[0, start:end], end - start)  # [span, P]
+        cache = DynamicCache(config=self.lm.model.config)
+        out = self.lm.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        if seq.request.score_ids is None:
+            contributions = self._contributions(lambda v: v[0, start:end], end - start)
+        pooled = torch.where(self.mean_pooled, contributions.mean(0), contributions[-1])
+        scores = self.bank.scores(pooled)
+        checked = seq.active & self.on_prompt
+        crossed = checked & (scores > self.bank.thresholds)
+        verdicts = self._verdicts(scores, checked, crossed, {})
+        blocking = [p for i, p in enumerate(self.policies) if crossed[i] and p.action is Action.BLOCK]
+        message = blocking[0].message if blocking else None
+        seq.handle.put(PromptChecked(verdicts, bool(blocking), message))
+        if blocking:
+            self._finish(seq, "content_filter")
+            return
+        seq.previous, seq.position = ids[-1], len(ids)
+        seq.pending = sample(out.logits[0, -1], seq.request.sampling, seq.generator)
+        self._batch.add(cache, len(ids))
+        self._active.append(seq)
+
+    def _step(self) -> None:
+        self._retire_before_step()
+        if not self._active:
+            return
+        rows = self._active
+        ids = torch.tensor([[s.pending] for s in rows])
+        positions = torch.tensor([[s.position] for s in rows])
+        self.ablation.mask = torch.stack([s.ablating for s in rows])
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=self._batch.step_mask(),
+            position_ids=positions,
+            cache=self._batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._batch.advance()
+        contributions = self._contributions(lambda v: v[:, -1], len(rows))  # [rows, P]
+        survivors, rework = [], []
+        for i, seq in enumerate(rows):
+            outcome = self._check_token(seq, contributions[i])
+            if outcome == "rework":
+                rework.append((i, seq))
+            elif outcome == "emit" and self._emit(seq, out.logits[i, -1]):
+                survivors.append((i, seq))
+        self._batch.keep([i for i, _ in survivors] + [i for i, _ in rework])
+        self._active = [s for _, s in survivors] + [s for _, s in rework]
+        for _, seq in rework:
+            self._recompute_under_ablation(seq)
+
+    def _contributions(self, select, n: int) -> torch.Tensor:
+        """Per-token probe contributions ``[n, P]`` of the selected positions of the last forward pass."""
+        if not len(self.bank):
+            return torch.zeros((n, 0))
+        return self.bank.token_logits({layer: select(self._hidden[layer]) for layer in self.bank.layers})
+
+    def _retire_before_step(self) -> None:
+        keep = []
+        for i, seq in enumerate(self._active):
+            if seq.handle.cancelled:
+                self._finish(seq, "cancelled")
+            elif seq.pending in self.eos_ids:
+                self._finish(seq, "stop")
+            else:
+                keep.append(i)
+        if len(keep) != len(self._active):
+            self._batch.keep(keep)
+            self._active = [self._active[i] for i in keep]
+
+    def _check_token(self, seq: _Sequence, contribution: torch.Tensor) -> str:
+        """Score the pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``."""
+        before = seq.sums.clone(), seq.last.clone(), seq.score.clone()
+        seq.sums += contribution
+        seq.last = contribution
+        count = seq.completion_tokens + 1
+        scores = self.bank.scores(torch.where(self.mean_pooled, seq.sums / count, seq.last))
+        crossed = seq.active & self.on_output & (scores > self.bank.thresholds)
+        seq.score, seq.crossed = scores, seq.crossed | crossed
+        for i, policy in enumerate(self.policies):
+            if not crossed[i]:
+                continue
+            if policy.action is Action.BLOCK:
+                self._finish(seq, "content_filter", message=policy.message)
+                return "blocked"
+        fired = [
+            p
+            for i, p in enumerate(self.policies)
+            if crossed[i] and p.action is Action.ABLATE and p.name not in seq.ablated_from
+        ]
+        if fired:
+            for policy in fired:
+                seq.ablated_from[policy.name] = seq.completion_tokens
+                seq.ablating[self.ablate_index[policy.name]] = 1.0
+            seq.sums, seq.last, seq.score = before
+            return "rework"
+        return "emit"
+
+    def _emit(self, seq: _Sequence, next_logits: torch.Tensor) -> bool:
+        """Send the checked pending token; sample the next one. False when the sequence has finished."""
+        seq.completion_tokens += 1
+        piece = seq.stream.push(seq.pending)
+        if piece:
+            seq.handle.put(Emitted(piece, seq.completion_tokens))
+        if seq.stream.stopped:
+            self._finish(seq, "stop")
+            return False
+        if seq.completion_tokens >= seq.request.sampling.max_tokens:
+            self._finish(seq, "length")
+            return False
+        seq.previous, seq.position = seq.pending, seq.position + 1
+        seq.pending = sample(next_logits, seq.request.sampling, seq.generator)
+        return True
+
+    def _recompute_under_ablation(self, seq: _Sequence) -> None:
+        """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch."""
+        row = self._active.index(seq)
+        single, length = self._batch.row(row, drop_last=2)
+        self.ablation.mask = seq.ablating[None]
+        out = self.lm.model(
+            input_ids=torch.tensor([[seq.previous]]),
+            position_ids=torch.tensor([[seq.position - 1]]),
+            cache=single,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        seq.pending = sample(out.logits[0, -1], seq.request.sampling, seq.generator)
+        others = [i for i in range(self._batch.rows) if i != row]
+        self._batch.keep(others)
+        self._active = [s for s in self._active if s is not seq]
+        self._batch.add(single, length + 1)
+        self._active.append(seq)
+
+    def _finish(self, seq: _Sequence, reason: str, message: str | None = None) -> None:
+        tail = seq.stream.flush() if reason != "cancelled" else ""
+        if tail:
+            seq.handle.put(Emitted(tail, seq.completion_tokens))
+        verdicts = {}
+        if seq.pending != -1:  # generation started: output-stage verdicts
+            checked = seq.active & self.on_output
+            verdicts = self._verdicts(seq.score, checked, seq.crossed, seq.ablated_from)
+        seq.handle.put(Finished(reason, len(seq.request.prompt_ids), seq.completion_tokens, verdicts, message))
+
+    def _verdicts(
+        self, scores: torch.Tensor, checked: torch.Tensor, crossed: torch.Tensor, ablated_from: dict[str, int]
+    ) -> dict[str, Verdict]:
+        out = {}
+        for i, policy in enumerate(self.policies):
+            if not checked[i]:
+                continue
+            acted = bool(crossed[i]) and policy.action is not Action.FLAG
+            out[policy.name] = Verdict(
+                filtered=acted or policy.name in ablated_from,
+                detected=bool(crossed[i]),
+                score=round(float(scores[i]), 6),
+                probe_version=self.bank.versions[i],
+                action=policy.action.value,
+                ablated_from_token=ablated_from.get(policy.name),
+            )
+        return out
+
+
+def _eos_ids(lm: LoadedModel) -> frozenset[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    configured = getattr(lm.model.generation_config, "eos_token_id", None) or lm.model.config.eos_token_id
+    ids |= set(configured) if isinstance(configured, list) else {configured}
+    return frozenset(i for i in ids if i is not None)

@@ -1,0 +1,90 @@
+"""What the generation loop tells a request, in order: prompt verdicts, emitted text, then how it finished."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from guard.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One policy's decision on a prompt or on a reply (Azure OpenAI's content-filter shape, plus guard's fields)."""
+
+    filtered: bool
+    detected: bool
+    score: float
+    probe_version: str
+    action: str
+    ablated_from_token: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    prompt_span: tuple[int, int]  # tokens the prompt-stage policies read (the last user message)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policies: frozenset[str] | None = None  # None: every configured policy
+    # Legacy completions generate from raw text, which probes never saw: they score ``score_ids`` (the
+    # prompt rendered as a user message), and ``prompt_span`` indexes those instead of ``prompt_ids``.
+    score_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PromptChecked:
+    verdicts: dict[str, Verdict]
+    blocked: bool
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Emitted:
+    text: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | content_filter | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str
+
+
+Event = PromptChecked | Emitted | Finished | Failed
+
+
+class Handle:
+    """A submitted request: the engine thread puts events, the HTTP side awaits them; ``cancel`` stops generation."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def put(self, event: Event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Finished | Failed):
+                return

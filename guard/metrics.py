@@ -1,0 +1,96 @@
+"""Prometheus metrics, one registry per app. Labels are low-cardinality: policy, stage, action, endpoint, status.
+
+Never a prompt, a user or a request id as a label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from guard.events import Finished, Verdict
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_SCORE = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "guard_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "guard_request_duration_seconds",
+            "Time from request to last token.",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "guard_time_to_first_token_seconds",
+            "Time from request to the first emitted token.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tokens = Counter("guard_generated_tokens", "Completion tokens emitted.", registry=r)
+        self.prompt_tokens = Counter("guard_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.finishes = Counter("guard_finish_reason", "Generations by finish reason.", ["reason"], registry=r)
+        self.flags = Counter(
+            "guard_flags",
+            "Policy detections by policy, stage and configured action.",
+            ["policy", "stage", "action"],
+            registry=r,
+        )
+        self.scores = Histogram(
+            "guard_probe_score", "Probe scores (0-1) per check.", ["policy", "stage"], buckets=_SCORE, registry=r
+        )
+        self.probe_info = Gauge(
+            "guard_probe_info", "Probe version served per policy.", ["policy", "version", "action"], registry=r
+        )
+        self.model_info = Gauge("guard_model_info", "The served model.", ["model", "fingerprint"], registry=r)
+        self.ready = Gauge("guard_ready", "1 when the model and probes are loaded.", registry=r)
+
+    def watch_engine(self, load: Callable[[], dict[str, int]]) -> None:
+        """Batch occupancy gauges read from the engine at scrape time."""
+        self.registry.register(_EngineCollector(load))
+
+    def prompt_checked(self, verdicts: dict[str, Verdict]) -> None:
+        self._verdicts(verdicts, "prompt")
+
+    def first_token(self, started: float) -> None:
+        self.ttft.observe(time.perf_counter() - started)
+
+    def finished(self, done: Finished, endpoint: str, started: float) -> None:
+        self.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+        self.tokens.inc(done.completion_tokens)
+        self.prompt_tokens.inc(done.prompt_tokens)
+        self.finishes.labels(done.reason).inc()
+        self._verdicts(done.verdicts, "output")
+
+    def _verdicts(self, verdicts: dict[str, Verdict], stage: str) -> None:
+        for name, verdict in verdicts.items():
+            self.scores.labels(name, stage).observe(verdict.score)
+            if verdict.detected:
+                self.flags.labels(name, stage, verdict.action).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    def __init__(self, load: Callable[[], dict[str, int]]) -> None:
+        self.load = load
+
+    def collect(self):
+        load = self.load()
+        yield GaugeMetricFamily(
+            "guard_batch_running_sequences", "Sequences in the shared decode batch.", value=load["running"]
+        )
+        yield GaugeMetricFamily(
+            "guard_queue_waiting_requests", "Requests waiting to join the batch.", value=load["waiting"]
+        )

@@ -1,0 +1,112 @@
+"""Policies: which probe guards what (prompt, output or both), what to do when it fires, and with what message.
+
+A policy file is YAML or JSON::
+
+    policies:
+      - name: harmful_request
+        probe: harmful_request        # shipped policy name, probe directory, or registry reference
+        stage: prompt                 # prompt | output | both
+        action: block                 # flag | block | ablate
+        threshold: 0.9                # optional: overrides the probe's own threshold
+        message: "I can't help with that."   # optional: refusal text for an output block
+        ablate_always: false          # ablate: from the first token, not only once the policy fires
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import yaml
+
+DEFAULT_POLICY_FILE = Path(__file__).resolve().parent / "policies.yaml"
+
+
+class Stage(StrEnum):
+    PROMPT = "prompt"
+    OUTPUT = "output"
+    BOTH = "both"
+
+
+class Action(StrEnum):
+    FLAG = "flag"
+    BLOCK = "block"
+    ABLATE = "ablate"
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    probe: str
+    stage: Stage = Stage.PROMPT
+    action: Action = Action.FLAG
+    threshold: float | None = None
+    message: str = "This content was filtered by policy."
+    ablate_always: bool = False
+
+    @property
+    def on_prompt(self) -> bool:
+        return self.stage in (Stage.PROMPT, Stage.BOTH)
+
+    @property
+    def on_output(self) -> bool:
+        return self.stage in (Stage.OUTPUT, Stage.BOTH)
+
+
+_FIELDS = {"name", "probe", "stage", "action", "threshold", "message", "ablate_always"}
+
+
+def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file ({exc.strerror})") from None
+    try:
+        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
+    entries = document.get("policies") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise PolicyError(f"{path}: expected a non-empty 'policies' list")
+    policies = tuple(_policy(entry, f"{path}: policies[{i}]") for i, entry in enumerate(entries))
+    names = [p.name for p in policies]
+    if len(set(names)) != len(names):
+        raise PolicyError(f"{path}: policy names must be unique, got {names}")
+    return policies
+
+
+def _policy(entry: object, where: str) -> Policy:
+    if not isinstance(entry, dict):
+        raise PolicyError(f"{where}: expected a mapping")
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise PolicyError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
+    for required in ("name", "probe"):
+        if not isinstance(entry.get(required), str) or not entry[required]:
+            raise PolicyError(f"{where}: '{required}' must be a non-empty string")
+    try:
+        stage = Stage(entry.get("stage", "prompt"))
+        action = Action(entry.get("action", "flag"))
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    threshold = entry.get("threshold")
+    if threshold is not None and (not isinstance(threshold, int | float) or not 0 <= threshold <= 1):
+        raise PolicyError(f"{where}: 'threshold' must be a number between 0 and 1")
+    if action is Action.ABLATE and stage is Stage.PROMPT:
+        raise PolicyError(f"{where}: action 'ablate' changes generated tokens; its stage must be 'output' or 'both'")
+    return Policy(
+        name=entry["name"],
+        probe=entry["probe"],
+        stage=stage,
+        action=action,
+        threshold=float(threshold) if threshold is not None else None,
+        message=str(entry.get("message", Policy.message)),
+        ablate_always=bool(entry.get("ablate_always", False)),
+    )

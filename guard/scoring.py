@@ -1,0 +1,68 @@
+"""The probe bank: every active policy's probe scored for a whole batch with one matrix product per layer.
+
+Each probe is folded to raw-feature weights (standardisation included) and placed in a per-layer
+matrix ``W[layer]: [d_model, n_policies]``; probes that do not read a layer have zero columns there.
+A policy's per-token logit contribution is ``sum_layer h[layer] @ W[layer]``; its score for a span is
+``sigmoid(mean_over_tokens(contribution) + bias)``, which is exactly the probe applied to the
+mean-pooled features it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from probes.probe import LinearProbe
+
+
+@dataclass(frozen=True)
+class ProbeBank:
+    names: tuple[str, ...]
+    layers: tuple[int, ...]
+    weights: dict[int, torch.Tensor]  # layer -> [d_model, n_policies]
+    bias: torch.Tensor  # [n_policies]
+    thresholds: torch.Tensor  # [n_policies]
+    versions: tuple[str, ...]
+    pooling: tuple[str, ...]
+
+    @classmethod
+    def build(
+        cls, probes: Sequence[LinearProbe], thresholds: Sequence[float | None], names: Sequence[str]
+    ) -> ProbeBank:
+        layers = tuple(sorted({layer for probe in probes for layer in probe.layers}))
+        d_model = probes[0].weight.shape[1] if probes else 0
+        weights = {layer: np.zeros((d_model, len(probes)), dtype=np.float64) for layer in layers}
+        bias = np.zeros(len(probes))
+        for j, probe in enumerate(probes):
+            folded, bias[j] = probe.folded()
+            for i, layer in enumerate(probe.layers):
+                weights[layer][:, j] = folded[i]
+        chosen = [t if t is not None else p.threshold for p, t in zip(probes, thresholds, strict=True)]
+        return cls(
+            names=tuple(names),
+            layers=layers,
+            weights={k: torch.tensor(v, dtype=torch.float32) for k, v in weights.items()},
+            bias=torch.tensor(bias, dtype=torch.float32),
+            thresholds=torch.tensor(chosen, dtype=torch.float32),
+            versions=tuple(p.version for p in probes),
+            pooling=tuple(p.pooling for p in probes),
+        )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def token_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-token logit contributions, bias excluded: ``hidden[layer]: [..., d_model]`` -> ``[..., n_policies]``."""
+        if not self.layers:
+            raise ValueError("the probe bank is empty")
+        total = hidden[self.layers[0]].float() @ self.weights[self.layers[0]]
+        for layer in self.layers[1:]:
+            total = total + hidden[layer].float() @ self.weights[layer]
+        return total
+
+    def scores(self, mean_logits: torch.Tensor) -> torch.Tensor:
+        """Scores from mean per-token contributions ``[..., n_policies]``."""
+        return torch.sigmoid(mean_logits + self.bias)

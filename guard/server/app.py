@@ -1,0 +1,220 @@
+"""The Litestar app: thin routes over ``serving``, OpenAI-shaped errors, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import msgspec
+from litestar import Controller, Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
+from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from guard.engine import Engine
+from guard.metrics import Metrics
+from guard.runtime import build_engine, context_window
+from guard.server.errors import APIError, error_body
+from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Model, ModelList, encoder
+from guard.server.serving import Limits, Serving
+from guard.settings import Settings
+
+log = logging.getLogger(__name__)
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}
+
+
+def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> Litestar:
+    """The app; the model loads in the background after start-up, so /healthz answers while /readyz says 503."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.serving = None
+        app.state.load_error = None
+        task = asyncio.create_task(_load(app, settings, engine_factory, metrics))
+        try:
+            yield
+        finally:
+            task.cancel()
+            if app.state.serving is not None:
+                await asyncio.to_thread(app.state.serving.engine.stop)
+
+    app = Litestar(
+        route_handlers=[OpenAIController, HealthController],
+        lifespan=[lifespan],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        request_max_body_size=settings.max_body_bytes,
+        middleware=[lambda app: _count_requests(app, metrics)],
+        openapi_config=None,
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    return app
+
+
+async def _load(app: Litestar, settings: Settings, factory: Callable[[Settings], Engine], metrics: Metrics) -> None:
+    try:
+        engine = await asyncio.to_thread(factory, settings)
+    except Exception as exc:  # reported by /readyz; the process stays up for its logs and probes
+        log.exception("loading the model or the probes failed")
+        app.state.load_error = str(exc)
+        return
+    engine.start()
+    limits = Limits(context_window(settings, engine), settings.default_max_tokens)
+    app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
+    metrics.watch_engine(engine.load)
+    metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
+    for policy, version in zip(engine.policies, engine.bank.versions, strict=True):
+        metrics.probe_info.labels(policy.name, version, policy.action.value).set(1)
+    metrics.ready.set(1)
+    log.info("ready: %s with %d policies", engine.lm.name, len(engine.policies))
+
+
+# -- routes -----------------------------------------------------------------------------------------------
+def _authorised(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    keys = connection.app.state.settings.api_key_set()
+    if not keys:
+        return
+    header = connection.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if token not in keys:
+        raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _serving(request: Request) -> Serving:
+    serving = request.app.state.serving
+    if serving is None:
+        reason = request.app.state.load_error or "the model is still loading"
+        raise APIError(503, f"not ready: {reason}", code="not_ready", headers={"Retry-After": "5"})
+    return serving
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    guards = (_authorised,)
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(self, request: Request) -> Response:
+        serving = _serving(request)
+        return await _answer(await _decode(request, ChatCompletionRequest), serving.chat_stream, serving.chat)
+
+    @post("/completions", status_code=200)
+    async def completions(self, request: Request) -> Response:
+        serving = _serving(request)
+        return await _answer(await _decode(request, CompletionRequest), serving.completion_stream, serving.completion)
+
+    @get("/models")
+    async def models(self, request: Request) -> Response:
+        serving = _serving(request)
+        return _json(ModelList([Model(serving.model_name, created=0)]))
+
+
+class HealthController(Controller):
+    @get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz")
+    async def readyz(self, request: Request) -> Response:
+        serving = request.app.state.serving
+        if serving is None:
+            detail = {
+                "status": "failed" if request.app.state.load_error else "loading",
+                "error": request.app.state.load_error,
+            }
+            return Response(detail, status_code=503)
+        engine = serving.engine
+        return Response(
+            {
+                "status": "ready",
+                "model": engine.lm.name,
+                "fingerprint": engine.lm.fingerprint,
+                "policies": {p.name: v for p, v in zip(engine.policies, engine.bank.versions, strict=True)},
+                **engine.load(),
+            }
+        )
+
+    @get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        return Response(request.app.state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# -- request decoding and responses ------------------------------------------------------------------------
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+T = TypeVar("T")
+
+
+async def _decode(request: Request, kind: type[T]) -> T:
+    raw = await request.body()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8", code="invalid_encoding") from None
+    try:
+        document = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(document, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    unknown = set(document) - set(kind.__struct_fields__)
+    if unknown:
+        log.info("ignoring unknown request fields %s", sorted(unknown))
+    try:
+        return msgspec.convert(document, kind)
+    except msgspec.ValidationError as exc:
+        match = _PATH.search(str(exc))
+        raise APIError(422, str(exc), code="invalid_value", param=match.group(1) if match else None) from None
+
+
+async def _answer(body: ChatCompletionRequest | CompletionRequest, stream: Callable, whole: Callable) -> Response:
+    if body.stream:
+        return Stream(
+            await stream(body), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, status_code=200
+        )
+    return _json(await whole(body))
+
+
+def _json(payload: msgspec.Struct) -> Response:
+    return Response(encoder.encode(payload), media_type="application/json", status_code=200)
+
+
+def _error_response(status: int, body: msgspec.Struct, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(body), media_type="application/json", status_code=status, headers=headers)
+
+
+def _api_error(_: Request, exc: APIError) -> Response:
+    return _error_response(exc.status, exc.body(), exc.headers)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status, "http_error")
+    message = "the request body is too large" if status == 413 else str(exc.detail)
+    return _error_response(status, error_body(status, message, code=code))
+
+
+def _unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return _error_response(500, error_body(500, "internal server error", code="internal_error"))
+
+
+def _count_requests(app: ASGIApp, metrics: Metrics) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await app(scope, receive, counting_send)
+
+    return middleware

@@ -1,0 +1,323 @@
+"""Serving logic, free of routing: validate an OpenAI request, run it on the engine, shape the answer.
+
+Streaming answers are pre-encoded ``data: {json}\\n\\n`` lines ending with ``data: [DONE]\\n\\n``.
+The prompt-stage verdict is awaited before a stream starts, so a blocked prompt is a 400, not a
+200 stream with an error in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+import msgspec
+
+from guard.engine import Engine, QueueFull
+from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
+from guard.metrics import Metrics
+from guard.sampling import SamplingParams
+from guard.server.errors import APIError, error_body
+from guard.server.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    PromptFilterResult,
+    ResponseMessage,
+    Usage,
+    encoder,
+)
+from probes.render import Encoded, render_messages
+
+log = logging.getLogger(__name__)
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Limits:
+    context_window: int
+    default_max_tokens: int = 256
+
+
+class Serving:
+    def __init__(self, engine: Engine, model_name: str, limits: Limits, metrics: Metrics) -> None:
+        self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
+        self.policy_names = {p.name for p in engine.policies}
+
+    # -- validation ------------------------------------------------------------------------------------
+    def chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
+        self._common(body.model, body.n, body.temperature, body.top_p)
+        if not body.messages:
+            raise APIError(400, "'messages' must contain at least one message", param="messages")
+        messages = []
+        for i, message in enumerate(body.messages):
+            content = message.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content")
+                content = "".join(part.text or "" for part in content)
+            messages.append(
+                {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+            )
+        users = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"].strip()]
+        if not users:
+            raise APIError(400, "'messages' must contain a non-empty user message", param="messages")
+        encoded = render_messages(
+            self.engine.lm.tokenizer, messages, span_message=users[-1], add_generation_prompt=True
+        )
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return self._generation(
+            encoded, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        )
+
+    def completion_request(self, body: CompletionRequest) -> GenerationRequest:
+        self._common(body.model, body.n, body.temperature, body.top_p)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "exactly one prompt is supported", param="prompt")
+            prompt = prompt[0]
+        if not prompt.strip():
+            raise APIError(400, "'prompt' must not be empty", param="prompt")
+        ids = tuple(self.engine.lm.tokenizer(prompt)["input_ids"])
+        scored = render_messages(self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0)
+        request = self._generation(Encoded(ids, scored.start, scored.end), body, body.max_tokens, "max_tokens")
+        return replace(request, score_ids=scored.ids)
+
+    def _common(self, model: str, n: int | None, temperature: float | None, top_p: float | None) -> None:
+        if model != self.model_name:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                code="model_not_found",
+                param="model",
+            )
+        if n not in (None, 1):
+            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise APIError(400, "'temperature' must be between 0 and 2", param="temperature")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise APIError(400, "'top_p' must be greater than 0 and at most 1", param="top_p")
+
+    def _generation(
+        self, encoded: Encoded, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, param: str
+    ) -> GenerationRequest:
+        room = self.limits.context_window - len(encoded.ids)
+        if room <= 0:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.limits.context_window} tokens; "
+                f"the prompt has {len(encoded.ids)}",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        if max_tokens is None:
+            max_tokens = min(self.limits.default_max_tokens, room)
+        if max_tokens <= 0 or max_tokens > room:
+            raise APIError(400, f"'{param}' must be between 1 and {room} for this prompt", param=param)
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
+        policies = None
+        if body.guard is not None and body.guard.policies is not None:
+            unknown = set(body.guard.policies) - self.policy_names
+            if unknown:
+                raise APIError(
+                    400,
+                    f"unknown policies {sorted(unknown)}; configured: {sorted(self.policy_names)}",
+                    param="guard.policies",
+                )
+            policies = frozenset(body.guard.policies)
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=stop,
+        )
+        return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies)
+
+    # -- running ---------------------------------------------------------------------------------------
+    async def start(self, request: GenerationRequest, endpoint: str) -> tuple[Handle, AsyncIterator, PromptChecked]:
+        """Submit and wait for the prompt verdict; a blocked prompt raises the 400 content-filter error."""
+        try:
+            handle = self.engine.submit(request, asyncio.get_running_loop())
+        except QueueFull as exc:
+            raise APIError(
+                429, f"the server is busy ({exc}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
+        events = handle.events()
+        first = await anext(events)
+        if isinstance(first, Failed):
+            raise APIError(500, first.error, code="generation_failed")
+        self.metrics.prompt_checked(first.verdicts)
+        if first.blocked:
+            async for _ in events:
+                pass
+            raise APIError(
+                400,
+                first.message or "The prompt was filtered by policy.",
+                code="content_filter",
+                param="prompt",
+                filters=first.verdicts,
+            )
+        return handle, events, first
+
+    async def collect(self, handle: Handle, events: AsyncIterator, started: float) -> tuple[str, Finished]:
+        pieces = []
+        try:
+            async for event in events:
+                if isinstance(event, Emitted):
+                    if not pieces:
+                        self.metrics.first_token(started)
+                    pieces.append(event.text)
+                elif isinstance(event, Failed):
+                    raise APIError(500, event.error, code="generation_failed")
+                elif isinstance(event, Finished):
+                    return "".join(pieces), event
+        finally:
+            handle.cancel()  # no-op once finished; stops generation if the client went away
+        raise APIError(500, "generation ended without a result", code="generation_failed")
+
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+        started = time.perf_counter()
+        handle, events, checked = await self.start(self.chat_request(body), "chat")
+        text, done = await self.collect(handle, events, started)
+        self.metrics.finished(done, "chat", started)
+        refusal = done.message if done.reason == "content_filter" else None
+        choice = ChatChoice(
+            0,
+            ResponseMessage("assistant", text, refusal),
+            done.reason,
+            content_filter_results=done.verdicts,
+        )
+        return ChatCompletion(
+            id=_id("chatcmpl"),
+            created=int(time.time()),
+            model=self.model_name,
+            choices=[choice],
+            usage=_usage(done),
+            prompt_filter_results=_prompt_results(checked),
+        )
+
+    async def completion(self, body: CompletionRequest) -> Completion:
+        started = time.perf_counter()
+        handle, events, checked = await self.start(self.completion_request(body), "completions")
+        text, done = await self.collect(handle, events, started)
+        self.metrics.finished(done, "completions", started)
+        choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
+        return Completion(
+            id=_id("cmpl"),
+            created=int(time.time()),
+            model=self.model_name,
+            choices=[choice],
+            usage=_usage(done),
+            prompt_filter_results=_prompt_results(checked),
+        )
+
+    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        meta = {"id": _id("chatcmpl"), "created": int(time.time()), "model": self.model_name}
+
+        def chunk(choices: list[ChunkChoice], **extra: object) -> ChatCompletionChunk:
+            return ChatCompletionChunk(**{**meta, **extra}, choices=choices)
+
+        def closing(done: Finished) -> ChatCompletionChunk:
+            delta = Delta(refusal=done.message) if done.reason == "content_filter" else Delta()
+            return chunk([ChunkChoice(0, delta, done.reason, content_filter_results=done.verdicts)])
+
+        shape = _Shape(
+            opening=lambda prompt: chunk(
+                [ChunkChoice(0, Delta(role="assistant", content=""))], prompt_filter_results=prompt
+            ),
+            piece=lambda text: chunk([ChunkChoice(0, Delta(content=text))]),
+            closing=closing,
+            usage=lambda usage: chunk([], usage=usage),
+        )
+        return await self._stream(self.chat_request(body), "chat", body, meta, shape)
+
+    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[bytes]:
+        meta = {"id": _id("cmpl"), "created": int(time.time()), "model": self.model_name}
+
+        def chunk(choices: list[CompletionChoice], **extra: object) -> Completion:
+            return Completion(**{**meta, **extra}, choices=choices)
+
+        shape = _Shape(
+            opening=lambda prompt: chunk([CompletionChoice(0, "", None)], prompt_filter_results=prompt),
+            piece=lambda text: chunk([CompletionChoice(0, text, None)]),
+            closing=lambda done: chunk([CompletionChoice(0, "", done.reason, content_filter_results=done.verdicts)]),
+            usage=lambda usage: chunk([], usage=usage),
+        )
+        return await self._stream(self.completion_request(body), "completions", body, meta, shape)
+
+    async def _stream(
+        self,
+        request: GenerationRequest,
+        endpoint: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        meta: dict,
+        shape: _Shape,
+    ) -> AsyncIterator[bytes]:
+        """Start generation (a blocked prompt raises here, before any byte is sent), then the SSE lines."""
+        started = time.perf_counter()
+        handle, events, checked = await self.start(request, endpoint)
+        if body.stream_options and body.stream_options.include_usage:
+            meta["usage"] = None  # every chunk carries "usage": null; the last one the usage
+
+        async def lines() -> AsyncIterator[bytes]:
+            first_token = True
+            try:
+                yield _sse(shape.opening(_prompt_results(checked)))
+                async for event in events:
+                    if isinstance(event, Emitted):
+                        if first_token:
+                            self.metrics.first_token(started)
+                            first_token = False
+                        yield _sse(shape.piece(event.text))
+                    elif isinstance(event, Failed):
+                        yield _sse(error_body(500, event.error, code="generation_failed"))
+                        break
+                    elif isinstance(event, Finished):
+                        self.metrics.finished(event, endpoint, started)
+                        yield _sse(shape.closing(event))
+                        if "usage" in meta:
+                            yield _sse(shape.usage(_usage(event)))
+                yield DONE
+            finally:
+                handle.cancel()
+
+        return lines()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How one endpoint's stream chunks look: the opening chunk, a text piece, the finish, the usage."""
+
+    opening: Callable[[list[PromptFilterResult]], msgspec.Struct]
+    piece: Callable[[str], msgspec.Struct]
+    closing: Callable[[Finished], msgspec.Struct]
+    usage: Callable[[Usage], msgspec.Struct]
+
+
+def _sse(payload: msgspec.Struct) -> bytes:
+    return b"data: " + encoder.encode(payload) + b"\n\n"
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _usage(done: Finished) -> Usage:
+    return Usage(done.prompt_tokens, done.completion_tokens, done.prompt_tokens + done.completion_tokens)
+
+
+def _prompt_results(checked: PromptChecked) -> list[PromptFilterResult]:
+    return [PromptFilterResult(0, checked.verdicts)]
