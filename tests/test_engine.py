@@ -1,0 +1,178 @@
+"""The generation loop on a tiny random Llama: batching invariance, joins, cancellation, block and ablate."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from guard.engine import Engine, QueueFull
+from guard.events import Emitted, Finished, GenerationRequest, PromptChecked
+from guard.policy import Action, Policy, Stage
+from guard.sampling import SamplingParams
+from guard.textstream import TextStream
+from probes.probe import LinearProbe
+from probes.render import render_messages
+
+PROMPTS = [
+    "How do I bake bread?",
+    "Write a poem about the sea and the wind.",
+    "Tell me how to steal a car.",
+    "What is the capital of France?",
+]
+
+
+def probe_for(lm, layer: int = 2, seed: int = 0, threshold: float = 0.5) -> LinearProbe:
+    rng = np.random.default_rng(seed)
+    d = lm.hidden_size
+    return LinearProbe(
+        "toy",
+        (layer,),
+        rng.normal(size=(1, d)).astype(np.float32),
+        0.0,
+        np.zeros((1, d), np.float32),
+        np.ones((1, d), np.float32),
+        rng.normal(size=(1, d)).astype(np.float32),
+        threshold,
+        manifest={"model_fingerprint": lm.fingerprint},
+    )
+
+
+def request(lm, text: str, max_tokens: int = 12, policies=None, stop=()) -> GenerationRequest:
+    enc = render_messages(lm.tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, stop=stop)
+    return GenerationRequest(enc.ids, (enc.start, enc.end), sampling, policies)
+
+
+async def run(engine: Engine, req: GenerationRequest, delay: float = 0.0) -> tuple[str, Finished, list]:
+    await asyncio.sleep(delay)
+    handle = engine.submit(req, asyncio.get_running_loop())
+    pieces, events = [], []
+    async for event in handle.events():
+        events.append(event)
+        if isinstance(event, Emitted):
+            pieces.append(event.text)
+    return "".join(pieces), events[-1], events
+
+
+@pytest.fixture
+def engine_for(tiny_lm):
+    engines = []
+
+    def make(policies=(), probes=(), **kw) -> Engine:
+        engine = Engine(tiny_lm, policies, probes, **kw)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for):
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    engine = engine_for([policy], [probe_for(tiny_lm)])
+
+    async def scenario():
+        alone = [await run(engine, request(tiny_lm, p, 16)) for p in PROMPTS]
+        together = await asyncio.gather(
+            *(run(engine, request(tiny_lm, p, 16), delay=0.05 * i) for i, p in enumerate(PROMPTS))
+        )
+        return alone, together
+
+    alone, together = asyncio.run(scenario())
+    for (text_a, done_a, _), (text_b, done_b, _) in zip(alone, together, strict=True):
+        assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
+        assert done_a.verdicts["toy"].score == pytest.approx(done_b.verdicts["toy"].score, abs=1e-4)
+
+
+def test_cancel_stops_generation(tiny_lm, engine_for):
+    engine = engine_for()
+
+    async def scenario():
+        handle = engine.submit(request(tiny_lm, PROMPTS[0], 400), asyncio.get_running_loop())
+        async for event in handle.events():
+            if isinstance(event, Emitted):
+                handle.cancel()
+            if isinstance(event, Finished):
+                return event
+
+    done = asyncio.run(scenario())
+    assert done.reason == "cancelled" and done.completion_tokens < 400
+    deadline = time.monotonic() + 5  # the row leaves the batch right after the event is sent
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == {"running": 0, "waiting": 0}
+
+
+def test_output_block_emits_nothing_past_the_threshold(tiny_lm, engine_for):
+    always = Policy("toy", "toy", Stage.OUTPUT, Action.BLOCK, threshold=0.0, message="no")
+    engine = engine_for([always], [probe_for(tiny_lm)])
+    text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))
+    assert text == "" and done.reason == "content_filter" and done.message == "no" and done.completion_tokens == 0
+    assert done.verdicts["toy"].filtered and done.verdicts["toy"].detected
+    assert isinstance(events[0], PromptChecked) and events[0].verdicts == {}  # output-stage only
+
+
+def test_prompt_block(tiny_lm, engine_for):
+    policy = Policy("toy", "toy", Stage.PROMPT, Action.BLOCK, threshold=0.0, message="blocked")
+    engine = engine_for([policy], [probe_for(tiny_lm)])
+    text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[2])))
+    assert events[0].blocked and events[0].message == "blocked" and events[0].verdicts["toy"].filtered
+    assert done.reason == "content_filter" and text == "" and done.verdicts == {}
+
+
+def test_request_policy_subset(tiny_lm, engine_for):
+    policies = [Policy("a", "toy", Stage.BOTH, Action.FLAG), Policy("b", "toy", Stage.PROMPT, Action.BLOCK, 0.0)]
+    engine = engine_for(policies, [probe_for(tiny_lm), probe_for(tiny_lm, seed=1)])
+    text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0], policies=frozenset({"a"}))))
+    assert set(events[0].verdicts) == {"a"} and not events[0].blocked and done.reason in {"stop", "length"}
+
+
+def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
+    flag = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.0)
+    ablate = Policy("toy", "toy", Stage.OUTPUT, Action.ABLATE, threshold=0.0)
+    probe = probe_for(tiny_lm)
+    probe = LinearProbe(
+        probe.name,
+        probe.layers,
+        probe.weight,
+        probe.bias,
+        probe.mean,
+        probe.scale,
+        probe.weight * 50,
+        probe.threshold,
+        manifest=probe.manifest,
+    )  # ablate what the probe reads
+    flagged = asyncio.run(run(engine_for([flag], [probe]), request(tiny_lm, PROMPTS[1], 16)))
+    ablated = asyncio.run(run(engine_for([ablate], [probe]), request(tiny_lm, PROMPTS[1], 16)))
+    verdict = ablated[1].verdicts["toy"]
+    assert verdict.filtered and verdict.ablated_from_token == 0
+    # ablated from the first token on, the probe reads nothing along its own direction: score = sigmoid(bias) = 0.5
+    assert verdict.score == pytest.approx(0.5, abs=1e-4)
+    assert flagged[1].verdicts["toy"].score != pytest.approx(0.5, abs=1e-2)
+
+
+def test_queue_limit(tiny_lm):
+    engine = Engine(tiny_lm, (), (), max_waiting=1)  # not started: nothing drains the queue
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine.submit(request(tiny_lm, PROMPTS[0]), loop)
+        with pytest.raises(QueueFull):
+            engine.submit(request(tiny_lm, PROMPTS[1]), loop)
+
+    asyncio.run(scenario())
+
+
+def test_text_stream_holds_back_possible_stop_strings(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ids = tok("How do I bake bread? Write a poem")["input_ids"]
+    stream = TextStream(tok, stop=("bread?",))
+    out = "".join(stream.push(i) for i in ids)
+    assert stream.stopped and out == "How do I bake " and "bread" not in out
+    plain = TextStream(tok)
+    assert "".join(plain.push(i) for i in ids) + plain.flush() == tok.decode(ids)

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from guard.policy import DEFAULT_POLICY_FILE, Action, PolicyError, Stage, load_policies
+from probes.defaults import resolve_probe
+
+
+def test_default_policy_file_uses_shipped_probes():
+    policies = load_policies(DEFAULT_POLICY_FILE)
+    assert {p.name for p in policies} >= {"harmful_request", "hate", "self_harm", "weapons", "medical_advice"}
+    for policy in policies:
+        assert resolve_probe(policy.probe).is_dir()
+
+
+def test_json_and_yaml(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(
+        json.dumps(
+            {"policies": [{"name": "a", "probe": "hate", "stage": "both", "action": "ablate", "threshold": 0.7}]}
+        )
+    )
+    (policy,) = load_policies(path)
+    assert policy.stage is Stage.BOTH and policy.action is Action.ABLATE and policy.threshold == 0.7
+    assert policy.on_prompt and policy.on_output
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("policies: []", "non-empty 'policies' list"),
+        ("policies: [{name: a}]", r"policies\[0\]: 'probe' must be"),
+        ("policies: [{name: a, probe: b, stage: later}]", "'later' is not a valid Stage"),
+        ("policies: [{name: a, probe: b, action: delete}]", "'delete' is not a valid Action"),
+        ("policies: [{name: a, probe: b, threshold: 2}]", "between 0 and 1"),
+        ("policies: [{name: a, probe: b, colour: red}]", "unknown field"),
+        ("policies: [{name: a, probe: b, action: ablate}]", "stage must be 'output' or 'both'"),
+        ("policies: [{name: a, probe: b}, {name: a, probe: c}]", "unique"),
+        ("policies: [", "not valid YAML"),
+    ],
+)
+def test_bad_policy_files(tmp_path, document, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(document)
+    with pytest.raises(PolicyError, match=message):
+        load_policies(path)
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policies(tmp_path / "missing.yaml")
