@@ -128,7 +128,7 @@ def test_prompt_block(tiny_lm, engine_for):
 def test_request_policy_subset(tiny_lm, engine_for):
     policies = [Policy("a", "toy", Stage.BOTH, Action.FLAG), Policy("b", "toy", Stage.PROMPT, Action.BLOCK, 0.0)]
     engine = engine_for(policies, [probe_for(tiny_lm), probe_for(tiny_lm, seed=1)])
-    text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0], policies=frozenset({"a"}))))
+    _text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0], policies=frozenset({"a"}))))
     assert set(events[0].verdicts) == {"a"} and not events[0].blocked and done.reason in {"stop", "length"}
 
 

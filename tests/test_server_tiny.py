@@ -63,7 +63,7 @@ def test_api_keys(keyed, tiny_model_dir):
 
 
 def test_failed_load_is_503_not_a_crash(setup, tmp_path):
-    directory, policy_file, env = setup
+    _directory, policy_file, env = setup
     other = make_tiny_model(tmp_path / "other", seed=3)  # the probe's fingerprint does not match this model
     server = Server(
         "--model", str(other), "--policy-file", str(policy_file), env=env, log=tmp_path / "failed.log", ready=False
