@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from guard.policy import PolicyError
 from guard.settings import Settings
 from probes.data import DatasetError, deduplicate, load_datasets, split, write_jsonl
@@ -17,6 +19,7 @@ from probes.features import POOLINGS
 from probes.model import LoadedModel, load_model
 from probes.presets import PRESETS, RECIPES
 from probes.probe import LinearProbe, ProbeError
+from probes.registry import RegistryError, open_registry, signing_key
 from probes.report import write_report
 from probes.sources import SOURCES, read_source
 from probes.train import TrainConfig, train_probe
@@ -35,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args, settings)
-    except (DatasetError, ProbeError, PolicyError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (
+        DatasetError,
+        ProbeError,
+        PolicyError,
+        RegistryError,
+        RedisError,
+        FileNotFoundError,
+        KeyError,
+        ValueError,
+    ) as exc:
         print(f"guard {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -53,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _eval_parser(sub.add_parser("eval", parents=[common], help="evaluate a probe on labelled data"))
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
+    _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
     return parser
 
 
@@ -251,6 +264,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", help="accepted API key, repeatable (GUARD_API_KEYS, comma-separated)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together (GUARD_MAX_BATCH)")
     p.add_argument("--layer-path", help="dotted path to the decoder layers (GUARD_LAYER_PATH)")
+    p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
     p.set_defaults(run=_serve)
 
 
@@ -266,11 +280,69 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         policy_file=args.policy_file,
         max_batch=args.max_batch,
         layer_path=args.layer_path,
+        redis_url=args.redis_url,
         api_keys=",".join(args.api_key) if args.api_key else None,
     )
     load_policies(settings.policy_file)  # a bad policy file fails here, before the server starts
     logging.getLogger().setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+# -- registry -------------------------------------------------------------------------------------------
+def _registry_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="Redis registry (GUARD_REDIS_URL); default: the local directory registry")
+    sub = p.add_subparsers(dest="action", required=True)
+    push = sub.add_parser("push", help="store a probe artifact as a new immutable version")
+    push.add_argument("probe", help="probe directory or shipped policy name")
+    push.add_argument("--activate", action="store_true", help="also make it the active version")
+    listing = sub.add_parser("list", help="names, or one name's versions")
+    listing.add_argument("name", nargs="?")
+    activate = sub.add_parser("activate", help="make VERSION the active version of NAME")
+    activate.add_argument("name")
+    activate.add_argument("version")
+    rollback = sub.add_parser("rollback", help="re-activate the previously active version")
+    rollback.add_argument("name")
+    show = sub.add_parser("show", help="manifest and metrics of NAME[@VERSION] (default: the active one)")
+    show.add_argument("ref")
+    p.set_defaults(run=_registry)
+
+
+def _registry(args: argparse.Namespace, settings: Settings) -> int:
+    settings = settings.override(redis_url=args.redis_url)
+    registry = open_registry(settings.redis_url or None, settings.registry_dir())
+    if args.action == "push":
+        probe = LinearProbe.load(resolve_probe(args.probe))
+        version = registry.push(probe, key=signing_key())
+        if args.activate:
+            registry.activate(probe.name, version)
+        print(f"pushed {probe.name}@{version}" + (" (active)" if args.activate else ""))
+    elif args.action == "list":
+        for name in [args.name] if args.name else registry.names():
+            active = registry.active(name)
+            versions = ", ".join(f"{v}*" if v == active else v for v in registry.versions(name))
+            print(f"{name}: {versions or '(no versions)'}")
+    elif args.action == "activate":
+        registry.activate(args.name, args.version)
+        print(f"{args.name}@{args.version} is active")
+    elif args.action == "rollback":
+        print(f"{args.name}@{registry.rollback(args.name)} is active")
+    else:
+        name, _, version = args.ref.partition("@")
+        stored = registry.get(name, version or None)
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "version": stored.version,
+                    "active": registry.active(name) == stored.version,
+                    "signed": bool(stored.signature),
+                    "pushed_at": stored.pushed_at,
+                    "manifest": stored.manifest,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

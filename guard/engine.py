@@ -35,12 +35,12 @@ from guard.events import (
     PromptChecked,
     Verdict,
 )
-from guard.interventions import Ablation
 from guard.policy import Action, Policy
 from guard.sampling import sample
-from guard.scoring import ProbeBank
+from guard.scoring import ProbeSet
 from guard.textstream import TextStream
 from probes.hooks import hooks, layer_output, replace_output
+from probes.layers import decoder_layers
 from probes.model import LoadedModel
 from probes.probe import LinearProbe
 
@@ -54,6 +54,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Sequence:
     handle: Handle
+    probes: ProbeSet  # the probe versions this request started with
     stream: TextStream
     generator: torch.Generator | None
     active: torch.Tensor  # [n_policies] bool: this request's policies
@@ -67,6 +68,7 @@ class _Sequence:
     position: int = 0  # position id of ``pending``
     completion_tokens: int = 0
     ablated_from: dict[str, int] = field(default_factory=dict)
+    detected_at: dict[str, int] = field(default_factory=dict)
 
     @property
     def request(self) -> GenerationRequest:
@@ -85,18 +87,17 @@ class Engine:
     ) -> None:
         self.lm = lm
         self.policies = tuple(policies)
-        self.bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
+        self.probes = ProbeSet.build(policies, probes)
         self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
         self.on_output = torch.tensor([p.on_output for p in policies], dtype=torch.bool)
-        self.mean_pooled = torch.tensor([pool == "mean" for pool in self.bank.pooling], dtype=torch.bool)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
-        self.ablation = Ablation([pr for pl, pr in zip(policies, probes, strict=True) if pl.action is Action.ABLATE])
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._batch = BatchCache(lm.model.config)
         self._hidden: dict[int, torch.Tensor] = {}
+        self._ablations: list[tuple[ProbeSet, torch.Tensor]] = []  # set before each forward pass
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -117,13 +118,15 @@ class Engine:
         handle = Handle(request, loop)
         names = request.policies
         active = torch.tensor([names is None or p.name in names for p in self.policies], dtype=torch.bool)
-        ablating = torch.zeros(self.ablation.count)
+        probes = self.probes
+        ablating = torch.zeros(probes.ablation.count)
         for p in self.policies:
             if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
                 ablating[self.ablate_index[p.name]] = 1.0
         n = len(self.policies)
         seq = _Sequence(
             handle,
+            probes,
             TextStream(self.lm.tokenizer, request.sampling.stop),
             request.sampling.generator(),
             active,
@@ -143,9 +146,18 @@ class Engine:
     def load(self) -> dict[str, int]:
         return {"running": len(self._active), "waiting": len(self._waiting)}
 
+    def versions(self) -> dict[str, str]:
+        """The probe version each policy's new requests use."""
+        return dict(zip(self.probes.bank.names, self.probes.bank.versions, strict=True))
+
+    def replace_probe(self, policy: str, probe: LinearProbe) -> None:
+        """Serve ``probe`` for ``policy`` from the next request on; requests in flight keep their version."""
+        self.probes = self.probes.replace(self.policies, policy, probe)
+
     # -- the engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        layers = sorted(set(self.bank.layers) | set(self.ablation.layers))
+        # every layer is hooked: a reloaded probe may read or ablate another layer than its predecessor
+        layers = range(len(decoder_layers(self.lm.model, self.lm.layer_path)))
         with (
             torch.inference_mode(),
             hooks(self.lm.model, {layer: self._hook(layer) for layer in layers}, layer_path=self.lm.layer_path),
@@ -170,9 +182,11 @@ class Engine:
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
-            hidden = self.ablation.apply(layer, layer_output(output))
+            original = hidden = layer_output(output)
+            for probes, mask in self._ablations:
+                hidden = probes.ablation.apply(layer, hidden, mask)
             self._hidden[layer] = hidden
-            return replace_output(output, hidden)
+            return None if hidden is original else replace_output(output, hidden)
 
         return hook
 
@@ -189,20 +203,19 @@ class Engine:
 
     def _prefill(self, seq: _Sequence) -> None:
         ids = seq.request.prompt_ids
-        start, end = seq.request.prompt_span
-        self.ablation.mask = seq.ablating[None]
+        self._set_rows([seq])
         if seq.request.score_ids is not None:
             self.lm.model.base_model(input_ids=torch.tensor([seq.request.score_ids]))
-            contributions = self._contributions(lambda v: v[0, start:end], end - start)  # [span, P]
+            contributions = self._span_contributions(seq)
         cache = DynamicCache(config=self.lm.model.config)
         out = self.lm.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
         if seq.request.score_ids is None:
-            contributions = self._contributions(lambda v: v[0, start:end], end - start)
-        pooled = torch.where(self.mean_pooled, contributions.mean(0), contributions[-1])
-        scores = self.bank.scores(pooled)
+            contributions = self._span_contributions(seq)
+        bank = seq.probes.bank
+        scores = bank.scores(torch.where(seq.probes.mean_pooled, contributions.mean(0), contributions[-1]))
         checked = seq.active & self.on_prompt
-        crossed = checked & (scores > self.bank.thresholds)
-        verdicts = self._verdicts(scores, checked, crossed, {})
+        crossed = checked & (scores > bank.thresholds)
+        verdicts = self._verdicts(seq, scores, checked, crossed)
         blocking = [p for i, p in enumerate(self.policies) if crossed[i] and p.action is Action.BLOCK]
         message = blocking[0].message if blocking else None
         seq.handle.put(PromptChecked(verdicts, bool(blocking), message))
@@ -221,7 +234,7 @@ class Engine:
         rows = self._active
         ids = torch.tensor([[s.pending] for s in rows])
         positions = torch.tensor([[s.position] for s in rows])
-        self.ablation.mask = torch.stack([s.ablating for s in rows])
+        self._set_rows(rows)
         out = self.lm.model(
             input_ids=ids,
             attention_mask=self._batch.step_mask(),
@@ -231,7 +244,7 @@ class Engine:
             logits_to_keep=1,
         )
         self._batch.advance()
-        contributions = self._contributions(lambda v: v[:, -1], len(rows))  # [rows, P]
+        contributions = self._token_contributions(rows)  # [rows, P]
         survivors, rework = [], []
         for i, seq in enumerate(rows):
             outcome = self._check_token(seq, contributions[i])
@@ -244,11 +257,33 @@ class Engine:
         for _, seq in rework:
             self._recompute_under_ablation(seq)
 
-    def _contributions(self, select, n: int) -> torch.Tensor:
-        """Per-token probe contributions ``[n, P]`` of the selected positions of the last forward pass."""
-        if not len(self.bank):
-            return torch.zeros((n, 0))
-        return self.bank.token_logits({layer: select(self._hidden[layer]) for layer in self.bank.layers})
+    def _set_rows(self, rows: list[_Sequence]) -> None:
+        """Before a forward pass: which rows ablate which directions, per probe set in the batch."""
+        self._ablations = []
+        for probes, index in _groups(rows):
+            if probes.ablation.count:
+                mask = torch.zeros((len(rows), probes.ablation.count))
+                mask[index] = torch.stack([rows[i].ablating for i in index.tolist()])
+                if bool(mask.any()):
+                    self._ablations.append((probes, mask))
+
+    def _span_contributions(self, seq: _Sequence) -> torch.Tensor:
+        """Per-token contributions ``[span, P]`` of the scored prompt span in the last (single-row) pass."""
+        start, end = seq.request.prompt_span
+        bank = seq.probes.bank
+        if not len(bank):
+            return torch.zeros((end - start, 0))
+        return bank.token_logits({layer: self._hidden[layer][0, start:end] for layer in bank.layers})
+
+    def _token_contributions(self, rows: list[_Sequence]) -> torch.Tensor:
+        """Per-token contributions ``[rows, P]`` of each row's newest token, one product per probe set and layer."""
+        out = torch.zeros((len(rows), len(self.policies)))
+        for probes, index in _groups(rows):
+            if len(probes.bank):
+                out[index] = probes.bank.token_logits(
+                    {layer: self._hidden[layer][index, -1] for layer in probes.bank.layers}
+                )
+        return out
 
     def _retire_before_step(self) -> None:
         keep = []
@@ -269,9 +304,12 @@ class Engine:
         seq.sums += contribution
         seq.last = contribution
         count = seq.completion_tokens + 1
-        scores = self.bank.scores(torch.where(self.mean_pooled, seq.sums / count, seq.last))
-        crossed = seq.active & self.on_output & (scores > self.bank.thresholds)
+        bank = seq.probes.bank
+        scores = bank.scores(torch.where(seq.probes.mean_pooled, seq.sums / count, seq.last))
+        crossed = seq.active & self.on_output & (scores > bank.thresholds)
         seq.score, seq.crossed = scores, seq.crossed | crossed
+        for i in crossed.nonzero().flatten().tolist():
+            seq.detected_at.setdefault(self.policies[i].name, seq.completion_tokens)
         for i, policy in enumerate(self.policies):
             if not crossed[i]:
                 continue
@@ -311,7 +349,7 @@ class Engine:
         """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch."""
         row = self._active.index(seq)
         single, length = self._batch.row(row, drop_last=2)
-        self.ablation.mask = seq.ablating[None]
+        self._set_rows([seq])
         out = self.lm.model(
             input_ids=torch.tensor([[seq.previous]]),
             position_ids=torch.tensor([[seq.position - 1]]),
@@ -333,11 +371,11 @@ class Engine:
         verdicts = {}
         if seq.pending != -1:  # generation started: output-stage verdicts
             checked = seq.active & self.on_output
-            verdicts = self._verdicts(seq.score, checked, seq.crossed, seq.ablated_from)
+            verdicts = self._verdicts(seq, seq.score, checked, seq.crossed)
         seq.handle.put(Finished(reason, len(seq.request.prompt_ids), seq.completion_tokens, verdicts, message))
 
     def _verdicts(
-        self, scores: torch.Tensor, checked: torch.Tensor, crossed: torch.Tensor, ablated_from: dict[str, int]
+        self, seq: _Sequence, scores: torch.Tensor, checked: torch.Tensor, crossed: torch.Tensor
     ) -> dict[str, Verdict]:
         out = {}
         for i, policy in enumerate(self.policies):
@@ -345,14 +383,23 @@ class Engine:
                 continue
             acted = bool(crossed[i]) and policy.action is not Action.FLAG
             out[policy.name] = Verdict(
-                filtered=acted or policy.name in ablated_from,
+                filtered=acted or policy.name in seq.ablated_from,
                 detected=bool(crossed[i]),
                 score=round(float(scores[i]), 6),
-                probe_version=self.bank.versions[i],
+                probe_version=seq.probes.bank.versions[i],
                 action=policy.action.value,
-                ablated_from_token=ablated_from.get(policy.name),
+                detected_at_token=seq.detected_at.get(policy.name),
+                ablated_from_token=seq.ablated_from.get(policy.name),
             )
         return out
+
+
+def _groups(rows: list[_Sequence]) -> list[tuple[ProbeSet, torch.Tensor]]:
+    """Rows grouped by the probe set they started with (one group, except across a hot reload)."""
+    groups: dict[int, tuple[ProbeSet, list[int]]] = {}
+    for i, seq in enumerate(rows):
+        groups.setdefault(id(seq.probes), (seq.probes, []))[1].append(i)
+    return [(probes, torch.tensor(index)) for probes, index in groups.values()]
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

@@ -19,6 +19,7 @@ class Verdict:
     score: float
     probe_version: str
     action: str
+    detected_at_token: int | None = None  # output stage: index of the first generated token that crossed
     ablated_from_token: int | None = None
 
 

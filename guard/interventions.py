@@ -28,16 +28,15 @@ class Ablation:
                     rows[j] = vector / (np.linalg.norm(vector) or 1.0)
             self.directions[layer] = torch.from_numpy(rows)
         self.count = len(probes)
-        self.mask: torch.Tensor | None = None  # [rows, n_directions]; None or all zero: no ablation
 
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self.directions)
 
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden[rows, pos, d_model]`` with the masked directions projected out (unchanged if none)."""
-        if self.mask is None or layer not in self.directions or not bool(self.mask.any()):
+    def apply(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``hidden[rows, pos, d_model]`` with the directions ``mask[rows, n]`` selects projected out."""
+        if layer not in self.directions or not bool(mask.any()):
             return hidden
         directions = self.directions[layer].to(hidden.dtype)  # [n, d_model]
-        coefficients = (hidden @ directions.T) * self.mask[:, None, :].to(hidden.dtype)  # [rows, pos, n]
+        coefficients = (hidden @ directions.T) * mask[:, None, :].to(hidden.dtype)  # [rows, pos, n]
         return hidden - coefficients @ directions

@@ -6,12 +6,13 @@ Never a prompt, a user or a request id as a label.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from guard.events import Finished, Verdict
+from guard.policy import Policy
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SCORE = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -54,10 +55,26 @@ class Metrics:
         )
         self.model_info = Gauge("guard_model_info", "The served model.", ["model", "fingerprint"], registry=r)
         self.ready = Gauge("guard_ready", "1 when the model and probes are loaded.", registry=r)
+        self.registry_up = Gauge("guard_registry_up", "1 while the probe registry answers.", registry=r)
+        self.registry_errors = Gauge("guard_registry_errors", "Registry errors since start (retried).", registry=r)
+        self.reloads = Counter("guard_probe_reloads", "Probe versions switched to at run time.", ["policy"], registry=r)
+        self.refused = Counter(
+            "guard_probe_versions_refused", "Registry versions refused.", ["probe", "reason"], registry=r
+        )
 
     def watch_engine(self, load: Callable[[], dict[str, int]]) -> None:
         """Batch occupancy gauges read from the engine at scrape time."""
         self.registry.register(_EngineCollector(load))
+
+    def probe_versions(self, policies: Sequence[Policy], versions: dict[str, str]) -> None:
+        self.probe_info.clear()
+        for policy in policies:
+            self.probe_info.labels(policy.name, versions[policy.name], policy.action.value).set(1)
+
+    def watch_registry(self, status: object) -> None:
+        """Registry health gauges read from the watcher's status at scrape time."""
+        self.registry_up.set_function(lambda: float(status.up))
+        self.registry_errors.set_function(lambda: float(status.errors))
 
     def prompt_checked(self, verdicts: dict[str, Verdict]) -> None:
         self._verdicts(verdicts, "prompt")

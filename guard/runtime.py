@@ -1,20 +1,30 @@
-"""Building what the server runs: the model, the policy set, their probes, the engine."""
+"""Building what the server runs: the model, the policy set, their probes (registry first), the engine."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from guard.engine import Engine
 from guard.policy import load_policies
+from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
-from probes.defaults import resolve_probe
 from probes.model import load_model
-from probes.probe import LinearProbe
+from probes.registry import LocalRegistry, open_registry, signing_key
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(settings: Settings) -> Engine:
+@dataclass(frozen=True)
+class Runtime:
+    engine: Engine
+    source: ProbeSource
+
+    def watcher(self, settings: Settings, on_change=None) -> Watcher:
+        return Watcher(self.engine, self.source, interval=settings.reload_interval, on_change=on_change)
+
+
+def build_runtime(settings: Settings, on_refused=None) -> Runtime:
     policies = load_policies(settings.policy_file)
     lm = load_model(
         settings.model,
@@ -22,12 +32,19 @@ def build_engine(settings: Settings) -> Engine:
         threads=settings.threads or None,
         layer_path=settings.layer_path or None,
     )
-    probes = [LinearProbe.load(resolve_probe(p.probe), model_fingerprint=lm.fingerprint) for p in policies]
+    local = LocalRegistry(settings.registry_dir())
+    registry = open_registry(settings.redis_url, local.directory) if settings.redis_url else local
+    lkg = LocalRegistry(settings.cache_dir / "registry-last-known-good") if settings.redis_url else local
+    source = ProbeSource(
+        registry, lkg, lm.fingerprint, signing_key(), "redis" if settings.redis_url else "local", on_refused=on_refused
+    )
+    probes = source.initial(policies)
     for policy, probe in zip(policies, probes, strict=True):
         log.info(
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
-    return Engine(lm, policies, probes, max_batch=settings.max_batch, max_waiting=settings.max_waiting)
+    engine = Engine(lm, policies, probes, max_batch=settings.max_batch, max_waiting=settings.max_waiting)
+    return Runtime(engine, source)
 
 
 def context_window(settings: Settings, engine: Engine) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from guard.interventions import Ablation
+from guard.policy import Action, Policy
 from probes.probe import LinearProbe
 
 
@@ -66,3 +68,27 @@ class ProbeBank:
     def scores(self, mean_logits: torch.Tensor) -> torch.Tensor:
         """Scores from mean per-token contributions ``[..., n_policies]``."""
         return torch.sigmoid(mean_logits + self.bias)
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """One version of every policy's probe: the scoring bank and the ablation directions built from it.
+
+    A request keeps the set it started with, so a hot reload never changes a reply mid-way.
+    """
+
+    probes: tuple[LinearProbe, ...]
+    bank: ProbeBank
+    ablation: Ablation
+    mean_pooled: torch.Tensor  # [n_policies] bool: running mean (else last token)
+
+    @classmethod
+    def build(cls, policies: Sequence[Policy], probes: Sequence[LinearProbe]) -> ProbeSet:
+        bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
+        ablated = [probe for policy, probe in zip(policies, probes, strict=True) if policy.action is Action.ABLATE]
+        pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
+        return cls(tuple(probes), bank, Ablation(ablated), pooled)
+
+    def replace(self, policies: Sequence[Policy], name: str, probe: LinearProbe) -> ProbeSet:
+        index = [p.name for p in policies].index(name)
+        return ProbeSet.build(policies, [probe if i == index else p for i, p in enumerate(self.probes)])

@@ -29,6 +29,12 @@ class Settings:
     max_body_bytes: int = 1_000_000
     default_max_tokens: int = 256  # when a request sets no max_tokens
     context_window: int = 0  # 0: the model's max_position_embeddings
+    # -- probe registry --
+    redis_url: str = ""  # empty: the local directory registry under cache_dir/registry
+    reload_interval: float = 5.0  # seconds between reconciles (changes are also pushed over pub/sub)
+
+    def registry_dir(self) -> Path:
+        return self.cache_dir / "registry"
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -17,9 +17,8 @@ from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from guard.engine import Engine
 from guard.metrics import Metrics
-from guard.runtime import build_engine, context_window
+from guard.runtime import Runtime, build_runtime, context_window
 from guard.server.errors import APIError, error_body
 from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Model, ModelList, encoder
 from guard.server.serving import Limits, Serving
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 _ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}
 
 
-def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] = build_engine) -> Litestar:
+def create_app(settings: Settings, runtime_factory: Callable[..., Runtime] = build_runtime) -> Litestar:
     """The app; the model loads in the background after start-up, so /healthz answers while /readyz says 503."""
     metrics = Metrics()
 
@@ -37,11 +36,15 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.serving = None
         app.state.load_error = None
-        task = asyncio.create_task(_load(app, settings, engine_factory, metrics))
+        app.state.runtime = None
+        app.state.watcher = None
+        task = asyncio.create_task(_load(app, settings, runtime_factory, metrics))
         try:
             yield
         finally:
             task.cancel()
+            if app.state.watcher is not None:
+                await asyncio.to_thread(app.state.watcher.stop)
             if app.state.serving is not None:
                 await asyncio.to_thread(app.state.serving.engine.stop)
 
@@ -57,20 +60,32 @@ def create_app(settings: Settings, engine_factory: Callable[[Settings], Engine] 
     return app
 
 
-async def _load(app: Litestar, settings: Settings, factory: Callable[[Settings], Engine], metrics: Metrics) -> None:
+async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtime], metrics: Metrics) -> None:
+    def refused(probe: str, reason: str) -> None:
+        metrics.refused.labels(probe, reason).inc()
+
     try:
-        engine = await asyncio.to_thread(factory, settings)
+        runtime = await asyncio.to_thread(factory, settings, refused)
     except Exception as exc:  # reported by /readyz; the process stays up for its logs and probes
         log.exception("loading the model or the probes failed")
         app.state.load_error = str(exc)
         return
+    engine = runtime.engine
     engine.start()
+
+    def changed(policy: str, version: str) -> None:
+        metrics.reloads.labels(policy).inc()
+        metrics.probe_versions(engine.policies, engine.versions())
+
+    app.state.runtime = runtime
+    app.state.watcher = runtime.watcher(settings, on_change=changed)
+    app.state.watcher.start()
+    metrics.watch_registry(runtime.source.status)
     limits = Limits(context_window(settings, engine), settings.default_max_tokens)
     app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
     metrics.watch_engine(engine.load)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
-    for policy, version in zip(engine.policies, engine.bank.versions, strict=True):
-        metrics.probe_info.labels(policy.name, version, policy.action.value).set(1)
+    metrics.probe_versions(engine.policies, engine.versions())
     metrics.ready.set(1)
     log.info("ready: %s with %d policies", engine.lm.name, len(engine.policies))
 
@@ -134,7 +149,8 @@ class HealthController(Controller):
                 "status": "ready",
                 "model": engine.lm.name,
                 "fingerprint": engine.lm.fingerprint,
-                "policies": {p.name: v for p, v in zip(engine.policies, engine.bank.versions, strict=True)},
+                "policies": engine.versions(),
+                "registry": request.app.state.runtime.source.status.as_dict(),
                 **engine.load(),
             }
         )

@@ -1,0 +1,183 @@
+"""Hot reload across replicas: two real servers (tiny model) on one real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+from conftest import make_tiny_model
+from serverproc import Server
+from test_engine import probe_for
+
+from probes.model import load_model
+from probes.registry import RedisRegistry
+
+POLICY = {"policies": [{"name": "toy", "probe": "toy", "stage": "both", "action": "flag"}]}
+
+
+def versions(server: Server) -> str | None:
+    try:
+        return httpx.get(server.url + "/readyz", timeout=2).json()["policies"]["toy"]
+    except (httpx.HTTPError, KeyError):
+        return None
+
+
+def readyz(server: Server) -> dict:
+    return httpx.get(server.url + "/readyz", timeout=5).json()
+
+
+def wait_for(condition, timeout: float = 15.0) -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def chat(server: Server, model: str, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4, **extra}
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+@pytest.fixture
+def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
+    registry = RedisRegistry(redis.Redis.from_url(redis_server.url))
+    registry.activate("toy", registry.push(probe_for(tiny_lm, seed=1).with_threshold(0.5)))
+    policy_file = tmp_path / "policies.json"
+    policy_file.write_text(json.dumps(POLICY))
+    servers = []
+
+    def start(name: str, redis_up: bool = True, extra_env: dict | None = None) -> Server:
+        env = {"GUARD_CACHE_DIR": str(tmp_path / f"cache-{name}"), "GUARD_RELOAD_INTERVAL": "1", **(extra_env or {})}
+        server = Server(
+            "--model",
+            str(tiny_model_dir),
+            "--policy-file",
+            str(policy_file),
+            "--redis-url",
+            redis_server.url,
+            env=env,
+            log=tmp_path / f"{name}.log",
+        )
+        servers.append(server)
+        return server
+
+    yield registry, start
+    for server in servers:
+        server.stop()
+
+
+def test_replicas_switch_within_two_seconds_and_in_flight_streams_keep_their_version(cluster, tiny_lm, tiny_model_dir):
+    registry, start = cluster
+    a, b = start("a"), start("b")
+    assert versions(a) == versions(b) == "1"
+    body = {
+        "model": tiny_model_dir.name,
+        "messages": [{"role": "user", "content": "tell me a story"}],
+        "max_tokens": 3000,
+        "stream": True,
+        "temperature": 1.0,
+        "seed": 1,
+    }
+    with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=120) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        registry.activate("toy", registry.push(probe_for(tiny_lm, seed=2).with_threshold(0.5)))
+        switched = wait_for(lambda: versions(a) == versions(b) == "2")
+        assert readyz(a)["running"] == 1  # the stream is still in flight
+        chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][0]
+    assert final["choices"][0]["content_filter_results"]["toy"]["probe_version"] == "1"
+    assert switched < 2.0
+    after = chat(b, tiny_model_dir.name).json()
+    assert after["prompt_filter_results"][0]["content_filter_results"]["toy"]["probe_version"] == "2"
+    metrics = httpx.get(a.url + "/metrics").text
+    assert 'guard_probe_info{action="flag",policy="toy",version="2"} 1.0' in metrics
+    assert 'guard_probe_reloads_total{policy="toy"} 1.0' in metrics
+
+
+def test_redis_outage_and_restart(cluster, redis_server, tiny_lm, tiny_model_dir, tmp_path):
+    registry, start = cluster
+    a, b = start("a"), start("b")
+    redis_server.stop()
+    for server in (a, b):
+        assert chat(server, tiny_model_dir.name).status_code == 200  # last-known-good probes keep serving
+        wait_for(lambda s=server: readyz(s)["registry"]["up"] is False)
+        assert readyz(server)["policies"]["toy"] == "1"
+    assert "guard_registry_up 0.0" in httpx.get(a.url + "/metrics").text
+    # a new replica starts while Redis is down, from a's last-known-good copy
+    c = Server(
+        "--model",
+        str(tiny_model_dir),
+        "--policy-file",
+        str(tmp_path / "policies.json"),
+        "--redis-url",
+        redis_server.url,
+        env={"GUARD_CACHE_DIR": str(tmp_path / "cache-a"), "GUARD_RELOAD_INTERVAL": "1"},
+        log=tmp_path / "c.log",
+    )
+    try:
+        detail = readyz(c)
+        assert detail["policies"]["toy"] == "1" and "last-known-good" in detail["registry"]["degraded"]
+        assert chat(c, tiny_model_dir.name).status_code == 200
+    finally:
+        c.stop()
+    redis_server.start()  # an empty Redis: the replicas resubscribe and reconcile with what is active now
+    registry = RedisRegistry(redis.Redis.from_url(redis_server.url))
+    registry.activate("toy", registry.push(probe_for(tiny_lm, seed=3).with_threshold(0.5)))
+    registry.activate("toy", registry.push(probe_for(tiny_lm, seed=4).with_threshold(0.5)))
+    wait_for(lambda: versions(a) == versions(b) == "2")
+    assert readyz(a)["registry"]["up"] is True
+
+
+def test_bad_versions_are_refused_and_the_old_one_stays(cluster, tiny_lm, tmp_path, redis_server):
+    registry, start = cluster
+    a = start("a")
+    other = make_tiny_model(tmp_path / "other", seed=5)
+    foreign = probe_for(load_model(str(other), cache_dir=tmp_path / "c"), seed=1).with_threshold(0.5)
+    registry.activate("toy", registry.push(foreign))  # trained on another model
+    wait_for(lambda: "toy@2" in readyz(a)["registry"]["refused"])
+    assert "retrain it on this model" in readyz(a)["registry"]["refused"]["toy@2"]
+    version = registry.push(probe_for(tiny_lm, seed=6).with_threshold(0.5))
+    client = redis.Redis.from_url(redis_server.url)
+    arrays = bytearray(client.hget(f"guard:registry:toy:v:{version}", "arrays"))
+    arrays[-1] ^= 0xFF
+    client.hset(f"guard:registry:toy:v:{version}", "arrays", bytes(arrays))  # corrupted at rest
+    registry.activate("toy", version)
+    wait_for(lambda: "toy@3" in readyz(a)["registry"]["refused"])
+    assert "corrupt" in readyz(a)["registry"]["refused"]["toy@3"] and versions(a) == "1"
+    assert (
+        'guard_probe_versions_refused_total{probe="toy",reason="checksum_or_fingerprint"} 2.0'
+        in httpx.get(a.url + "/metrics").text
+    )
+
+
+def test_signed_mode_refuses_unsigned_pushes(cluster, tiny_lm, tmp_path, redis_server):
+    registry, start = cluster
+    key = {"GUARD_REGISTRY_KEY": "s3cret"}
+    # v1 (unsigned) would be refused in signed mode: push a signed v2 and activate it before the replica starts
+    probe_dir = probe_for(tiny_lm, seed=7).with_threshold(0.5).save(tmp_path / "toy")
+    push = [
+        sys.executable,
+        "-m",
+        "guard.cli",
+        "registry",
+        "--redis-url",
+        redis_server.url,
+        "push",
+        str(probe_dir),
+        "--activate",
+    ]
+    subprocess.run(push, env={**os.environ, **key}, check=True, capture_output=True)
+    a = start("a", extra_env=key)
+    assert versions(a) == "2"
+    subprocess.run(push, check=True, capture_output=True)  # unsigned
+    wait_for(lambda: "toy@3" in readyz(a)["registry"]["refused"])
+    assert "signature" in readyz(a)["registry"]["refused"]["toy@3"] and versions(a) == "2"
