@@ -93,7 +93,7 @@ def test_replicas_switch_within_two_seconds_and_in_flight_streams_keep_their_ver
         switched = wait_for(lambda: versions(a) == versions(b) == "2")
         assert readyz(a)["running"] == 1  # the stream is still in flight
         chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]][0]
+    final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     assert final["choices"][0]["content_filter_results"]["toy"]["probe_version"] == "1"
     assert switched < 2.0
     after = chat(b, tiny_model_dir.name).json()
@@ -160,7 +160,7 @@ def test_bad_versions_are_refused_and_the_old_one_stays(cluster, tiny_lm, tmp_pa
 
 
 def test_signed_mode_refuses_unsigned_pushes(cluster, tiny_lm, tmp_path, redis_server):
-    registry, start = cluster
+    _registry, start = cluster
     key = {"GUARD_REGISTRY_KEY": "s3cret"}
     # v1 (unsigned) would be refused in signed mode: push a signed v2 and activate it before the replica starts
     probe_dir = probe_for(tiny_lm, seed=7).with_threshold(0.5).save(tmp_path / "toy")
