@@ -44,6 +44,8 @@ class BatchCache:
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order) and trim columns that are padding for all of them."""
+        if rows == list(range(self.rows)):
+            return  # nothing left or moved: no copy
         if not rows:
             self.cache, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
             return

@@ -156,8 +156,9 @@ class Engine:
 
     # -- the engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        # every layer is hooked: a reloaded probe may read or ablate another layer than its predecessor
-        layers = range(len(decoder_layers(self.lm.model, self.lm.layer_path)))
+        # every layer is hooked (a reloaded probe may read or ablate another layer than its predecessor),
+        # none when there is no policy: then the model runs exactly as without guard
+        layers = range(len(decoder_layers(self.lm.model, self.lm.layer_path))) if self.policies else ()
         with (
             torch.inference_mode(),
             hooks(self.lm.model, {layer: self._hook(layer) for layer in layers}, layer_path=self.lm.layer_path),

@@ -73,8 +73,8 @@ def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
     entries = document.get("policies") if isinstance(document, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise PolicyError(f"{path}: expected a non-empty 'policies' list")
+    if not isinstance(entries, list):
+        raise PolicyError(f"{path}: expected a 'policies' list (an empty list serves the model unguarded)")
     policies = tuple(_policy(entry, f"{path}: policies[{i}]") for i, entry in enumerate(entries))
     names = [p.name for p in policies]
     if len(set(names)) != len(names):

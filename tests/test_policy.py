@@ -13,6 +13,12 @@ def test_default_policy_file_uses_shipped_probes():
         assert resolve_probe(policy.probe).is_dir()
 
 
+def test_empty_list_means_unguarded(tmp_path):
+    path = tmp_path / "none.yaml"
+    path.write_text("policies: []")
+    assert load_policies(path) == ()
+
+
 def test_json_and_yaml(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(
@@ -28,7 +34,7 @@ def test_json_and_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ("policies: []", "non-empty 'policies' list"),
+        ("rules: []", "expected a 'policies' list"),
         ("policies: [{name: a}]", r"policies\[0\]: 'probe' must be"),
         ("policies: [{name: a, probe: b, stage: later}]", "'later' is not a valid Stage"),
         ("policies: [{name: a, probe: b, action: delete}]", "'delete' is not a valid Action"),

