@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     settings = Settings.from_env().override(
-        model=args.model, cache_dir=args.cache_dir, data_dir=args.data_dir, threads=args.threads
+        model=args.model,
+        cache_dir=args.cache_dir,
+        data_dir=args.data_dir,
+        threads=args.threads,
+        layer_path=args.layer_path,
     )
     try:
         return args.run(args, settings)
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, help="model and feature cache (GUARD_CACHE_DIR)")
     common.add_argument("--data-dir", type=Path, help="the shared data pool (GUARD_DATA_DIR)")
     common.add_argument("--threads", type=int, help="torch CPU threads (GUARD_THREADS)")
+    common.add_argument("--layer-path", help="dotted path to the decoder layers, e.g. model.layers (GUARD_LAYER_PATH)")
     common.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub.add_parser("train", parents=[common], help="train a probe (or the default policies)"))
@@ -263,7 +268,6 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-file", type=Path, help="YAML/JSON policy file (GUARD_POLICY_FILE)")
     p.add_argument("--api-key", action="append", help="accepted API key, repeatable (GUARD_API_KEYS, comma-separated)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together (GUARD_MAX_BATCH)")
-    p.add_argument("--layer-path", help="dotted path to the decoder layers (GUARD_LAYER_PATH)")
     p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
     p.set_defaults(run=_serve)
 
@@ -279,7 +283,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         policy_file=args.policy_file,
         max_batch=args.max_batch,
-        layer_path=args.layer_path,
         redis_url=args.redis_url,
         api_keys=",".join(args.api_key) if args.api_key else None,
     )

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from serverproc import Server, free_port
 from test_engine import probe_for
 
