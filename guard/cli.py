@@ -12,8 +12,8 @@ from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
 from guard.settings import Settings
-from probes.data import DatasetError, deduplicate, load_datasets, split, write_jsonl
-from probes.defaults import SHIPPED_DIR, recipe_splits, resolve_probe, train_recipes
+from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
+from probes.defaults import SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
 from probes.evaluate import evaluate
 from probes.features import POOLINGS
 from probes.model import LoadedModel, load_model
@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
+    _lodo_parser(
+        sub.add_parser(
+            "benchmark-policies",
+            parents=[common],
+            help="leave-one-dataset-out table of the default policies: probe vs baselines",
+        )
+    )
     return parser
 
 
@@ -346,6 +353,33 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
                 indent=2,
             )
         )
+    return 0
+
+
+# -- benchmark-policies ---------------------------------------------------------------------------------
+def _lodo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", action="append", help="only these policies (repeatable); default: all")
+    p.add_argument("--out", type=Path, default=Path("reports/lodo"), help="writes lodo.json and lodo.md here")
+    p.set_defaults(run=_lodo)
+
+
+def _lodo(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.lodo import evaluate_folds, markdown
+
+    lm = _model(settings)
+    config = TrainConfig()
+    # all presets' rows: the same feature-cache entry as `guard train --preset default`
+    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, config, cache_dir=settings.cache_dir)
+    tables = {}
+    for name in args.policy or list(RECIPES):
+        train, dev, _ = splits[name]
+        dataset = Dataset(train.rows + dev.rows)
+        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config)
+        print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))
+    (args.out / "lodo.md").write_text(markdown(tables))
+    print(markdown(tables))
     return 0
 
 

@@ -41,10 +41,13 @@ def texts_of(dataset: Dataset) -> list[str]:
     return [_text(row) for row in dataset.rows]
 
 
-def fit_baseline(name: str, train: Dataset, dev: Dataset, target_fpr: float) -> FittedBaseline:
+def fit_baseline(
+    name: str, train: Dataset, dev: Dataset, target_fpr: float, *, embed: Embed | None = None
+) -> FittedBaseline:
+    """``embed`` replaces the MiniLM embedder (e.g. one that caches vectors across folds)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
-    embed = _tfidf(texts_of(train)) if name == "tfidf" else minilm_embedder()
+    embed = _tfidf(texts_of(train)) if name == "tfidf" else (embed or minilm_embedder())
     x_train, x_dev = embed(texts_of(train)), embed(texts_of(dev))
     y_train, y_dev = np.asarray(train.labels), np.asarray(dev.labels)
     fits = {c: LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x_train, y_train) for c in _CS}

@@ -7,7 +7,7 @@ split, swept and fitted on its own rows, and written to ``probes/shipped/<name>/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +50,20 @@ def recipe_splits(name: str, data_dir: Path) -> tuple[Dataset, Dataset, dict]:
     return train, dev, {**provenance, "dev_fraction": DEV_FRACTION}
 
 
-def train_recipes(
+def recipe_features(
     lm: LoadedModel,
     names: Sequence[str],
     data_dir: Path,
-    out_dir: Path = SHIPPED_DIR,
-    config: TrainConfig | None = None,
+    config: TrainConfig,
     *,
     cache_dir: Path | None = None,
     progress: bool = True,
-) -> dict[str, TrainResult]:
-    config = config or TrainConfig()
+) -> tuple[dict[str, tuple[Dataset, Dataset, dict]], Callable[[Dataset], np.ndarray]]:
+    """Each policy's train/dev split, and a lookup of features for any of their rows.
+
+    The union of all the policies' texts is extracted once (a single feature-cache entry, so every
+    command that asks for the same policies reuses it).
+    """
     unknown = set(names) - set(RECIPES)
     if unknown:
         raise KeyError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {sorted(RECIPES)}")
@@ -74,6 +77,21 @@ def train_recipes(
     def rows_of(data: Dataset) -> np.ndarray:
         return features[[index[row.key] for row in data.rows]]
 
+    return splits, rows_of
+
+
+def train_recipes(
+    lm: LoadedModel,
+    names: Sequence[str],
+    data_dir: Path,
+    out_dir: Path = SHIPPED_DIR,
+    config: TrainConfig | None = None,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, TrainResult]:
+    config = config or TrainConfig()
+    splits, rows_of = recipe_features(lm, names, data_dir, config, cache_dir=cache_dir, progress=progress)
     results = {}
     for name, (train, dev, provenance) in splits.items():
         result = train_probe(
