@@ -273,3 +273,4 @@ def test_metrics_exposed(server, client):
     ):
         assert name in text, name
     assert 'guard_probe_score_count{policy="hate",stage="prompt"}' in text
+    assert 'guard_finish_reason_total{reason="content_filter"}' in text  # prompt and output blocks

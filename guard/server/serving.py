@@ -147,7 +147,9 @@ class Serving:
         return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies)
 
     # -- running ---------------------------------------------------------------------------------------
-    async def start(self, request: GenerationRequest, endpoint: str) -> tuple[Handle, AsyncIterator, PromptChecked]:
+    async def start(
+        self, request: GenerationRequest, endpoint: str, started: float
+    ) -> tuple[Handle, AsyncIterator, PromptChecked]:
         """Submit and wait for the prompt verdict; a blocked prompt raises the 400 content-filter error."""
         try:
             handle = self.engine.submit(request, asyncio.get_running_loop())
@@ -161,8 +163,9 @@ class Serving:
             raise APIError(500, first.error, code="generation_failed")
         self.metrics.prompt_checked(first.verdicts)
         if first.blocked:
-            async for _ in events:
-                pass
+            async for event in events:
+                if isinstance(event, Finished):
+                    self.metrics.finished(event, endpoint, started)
             raise APIError(
                 400,
                 first.message or "The prompt was filtered by policy.",
@@ -190,7 +193,7 @@ class Serving:
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         started = time.perf_counter()
-        handle, events, checked = await self.start(self.chat_request(body), "chat")
+        handle, events, checked = await self.start(self.chat_request(body), "chat", started)
         text, done = await self.collect(handle, events, started)
         self.metrics.finished(done, "chat", started)
         refusal = done.message if done.reason == "content_filter" else None
@@ -211,7 +214,7 @@ class Serving:
 
     async def completion(self, body: CompletionRequest) -> Completion:
         started = time.perf_counter()
-        handle, events, checked = await self.start(self.completion_request(body), "completions")
+        handle, events, checked = await self.start(self.completion_request(body), "completions", started)
         text, done = await self.collect(handle, events, started)
         self.metrics.finished(done, "completions", started)
         choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
@@ -268,7 +271,7 @@ class Serving:
     ) -> AsyncIterator[bytes]:
         """Start generation (a blocked prompt raises here, before any byte is sent), then the SSE lines."""
         started = time.perf_counter()
-        handle, events, checked = await self.start(request, endpoint)
+        handle, events, checked = await self.start(request, endpoint, started)
         if body.stream_options and body.stream_options.include_usage:
             meta["usage"] = None  # every chunk carries "usage": null; the last one the usage
 
