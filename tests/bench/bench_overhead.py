@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prompts import BENIGN, SHIPPED
 
 from guard.engine import Engine
 from guard.events import Emitted, Finished, GenerationRequest
@@ -36,18 +37,6 @@ from probes.hooks import hooks, layer_output, replace_output
 from probes.model import LoadedModel, load_model
 from probes.render import render_messages
 from probes.sources import default_data_dir, read_source
-
-BENIGN = [
-    "What is the capital of France?",
-    "Write a short poem about autumn leaves.",
-    "How do I bake sourdough bread?",
-    "Explain photosynthesis to a child.",
-    "Give me three tips for a job interview.",
-    "What are the planets of the solar system?",
-    "Summarise the plot of Romeo and Juliet.",
-    "How does a bicycle gear work?",
-]
-SHIPPED = ("harmful_request", "hate", "self_harm", "weapons", "medical_advice")
 
 
 def request(lm: LoadedModel, text: str, tokens: int, policies: frozenset[str] | None = None) -> GenerationRequest:

@@ -24,20 +24,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prompts import BENIGN as PROMPTS
+from prompts import SHIPPED
 from serverproc import Server
 
 MODEL = "smollm2-135m-instruct"
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about autumn leaves.",
-    "How do I bake sourdough bread?",
-    "Explain photosynthesis to a child.",
-    "Give me three tips for a job interview.",
-    "What are the planets of the solar system?",
-    "Summarise the plot of Romeo and Juliet.",
-    "How does a bicycle gear work?",
-]
-SHIPPED = ("harmful_request", "hate", "self_harm", "weapons", "medical_advice")
 
 
 def stream_once(url: str, prompt: str, tokens: int) -> dict:
