@@ -32,9 +32,9 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         threads=settings.threads or None,
         layer_path=settings.layer_path or None,
     )
-    local = LocalRegistry(settings.registry_dir())
-    registry = open_registry(settings.redis_url, local.directory) if settings.redis_url else local
-    lkg = LocalRegistry(settings.cache_dir / "registry-last-known-good") if settings.redis_url else local
+    registry = open_registry(settings.redis_url or None, settings.registry_dir())
+    # with Redis, a local last-known-good copy; without, the local registry is its own last-known-good
+    lkg = LocalRegistry(settings.cache_dir / "registry-last-known-good") if settings.redis_url else registry
     source = ProbeSource(
         registry, lkg, lm.fingerprint, signing_key(), "redis" if settings.redis_url else "local", on_refused=on_refused
     )

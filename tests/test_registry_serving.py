@@ -181,3 +181,36 @@ def test_signed_mode_refuses_unsigned_pushes(cluster, tiny_lm, tmp_path, redis_s
     subprocess.run(push, check=True, capture_output=True)  # unsigned
     wait_for(lambda: "toy@3" in readyz(a)["registry"]["refused"])
     assert "signature" in readyz(a)["registry"]["refused"]["toy@3"] and versions(a) == "2"
+
+
+def test_local_directory_registry_without_redis(tmp_path, tiny_lm, tiny_model_dir):
+    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_RELOAD_INTERVAL": "0.5"}
+    push = [sys.executable, "-m", "guard.cli", "registry", "push"]
+    for seed in (1, 2):
+        probe_dir = probe_for(tiny_lm, seed=seed).with_threshold(0.5).save(tmp_path / f"toy{seed}")
+        subprocess.run(
+            [*push, str(probe_dir), *(["--activate"] if seed == 1 else [])],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+        )
+    (tmp_path / "policies.json").write_text(json.dumps(POLICY))
+    server = Server(
+        "--model",
+        str(tiny_model_dir),
+        "--policy-file",
+        str(tmp_path / "policies.json"),
+        env=env,
+        log=tmp_path / "local.log",
+    )
+    try:
+        assert versions(server) == "1" and readyz(server)["registry"]["backend"] == "local"
+        subprocess.run(
+            [sys.executable, "-m", "guard.cli", "registry", "activate", "toy", "2"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+        )
+        wait_for(lambda: versions(server) == "2", timeout=10)
+    finally:
+        server.stop()
