@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir,
         threads=args.threads,
         layer_path=args.layer_path,
+        dtype=args.dtype,
     )
     try:
         return args.run(args, settings)
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, help="model and feature cache (GUARD_CACHE_DIR)")
     common.add_argument("--data-dir", type=Path, help="the shared data pool (GUARD_DATA_DIR)")
     common.add_argument("--threads", type=int, help="torch CPU threads (GUARD_THREADS)")
+    common.add_argument("--dtype", choices=["float32", "bfloat16"], help="numeric path (GUARD_DTYPE)")
     common.add_argument("--layer-path", help="dotted path to the decoder layers, e.g. model.layers (GUARD_LAYER_PATH)")
     common.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +89,7 @@ def _model(settings: Settings) -> LoadedModel:
         cache_dir=settings.cache_dir,
         threads=settings.threads or None,
         layer_path=settings.layer_path or None,
+        dtype=settings.dtype,
     )
 
 

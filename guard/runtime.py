@@ -31,6 +31,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         cache_dir=settings.cache_dir,
         threads=settings.threads or None,
         layer_path=settings.layer_path or None,
+        dtype=settings.dtype,
     )
     registry = open_registry(settings.redis_url or None, settings.registry_dir())
     # with Redis, a local last-known-good copy; without, the local registry is its own last-known-good

@@ -19,6 +19,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     threads: int = 0  # 0: torch's default
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
+    dtype: str = "float32"  # numeric path: float32 or bfloat16
     # -- serving --
     host: str = "127.0.0.1"
     port: int = 8000

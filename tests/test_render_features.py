@@ -57,3 +57,18 @@ def test_feature_cache_round_trip(tiny_lm, tmp_path):
     np.testing.assert_array_equal(first, second)
     extract(tiny_lm, data, [1], pooling="last", cache_dir=tmp_path, progress=False)
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2
+
+
+def test_bfloat16_path_keeps_the_fingerprint_and_its_own_cache(tiny_model_dir, tiny_lm, tmp_path):
+    import torch
+
+    from probes.model import load_model
+
+    fast = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="bfloat16")
+    assert fast.model.dtype == torch.bfloat16 and fast.fingerprint == tiny_lm.fingerprint
+    data = Dataset(tuple(Row(t, 0) for t in TEXTS))
+    exact = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)
+    approx = extract(fast, data, [1], cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # one cache entry per numeric path
+    assert not np.array_equal(exact, approx)
+    np.testing.assert_allclose(exact, approx, rtol=0.1, atol=0.1)
