@@ -89,12 +89,13 @@ def test_prometheus_scrapes_guard_and_every_referenced_metric_exists(tmp_path, t
         deadline = time.monotonic() + 60
         value = None
         while time.monotonic() < deadline:
-            try:
-                result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "guard_ready"}).json()
-                if result["data"]["result"]:
-                    value = result["data"]["result"][0]["value"][1]
+            try:  # while Prometheus starts, it refuses connections or answers 503 in plain text
+                response = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "guard_ready"})
+                result = response.json()["data"]["result"] if response.status_code == 200 else []
+                if result:
+                    value = result[0]["value"][1]
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
         assert value == "1"
