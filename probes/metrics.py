@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -63,8 +63,3 @@ def binary_metrics(labels: Sequence[int], scores: Sequence[float], threshold: fl
         "n_positive": positives,
         "n_negative": negatives,
     }
-
-
-def roc_points(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
-    return fpr, tpr

@@ -69,6 +69,7 @@ def test_folded_weights_match_standardised_scoring():
     x = np.random.default_rng(2).normal(size=(5, 2, 8))
     expected = ((x - probe.mean) / probe.scale * probe.weight).sum(axis=(1, 2)) + probe.bias
     np.testing.assert_allclose(probe.decision_function(x), expected, rtol=1e-5)
+    np.testing.assert_array_equal(probe.predict(x), (probe.predict_proba(x) > probe.threshold).astype(int))
     with pytest.raises(ValueError, match="shape"):
         probe.decision_function(x[:, :1])
 
