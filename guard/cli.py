@@ -278,6 +278,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-file", type=Path, help="YAML/JSON policy file (GUARD_POLICY_FILE)")
     p.add_argument("--api-key", action="append", help="accepted API key, repeatable (GUARD_API_KEYS, comma-separated)")
     p.add_argument("--max-batch", type=int, help="sequences decoded together (GUARD_MAX_BATCH)")
+    p.add_argument("--max-waiting", type=int, help="requests queued beyond the batch before 429 (GUARD_MAX_WAITING)")
+    p.add_argument("--queue-timeout", type=float, help="seconds for a batch slot, then 503 (GUARD_QUEUE_TIMEOUT)")
+    p.add_argument("--request-timeout", type=float, help="seconds per request, then 504 (GUARD_REQUEST_TIMEOUT)")
     p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
     p.set_defaults(run=_serve)
 
@@ -293,6 +296,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         policy_file=args.policy_file,
         max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
+        queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout,
         redis_url=args.redis_url,
         api_keys=",".join(args.api_key) if args.api_key else None,
     )

@@ -137,6 +137,9 @@ class Engine:
             crossed=torch.zeros(n, dtype=torch.bool),
         )
         with self._wake:
+            for gone in [s for s in self._waiting if s.handle.cancelled]:  # gave up waiting: no place held
+                self._waiting.remove(gone)
+                self._finish(gone, "cancelled")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(seq)

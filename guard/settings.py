@@ -27,6 +27,8 @@ class Settings:
     api_keys: str = ""  # comma-separated; empty: no authentication
     max_batch: int = 8  # sequences decoded together
     max_waiting: int = 64  # requests queued beyond the batch before 429
+    queue_timeout: float = 30.0  # seconds to wait for a batch slot before 503; 0: none
+    request_timeout: float = 600.0  # seconds for a whole generation before 504; 0: none
     max_body_bytes: int = 1_000_000
     default_max_tokens: int = 256  # when a request sets no max_tokens
     context_window: int = 0  # 0: the model's max_position_embeddings

@@ -161,9 +161,13 @@ def test_queue_limit(tiny_lm):
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        engine.submit(request(tiny_lm, PROMPTS[0]), loop)
+        first = engine.submit(request(tiny_lm, PROMPTS[0]), loop)
         with pytest.raises(QueueFull):
             engine.submit(request(tiny_lm, PROMPTS[1]), loop)
+        first.cancel()  # a request that gave up waiting holds no place
+        engine.submit(request(tiny_lm, PROMPTS[1]), loop)
+        assert engine.load() == {"running": 0, "waiting": 1}
+        assert (await anext(first.events())).reason == "cancelled"
 
     asyncio.run(scenario())
 

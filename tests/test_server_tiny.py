@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -29,21 +30,15 @@ def setup(tmp_path_factory, tiny_lm, tiny_model_dir):
     return directory, policy_file, env
 
 
+def serve(setup, model_dir, name: str, *flags: str) -> Server:
+    directory, policy_file, env = setup
+    args = ("--model", str(model_dir), "--policy-file", str(policy_file), *flags)
+    return Server(*args, env=env, log=directory / f"{name}.log")
+
+
 @pytest.fixture(scope="module")
 def keyed(setup, tiny_model_dir):
-    directory, policy_file, env = setup
-    server = Server(
-        "--model",
-        str(tiny_model_dir),
-        "--policy-file",
-        str(policy_file),
-        "--api-key",
-        "k1",
-        "--api-key",
-        "k2",
-        env=env,
-        log=directory / "keyed.log",
-    )
+    server = serve(setup, tiny_model_dir, "keyed", "--api-key", "k1", "--api-key", "k2")
     yield server
     server.stop()
 
@@ -93,3 +88,50 @@ def test_bad_policy_file_fails_before_serving(tmp_path, tiny_model_dir):
         timeout=60,
     )
     assert result.returncode == 2 and "'probe' must be a non-empty string" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tight(setup, tiny_model_dir):
+    """One batch slot, one queue place, short timeouts: back-pressure in a few seconds."""
+    flags = ("--max-batch", "1", "--max-waiting", "1", "--queue-timeout", "0.5", "--request-timeout", "2")
+    server = serve(setup, tiny_model_dir, "tight", *flags)
+    yield server
+    server.stop()
+
+
+def _long(model: str, stream: bool) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "count forever"}],
+        "max_tokens": 4000,
+        "temperature": 0.0,  # greedy: this tiny model loops without ever reaching its end token
+        "stream": stream,
+    }
+
+
+def test_back_pressure_and_timeouts(tight, tiny_model_dir):
+    model = tiny_model_dir.name
+    client = httpx.Client(base_url=tight.url, timeout=30)
+    with client.stream("POST", "/v1/chat/completions", json=_long(model, True)) as running:  # holds the one slot
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: ")
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(client.post, "/v1/chat/completions", json=_long(model, False))
+            time.sleep(0.2)
+            refused = client.post("/v1/chat/completions", json=_long(model, False))  # the queue place is taken
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            assert refused.headers["retry-after"] == "1"
+            waited = queued.result()
+        assert waited.status_code == 503, waited.text
+        assert waited.json()["error"]["code"] == "queue_timeout" and waited.headers["retry-after"] == "1"
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "timeout" and error["type"] == "timeout", rest[-3:]
+    started = time.monotonic()
+    timed_out = client.post("/v1/chat/completions", json=_long(model, False))
+    assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 4
+    # the timed-out requests left the batch: a short one is served at once
+    short = client.post("/v1/chat/completions", json={**_long(model, False), "max_tokens": 2})
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 2

@@ -81,7 +81,9 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
     app.state.watcher = runtime.watcher(settings, on_change=changed)
     app.state.watcher.start()
     metrics.watch_registry(runtime.source.status)
-    limits = Limits(context_window(settings, engine), settings.default_max_tokens)
+    limits = Limits(
+        context_window(settings, engine), settings.default_max_tokens, settings.queue_timeout, settings.request_timeout
+    )
     app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
     metrics.watch_engine(engine.load)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)

@@ -12,8 +12,9 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
-    503: "service_unavailable",
     500: "server_error",
+    503: "service_unavailable",
+    504: "timeout",
 }
 
 

@@ -46,6 +46,8 @@ DONE = b"data: [DONE]\n\n"
 class Limits:
     context_window: int
     default_max_tokens: int = 256
+    queue_timeout: float = 30.0  # seconds from arrival to the prompt verdict (queue + prefill); 0: none
+    request_timeout: float = 600.0  # seconds from arrival to the last token; 0: none
 
 
 class Serving:
@@ -158,7 +160,16 @@ class Serving:
                 429, f"the server is busy ({exc}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
         events = handle.events()
-        first = await anext(events)
+        try:
+            first = await _next(events, _deadline(started, self.limits.queue_timeout))
+        except TimeoutError:
+            handle.cancel()  # leaves the queue, or the batch at its next token
+            raise APIError(
+                503,
+                f"no batch slot within {self.limits.queue_timeout:g} s; retry shortly",
+                code="queue_timeout",
+                headers={"Retry-After": "1"},
+            ) from None
         if isinstance(first, Failed):
             raise APIError(500, first.error, code="generation_failed")
         self.metrics.prompt_checked(first.verdicts)
@@ -177,8 +188,13 @@ class Serving:
 
     async def collect(self, handle: Handle, events: AsyncIterator, started: float) -> tuple[str, Finished]:
         pieces = []
+        deadline = _deadline(started, self.limits.request_timeout)
         try:
-            async for event in events:
+            while True:
+                try:
+                    event = await _next(events, deadline)
+                except TimeoutError:
+                    raise self._timed_out() from None
                 if isinstance(event, Emitted):
                     if not pieces:
                         self.metrics.first_token(started)
@@ -188,8 +204,14 @@ class Serving:
                 elif isinstance(event, Finished):
                     return "".join(pieces), event
         finally:
-            handle.cancel()  # no-op once finished; stops generation if the client went away
-        raise APIError(500, "generation ended without a result", code="generation_failed")
+            handle.cancel()  # no-op once finished; stops generation if the client went away or timed out
+
+    def _timed_out(self) -> APIError:
+        return APIError(
+            504,
+            f"generation did not finish within {self.limits.request_timeout:g} s; ask for fewer max_tokens",
+            code="timeout",
+        )
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         started = time.perf_counter()
@@ -277,9 +299,15 @@ class Serving:
 
         async def lines() -> AsyncIterator[bytes]:
             first_token = True
+            deadline = _deadline(started, self.limits.request_timeout)
             try:
                 yield _sse(shape.opening(_prompt_results(checked)))
-                async for event in events:
+                while True:
+                    try:
+                        event = await _next(events, deadline)
+                    except TimeoutError:
+                        yield _sse(self._timed_out().body())
+                        break
                     if isinstance(event, Emitted):
                         if first_token:
                             self.metrics.first_token(started)
@@ -293,6 +321,7 @@ class Serving:
                         yield _sse(shape.closing(event))
                         if "usage" in meta:
                             yield _sse(shape.usage(_usage(event)))
+                        break
                 yield DONE
             finally:
                 handle.cancel()
@@ -308,6 +337,18 @@ class _Shape:
     piece: Callable[[str], msgspec.Struct]
     closing: Callable[[Finished], msgspec.Struct]
     usage: Callable[[Usage], msgspec.Struct]
+
+
+def _deadline(started: float, timeout: float) -> float | None:
+    """``started`` is a ``time.perf_counter()`` reading; a timeout of 0 means none."""
+    return started + timeout if timeout > 0 else None
+
+
+async def _next(events: AsyncIterator, deadline: float | None):
+    """The next event, or ``TimeoutError`` once ``deadline`` (``perf_counter`` time) has passed."""
+    if deadline is None:
+        return await anext(events)
+    return await asyncio.wait_for(anext(events), max(0.0, deadline - time.perf_counter()))
 
 
 def _sse(payload: msgspec.Struct) -> bytes:
