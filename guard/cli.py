@@ -16,7 +16,7 @@ from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split
 from probes.defaults import SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
 from probes.evaluate import evaluate
 from probes.features import POOLINGS
-from probes.model import LoadedModel, load_model
+from probes.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.presets import PRESETS, RECIPES
 from probes.probe import LinearProbe, ProbeError
 from probes.registry import RegistryError, open_registry, signing_key
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, help="model and feature cache (GUARD_CACHE_DIR)")
     common.add_argument("--data-dir", type=Path, help="the shared data pool (GUARD_DATA_DIR)")
     common.add_argument("--threads", type=int, help="torch CPU threads (GUARD_THREADS)")
-    common.add_argument("--dtype", choices=["float32", "bfloat16"], help="numeric path (GUARD_DTYPE)")
+    common.add_argument("--dtype", choices=NUMERIC_PATHS, help="numeric path (GUARD_DTYPE)")
     common.add_argument("--layer-path", help="dotted path to the decoder layers, e.g. model.layers (GUARD_LAYER_PATH)")
     common.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,25 +102,41 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="artifact directory (with --preset: where the policies go)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="train the shipped default policies from the data pool")
     p.add_argument("--policy", action="append", help="with --preset: only these policies (repeatable)")
-    p.add_argument("--layers", help="comma-separated layers to concatenate (default: sweep every layer, keep the best)")
-    p.add_argument("--pooling", choices=POOLINGS, default="mean")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="threshold: this FPR on dev negatives")
+    _method_args(p)
     p.add_argument("--dev-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-text-tokens", type=int, default=256)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
 
 
-def _train(args: argparse.Namespace, settings: Settings) -> int:
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    config = TrainConfig(
-        layers=layers,
+def _method_args(p: argparse.ArgumentParser) -> None:
+    """How a probe is fitted: shared by `train` and `benchmark-policies`."""
+    p.add_argument("--layers", help="comma-separated layers to concatenate (default: sweep every layer, keep the best)")
+    p.add_argument("--pooling", choices=POOLINGS, default="mean")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="threshold: at most this FPR on dev negatives")
+    p.add_argument(
+        "--traffic-fpr",
+        type=float,
+        default=TrainConfig.traffic_fpr,
+        help="threshold: also at most this FPR on dev negatives from ordinary traffic (rows whose source is "
+        "toxicchat); a negative value turns it off",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-text-tokens", type=int, default=256)
+
+
+def _method(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
         pooling=args.pooling,
         target_fpr=args.target_fpr,
+        traffic_fpr=args.traffic_fpr if args.traffic_fpr >= 0 else None,
         seed=args.seed,
         max_text_tokens=args.max_text_tokens,
     )
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    config = _method(args)
     if args.preset:
         names = args.policy or list(PRESETS[args.preset])
         lm = _model(settings)
@@ -369,6 +385,8 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
 def _lodo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", help="only these policies (repeatable); default: all")
     p.add_argument("--out", type=Path, default=Path("reports/lodo"), help="writes lodo.json and lodo.md here")
+    p.add_argument("--no-baselines", action="store_true", help="the probe only (for comparing probe methods)")
+    _method_args(p)
     p.set_defaults(run=_lodo)
 
 
@@ -376,14 +394,15 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     from probes.lodo import evaluate_folds, markdown
 
     lm = _model(settings)
-    config = TrainConfig()
+    config = _method(args)
     # all presets' rows: the same feature-cache entry as `guard train --preset default`
     splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, config, cache_dir=settings.cache_dir)
     tables = {}
+    baselines = () if args.no_baselines else ("tfidf", "minilm")
     for name in args.policy or list(RECIPES):
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
-        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config)
+        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config, baselines)
         print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))

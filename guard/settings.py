@@ -19,7 +19,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     threads: int = 0  # 0: torch's default
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
-    dtype: str = "float32"  # numeric path: float32 or bfloat16
+    dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
     # -- serving --
     host: str = "127.0.0.1"
     port: int = 8000

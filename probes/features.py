@@ -50,7 +50,7 @@ def extract(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     path = None
     if cache_dir is not None:
-        key = _cache_key(f"{lm.fingerprint}:{lm.model.dtype}", dataset.texts_sha256(), layers, pooling, max_text_tokens)
+        key = _cache_key(f"{lm.fingerprint}:{lm.numeric}", dataset.texts_sha256(), layers, pooling, max_text_tokens)
         path = cache_dir / "features" / f"{key}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)

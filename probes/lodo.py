@@ -22,6 +22,7 @@ from probes.metrics import binary_metrics
 from probes.train import TrainConfig, train_probe
 
 TRAFFIC = "toxicchat"
+BASELINES = ("tfidf", "minilm")
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,18 @@ def _half(row: Row) -> bool:
 
 
 def evaluate_folds(
-    lm: object, name: str, dataset: Dataset, features: np.ndarray, config: TrainConfig | None = None
+    lm: object,
+    name: str,
+    dataset: Dataset,
+    features: np.ndarray,
+    config: TrainConfig | None = None,
+    baselines: Sequence[str] = BASELINES,
 ) -> list[dict]:
-    """Per fold: probe, TF-IDF and MiniLM metrics on the held-out source (plus held-out traffic)."""
+    """Per fold: probe and baseline metrics on the held-out source (plus held-out traffic)."""
     config = config or TrainConfig()
     index = {row.key: i for i, row in enumerate(dataset.rows)}
     candidates = list(config.layers) if config.layers else list(range(features.shape[1]))
-    embed = _cached(minilm_embedder(), texts_of(dataset))
+    embed = _cached(minilm_embedder(), texts_of(dataset)) if "minilm" in baselines else None
     results = []
     for fold in folds(dataset):
 
@@ -81,7 +87,7 @@ def evaluate_folds(
                 fold.test,
             ),
         }
-        for baseline in ("tfidf", "minilm"):
+        for baseline in baselines:
             fitted = fit_baseline(
                 baseline,
                 fold.train,
@@ -112,27 +118,26 @@ def _cached(embed, texts: list[str]):
     return lambda batch: np.stack([vectors[t] if t in vectors else embed([t])[0] for t in batch])
 
 
+_TITLES = {"probe": "probe", "tfidf": "TF-IDF", "minilm": "MiniLM"}
+_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")
+
+
 def markdown(tables: dict[str, list[dict]]) -> str:
-    """One table per policy: rows are held-out sources, columns probe / TF-IDF / MiniLM."""
+    """One table per policy: rows are held-out sources, columns probe / TF-IDF / MiniLM (those evaluated)."""
     lines = []
     for name, rows in tables.items():
+        models = [m for m in _TITLES if m in rows[0]]
         lines += [
             f"### `{name}`",
             "",
-            "| held-out source | n (pos) | AUROC probe / TF-IDF / MiniLM | TPR at threshold | "
+            f"| held-out source | n (pos) | AUROC {' / '.join(_TITLES[m] for m in models)} | TPR at threshold | "
             "FPR on held-out traffic |",
             "|---|---|---|---|---|",
         ]
         for r in rows:
-            cells = [
-                " / ".join(_fmt(r[m][key]) for m in ("probe", "tfidf", "minilm"))
-                for key in ("auroc", "tpr_at_threshold", "traffic_fpr")
-            ]
+            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in _COLUMNS]
             lines.append(f"| {r['heldout']} | {r['n']} ({r['positives']}) | {' | '.join(cells)} |")
-        means = [
-            " / ".join(_fmt(_mean(rows, m, key)) for m in ("probe", "tfidf", "minilm"))
-            for key in ("auroc", "tpr_at_threshold", "traffic_fpr")
-        ]
+        means = [" / ".join(_fmt(_mean(rows, m, key)) for m in models) for key in _COLUMNS]
         lines += [f"| **mean** | | {' | '.join(means)} |", ""]
     return "\n".join(lines)
 

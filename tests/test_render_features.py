@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from probes.data import Dataset, Row
@@ -72,3 +73,21 @@ def test_bfloat16_path_keeps_the_fingerprint_and_its_own_cache(tiny_model_dir, t
     assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # one cache entry per numeric path
     assert not np.array_equal(exact, approx)
     np.testing.assert_allclose(exact, approx, rtol=0.1, atol=0.1)
+
+
+def test_int8_path_quantises_every_linear_and_keeps_the_fingerprint(tiny_model_dir, tiny_lm, tmp_path):
+    import torch
+
+    from probes.model import load_model
+
+    fast = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
+    assert fast.fingerprint == tiny_lm.fingerprint and fast.numeric == "int8"
+    assert not any(type(m) is torch.nn.Linear for m in fast.model.modules())
+    data = Dataset(tuple(Row(t, 0) for t in TEXTS))
+    exact = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)
+    approx = extract(fast, data, [1], cache_dir=tmp_path, progress=False)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # its own cache entry
+    assert not np.array_equal(exact, approx)
+    np.testing.assert_allclose(exact, approx, rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="float32, bfloat16, int8"):
+        load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int4")

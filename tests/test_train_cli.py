@@ -1,11 +1,13 @@
 import json
 import random
+from dataclasses import replace
 
 import pytest
 from conftest import make_tiny_model
 
 from guard.cli import main
 from probes.data import Dataset, Row, split
+from probes.features import extract
 from probes.probe import LinearProbe
 from probes.train import TrainConfig, train_probe
 
@@ -48,6 +50,21 @@ def test_concatenated_layers(tiny_lm):
     assert probe.manifest["layer_sweep_dev_auroc"] == {}
     with pytest.raises(ValueError, match="same layer twice"):
         train_probe(tiny_lm, train, dev, "toy", TrainConfig(layers=(1, 1 - tiny_lm.num_layers)), progress=False)
+
+
+def test_threshold_also_holds_on_ordinary_traffic(tiny_lm):
+    """Dev negatives from the traffic source push the threshold up until at most traffic_fpr of them are flagged."""
+    train, dev = split(synthetic(), seed=0)
+    config = TrainConfig(layers=(1,), target_fpr=0.5, traffic_fpr=None)
+    loose = train_probe(tiny_lm, train, dev, "toy", config, progress=False).probe
+    scores = loose.predict_proba(extract(tiny_lm, dev, [1], progress=False))
+    negatives = sorted((s, r.key) for s, r in zip(scores, dev.rows, strict=True) if r.label == 0)
+    traffic = {key for _, key in negatives[-3:]}  # the three highest-scoring negatives are "ordinary traffic"
+    dev = Dataset(tuple(Row(r.text, r.label, source="toxicchat" if r.key in traffic else "x") for r in dev.rows))
+    strict = train_probe(tiny_lm, train, dev, "toy", replace(config, traffic_fpr=0.0), progress=False).probe
+    assert strict.threshold >= negatives[-1][0] - 1e-6 > loose.threshold  # no traffic row is flagged any more
+    assert strict.manifest["traffic_fpr"] == 0.0 and strict.manifest["traffic_source"] == "toxicchat"
+    assert loose.manifest["traffic_source"] is None
 
 
 def test_one_class_split_refused(tiny_lm):

@@ -1,9 +1,9 @@
-"""Benchmark: the bfloat16 numeric path against float32, on the shipped policies and on decode speed.
+"""Benchmark: the fast numeric paths (bfloat16, int8) against float32, on the shipped policies and on speed.
 
 For each shipped policy, its probe (trained on float32 features) scores the policy's dev rows under
-both paths: AUROC (must not drop by more than 0.01) and the false-positive rate on dev negatives at
+every path: AUROC (must not drop by more than 0.01) and the false-positive rate on dev negatives at
 the probe's threshold (how far the threshold's meaning shifts). Then decode tokens/s of the guarded
-engine, both paths interleaved per prompt. Prints and writes JSON.
+engine, all paths interleaved per prompt. Prints and writes JSON.
 
     .venv/bin/python tests/bench/bench_fastpath.py [--tokens 48] [--out tests/bench/results/fastpath.json]
 """
@@ -22,8 +22,10 @@ from sklearn.metrics import roc_auc_score
 
 from probes.defaults import load_shipped, recipe_splits
 from probes.evaluate import probe_scores
-from probes.model import load_model
+from probes.model import NUMERIC_PATHS, load_model
 from probes.sources import default_data_dir
+
+FAST = [path for path in NUMERIC_PATHS if path != "float32"]
 
 
 def main() -> None:
@@ -33,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/fastpath.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    models = {"float32": load_model(), "bfloat16": load_model(dtype="bfloat16")}
+    models = {path: load_model(dtype=path) for path in NUMERIC_PATHS}
     detection = {}
     for name in SHIPPED:
         _, dev, _ = recipe_splits(name, default_data_dir())
@@ -46,8 +48,9 @@ def main() -> None:
                 "auroc": float(roc_auc_score(labels, scores)),
                 "fpr_at_threshold": float((scores[labels == 0] > probe.threshold).mean()),
             }
-        row["auroc_drop"] = row["float32"]["auroc"] - row["bfloat16"]["auroc"]
-        row["fpr_shift"] = row["bfloat16"]["fpr_at_threshold"] - row["float32"]["fpr_at_threshold"]
+        for path in FAST:
+            row[path]["auroc_drop"] = row["float32"]["auroc"] - row[path]["auroc"]
+            row[path]["fpr_shift"] = row[path]["fpr_at_threshold"] - row["float32"]["fpr_at_threshold"]
         detection[name] = row
         print(name, json.dumps(row))
     guarded = configurations()["guarded"]
@@ -60,9 +63,14 @@ def main() -> None:
     report = {
         "detection": detection,
         "guarded_decode_tokens_per_s": speed,
-        "speedup_bfloat16": speed["bfloat16"] / speed["float32"],
-        "max_auroc_drop": max(r["auroc_drop"] for r in detection.values()),
-        "max_abs_fpr_shift": max(abs(r["fpr_shift"]) for r in detection.values()),
+        **{
+            path: {
+                "speedup": speed[path] / speed["float32"],
+                "max_auroc_drop": max(r[path]["auroc_drop"] for r in detection.values()),
+                "max_abs_fpr_shift": max(abs(r[path]["fpr_shift"]) for r in detection.values()),
+            }
+            for path in FAST
+        },
     }
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

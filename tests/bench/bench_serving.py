@@ -6,7 +6,12 @@ compares like with like. Per concurrency: aggregate and per-stream tokens/s, tim
 p50/p95, inter-token latency p50/p95. If `llama_cpp` (llama-cpp-python) is importable, the same GGUF
 runs through llama.cpp with the same prompts and token counts, and its ratio is printed too.
 
-    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--out tests/bench/results/serving.json]
+Every (concurrency, server) cell is measured ``--rounds`` times, the servers' order alternating per
+round; the report gives each metric's median over rounds. ``--dtype`` picks the numeric path of both
+servers (float32, bfloat16 or int8).
+
+    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--rounds 3] [--dtype int8]
+        [--out tests/bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ def concurrent(url: str, clients: int, tokens: int) -> dict:
     }
 
 
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
 
@@ -112,35 +121,62 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="guard-bench-serving-"))
     guarded_policies = [{"name": n, "probe": n, "stage": "prompt", "action": "flag"} for n in SHIPPED]
     guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in SHIPPED]
     (work / "guarded.json").write_text(json.dumps({"policies": guarded_policies}))
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
+    flags = ("--max-batch", str(max(levels)), "--dtype", args.dtype)
     servers = {
-        name: Server("--policy-file", str(work / f"{name}.json"), "--max-batch", "8", log=work / f"{name}.log")
+        name: Server("--policy-file", str(work / f"{name}.json"), *flags, log=work / f"{name}.log")
         for name in ("unguarded", "guarded")
     }
-    table: dict[str, dict] = {}
+    runs: dict[tuple[int, str], list[dict]] = {(c, name): [] for c in levels for name in servers}
     try:
         for server in servers.values():
             stream_once(server.url, PROMPTS[0], 8)  # warm-up
-        for clients in (int(c) for c in args.concurrency.split(",")):
-            row = {name: concurrent(server.url, clients, args.tokens) for name, server in servers.items()}
-            row["guarded_vs_unguarded"] = (
-                row["guarded"]["aggregate_tokens_per_s"] / row["unguarded"]["aggregate_tokens_per_s"]
-            )
-            table[str(clients)] = row
+        for round_ in range(args.rounds):
+            order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))
+            for clients in levels:
+                for name, server in order:
+                    runs[clients, name].append(concurrent(server.url, clients, args.tokens))
     finally:
         for server in servers.values():
             server.stop()
+    table: dict[str, dict] = {}
+    for clients in levels:
+        row = {name: median_of(runs[clients, name]) for name in servers}
+        speed = {name: row[name]["aggregate_tokens_per_s"] for name in servers}
+        row["guarded_vs_unguarded"] = speed["guarded"] / speed["unguarded"]
+        table[str(clients)] = row
     llama = llama_cpp_single(args.tokens)
-    report = {"tokens_per_request": args.tokens, "by_concurrency": table, "llama_cpp_single_stream_tokens_per_s": llama}
+    report = {
+        "dtype": args.dtype,
+        "tokens_per_request": args.tokens,
+        "rounds": args.rounds,
+        "by_concurrency": table,
+        "llama_cpp_single_stream_tokens_per_s": llama,
+    }
     if llama:
-        report["guarded_single_vs_llama_cpp"] = table["1"]["guarded"]["aggregate_tokens_per_s"] / llama
+        single, most = table[str(levels[0])], table[str(levels[-1])]
+        report["guarded_single_vs_llama_cpp"] = single["guarded"]["aggregate_tokens_per_s"] / llama
+        report[f"guarded_{levels[-1]}_streams_vs_llama_cpp_single"] = most["guarded"]["aggregate_tokens_per_s"] / llama
     print(json.dumps(report, indent=2))
+    print(f"\n| streams | unguarded tok/s | guarded tok/s | ratio | guarded TTFT p95 s |  ({args.dtype})")
+    print("|---|---|---|---|---|")
+    for clients, row in table.items():
+        unguarded, guarded = row["unguarded"], row["guarded"]
+        print(
+            f"| {clients} | {unguarded['aggregate_tokens_per_s']:.1f} | {guarded['aggregate_tokens_per_s']:.1f}"
+            f" | {row['guarded_vs_unguarded']:.2f} | {guarded['ttft_p95_s']:.2f} |"
+        )
+    if llama:
+        print(f"llama.cpp single stream: {llama:.1f} tok/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
