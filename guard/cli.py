@@ -6,16 +6,19 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
 from guard.settings import Settings
+from probes.baselines import BASELINES
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
 from probes.defaults import SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
 from probes.evaluate import evaluate
 from probes.features import POOLINGS
+from probes.layers import normalise_layer
 from probes.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.presets import PRESETS, RECIPES
 from probes.probe import LinearProbe, ProbeError
@@ -395,14 +398,19 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
 
     lm = _model(settings)
     config = _method(args)
-    # all presets' rows: the same feature-cache entry as `guard train --preset default`
-    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, config, cache_dir=settings.cache_dir)
+    # all presets' rows at every layer: the same feature-cache entry as `guard train --preset default`,
+    # whichever layers this run concatenates
+    every_layer = replace(config, layers=None)
+    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, every_layer, cache_dir=settings.cache_dir)
+    chosen = [normalise_layer(layer, lm.num_layers) for layer in config.layers] if config.layers else None
+    config = replace(config, layers=tuple(chosen) if chosen else None)
     tables = {}
-    baselines = () if args.no_baselines else ("tfidf", "minilm")
+    baselines = () if args.no_baselines else BASELINES
     for name in args.policy or list(RECIPES):
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
-        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config, baselines)
+        features = rows_of(dataset) if chosen is None else rows_of(dataset)[:, chosen]
+        tables[name] = evaluate_folds(lm, name, dataset, features, config, baselines)
         print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))

@@ -68,7 +68,7 @@ class ProbeSource:
         if self.lkg is not self.registry and self.lkg.active(policy.probe) is not None:
             self.status.degraded = "serving last-known-good probes from the local cache"
             return self.lkg.get(policy.probe).probe(key=self.key, model_fingerprint=self.fingerprint)
-        return LinearProbe.load(resolve_probe(policy.probe), model_fingerprint=self.fingerprint)
+        return LinearProbe.load(resolve_probe(policy.probe, self.fingerprint), model_fingerprint=self.fingerprint)
 
     def fetch(self, name: str, version: str) -> LinearProbe:
         """Load and verify one version; keep a last-known-good copy. Raises on a refused version."""

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoModel, AutoTokenizer
 
 from probes.data import Dataset, Row
-from probes.metrics import threshold_for_fpr
+from probes.train import dev_threshold
 
 BASELINES = ("tfidf", "minilm")
 _CS = (0.01, 0.1, 1.0, 10.0)
@@ -42,9 +42,16 @@ def texts_of(dataset: Dataset) -> list[str]:
 
 
 def fit_baseline(
-    name: str, train: Dataset, dev: Dataset, target_fpr: float, *, embed: Embed | None = None
+    name: str,
+    train: Dataset,
+    dev: Dataset,
+    target_fpr: float,
+    *,
+    traffic_fpr: float | None = None,
+    embed: Embed | None = None,
 ) -> FittedBaseline:
-    """``embed`` replaces the MiniLM embedder (e.g. one that caches vectors across folds)."""
+    """The threshold follows the probe's rule (``probes.train.dev_threshold``). ``embed`` replaces the
+    MiniLM embedder (e.g. one that caches vectors across folds)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {BASELINES}")
     embed = _tfidf(texts_of(train)) if name == "tfidf" else (embed or minilm_embedder())
@@ -53,7 +60,7 @@ def fit_baseline(
     fits = {c: LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x_train, y_train) for c in _CS}
     best = max(_CS, key=lambda c: roc_auc_score(y_dev, fits[c].predict_proba(x_dev)[:, 1]))
     dev_scores = fits[best].predict_proba(x_dev)[:, 1]
-    return FittedBaseline(name, embed, fits[best], threshold_for_fpr(dev_scores[y_dev == 0], target_fpr))
+    return FittedBaseline(name, embed, fits[best], dev_threshold(dev, dev_scores, target_fpr, traffic_fpr))
 
 
 def minilm_embedder(batch_size: int = 64, max_length: int = 256) -> Embed:

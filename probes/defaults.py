@@ -7,6 +7,7 @@ split, swept and fitted on its own rows, and written to ``probes/shipped/<name>/
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,20 +29,32 @@ def shipped_names() -> list[str]:
     )
 
 
-def resolve_probe(reference: str | Path) -> Path:
-    """A probe directory from a path, or from the name of a shipped default policy."""
+def resolve_probe(reference: str | Path, model_fingerprint: str | None = None) -> Path:
+    """A probe directory from a path, or from the name of a shipped default policy.
+
+    Shipped policies exist per numeric path with its own fingerprint (``shipped/<name>`` for float32
+    and bfloat16, ``shipped/int8/<name>``): the one trained on ``model_fingerprint`` wins.
+    """
     path = Path(reference)
     if (path / "manifest.json").is_file():
         return path
-    if (SHIPPED_DIR / str(reference) / "manifest.json").is_file():
-        return SHIPPED_DIR / str(reference)
+    found = [
+        candidate
+        for candidate in (SHIPPED_DIR / str(reference), *sorted(SHIPPED_DIR.glob(f"*/{reference}")))
+        if (candidate / "manifest.json").is_file()
+    ]
+    for candidate in found:
+        if json.loads((candidate / "manifest.json").read_text()).get("model_fingerprint") == model_fingerprint:
+            return candidate
+    if found:
+        return found[0]  # loading it with a fingerprint check then says which model it belongs to
     raise ProbeError(
         f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
     )
 
 
 def load_shipped(name: str, *, model_fingerprint: str | None = None) -> LinearProbe:
-    return LinearProbe.load(resolve_probe(name), model_fingerprint=model_fingerprint)
+    return LinearProbe.load(resolve_probe(name, model_fingerprint), model_fingerprint=model_fingerprint)
 
 
 def recipe_splits(name: str, data_dir: Path) -> tuple[Dataset, Dataset, dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.baselines import fit_baseline
+from probes.baselines import BASELINES, fit_baseline
 from probes.data import Dataset
 from probes.features import extract
 from probes.metrics import binary_metrics
@@ -60,7 +60,7 @@ def evaluate(
     dataset: Dataset,
     *,
     baseline_data: tuple[Dataset, Dataset] | None = None,
-    baselines: tuple[str, ...] = ("tfidf", "minilm"),
+    baselines: tuple[str, ...] = BASELINES,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> Evaluation:
@@ -71,7 +71,7 @@ def evaluate(
     if baseline_data is not None:
         target_fpr = float(probe.manifest.get("target_fpr", 0.01))
         for name in baselines:
-            fitted = fit_baseline(name, *baseline_data, target_fpr)
+            fitted = fit_baseline(name, *baseline_data, target_fpr, traffic_fpr=probe.manifest.get("traffic_fpr"))
             base_scores = fitted.scores(dataset)
             result[name] = Scored(binary_metrics(labels, base_scores, fitted.threshold), base_scores)
     return Evaluation(Scored(binary_metrics(labels, scores, probe.threshold), scores), result)

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.baselines import fit_baseline, minilm_embedder, texts_of
+from probes.baselines import BASELINES, fit_baseline, minilm_embedder, texts_of
 from probes.data import Dataset, Row, split
 from probes.metrics import binary_metrics
 from probes.train import TrainConfig, train_probe
 
-TRAFFIC = "toxicchat"
-BASELINES = ("tfidf", "minilm")
+TRAFFIC = TrainConfig.traffic_source
 
 
 @dataclass(frozen=True)
@@ -93,6 +92,7 @@ def evaluate_folds(
                 fold.train,
                 fold.dev,
                 probe.manifest["target_fpr"],
+                traffic_fpr=probe.manifest["traffic_fpr"],
                 embed=embed if baseline == "minilm" else None,
             )
             row[baseline] = _summary(labels, fitted.scores(fold.test), fitted.threshold, fold.test)

@@ -50,7 +50,7 @@ class LoadedModel:
     path: Path
     fingerprint: str
     layer_path: str | None = None
-    numeric: str = "float32"  # one of NUMERIC_PATHS; the fingerprint is always the float32 weights'
+    numeric: str = "float32"  # one of NUMERIC_PATHS
 
     @property
     def num_layers(self) -> int:
@@ -76,9 +76,10 @@ def load_model(
     """Load ``spec``: ``None`` or ``"smollm2-135m-instruct"`` for the default model, else a local HF directory.
 
     ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``). ``dtype`` is
-    the numeric path (one of ``NUMERIC_PATHS``); the fingerprint is always that of the float32 weights,
-    so probes trained on one path load on the others (their scores shift slightly: measured by
-    ``tests/bench/bench_fastpath.py``).
+    the numeric path (one of ``NUMERIC_PATHS``). ``bfloat16`` keeps the fingerprint of the float32
+    weights, so float32 probes serve on it unchanged (their scores shift slightly); ``int8`` gets a
+    fingerprint of its own, so it serves probes trained on int8 features (``guard train --dtype int8``).
+    Both effects are measured by ``tests/bench/bench_fastpath.py``.
     """
     if dtype not in NUMERIC_PATHS:
         raise ValueError(f"dtype must be one of {', '.join(NUMERIC_PATHS)}, got {dtype!r}")
@@ -107,6 +108,9 @@ def load_model(
         model.to(torch.bfloat16)
     elif dtype == "int8":
         _quantize_linear_int8(model)
+        # int8 shifts the hidden states enough to cost float32 probes up to 0.07 AUROC
+        # (tests/bench/bench_fastpath.py): for probes it is another model, with probes trained on it
+        fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:int8".encode()).hexdigest()
     return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype)
 
 

@@ -121,7 +121,7 @@ def train_probe(
     best_c = _best({c: _dev_quality(fit.logits(x_dev), y_dev) for c, fit in fits.items()})
     fit = fits[best_c]
     dev_scores = sigmoid(fit.logits(x_dev))
-    threshold = _threshold(dev, dev_scores, config)
+    threshold = dev_threshold(dev, dev_scores, config.target_fpr, config.traffic_fpr, config.traffic_source)
     train_scores = sigmoid(fit.logits(x_train))
     chosen_layers = tuple(layers[j] for j in chosen)
     manifest = {
@@ -191,13 +191,20 @@ def _candidate_layers(lm: LoadedModel, layers: Sequence[int] | None) -> list[int
     return resolved
 
 
-def _threshold(dev: Dataset, scores: np.ndarray, config: TrainConfig) -> float:
+def dev_threshold(
+    dev: Dataset,
+    scores: np.ndarray,
+    target_fpr: float,
+    traffic_fpr: float | None = None,
+    traffic_source: str = TrainConfig.traffic_source,
+) -> float:
+    """At most ``target_fpr`` of dev negatives flagged, and at most ``traffic_fpr`` of those from ``traffic_source``."""
     labels = np.asarray(dev.labels)
-    threshold = threshold_for_fpr(scores[labels == 0], config.target_fpr)
-    if config.traffic_fpr is None:
+    threshold = threshold_for_fpr(scores[labels == 0], target_fpr)
+    if traffic_fpr is None:
         return threshold
-    traffic = [s for s, r in zip(scores, dev.rows, strict=True) if r.label == 0 and r.source == config.traffic_source]
-    return max(threshold, threshold_for_fpr(traffic, config.traffic_fpr)) if traffic else threshold
+    traffic = [s for s, r in zip(scores, dev.rows, strict=True) if r.label == 0 and r.source == traffic_source]
+    return max(threshold, threshold_for_fpr(traffic, traffic_fpr)) if traffic else threshold
 
 
 def _dev_quality(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:

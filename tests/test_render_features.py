@@ -75,13 +75,14 @@ def test_bfloat16_path_keeps_the_fingerprint_and_its_own_cache(tiny_model_dir, t
     np.testing.assert_allclose(exact, approx, rtol=0.1, atol=0.1)
 
 
-def test_int8_path_quantises_every_linear_and_keeps_the_fingerprint(tiny_model_dir, tiny_lm, tmp_path):
+def test_int8_path_quantises_every_linear_and_is_another_model_for_probes(tiny_model_dir, tiny_lm, tmp_path):
     import torch
 
     from probes.model import load_model
 
     fast = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
-    assert fast.fingerprint == tiny_lm.fingerprint and fast.numeric == "int8"
+    assert fast.fingerprint != tiny_lm.fingerprint and fast.numeric == "int8"
+    assert load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8").fingerprint == fast.fingerprint
     assert not any(type(m) is torch.nn.Linear for m in fast.model.modules())
     data = Dataset(tuple(Row(t, 0) for t in TEXTS))
     exact = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)
