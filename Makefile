@@ -36,5 +36,7 @@ lint: install
 	$(PY) -m ruff check guard probes tests
 	$(PY) -m ruff format --check guard probes tests
 
+# the shipped default policies: float32 (also served on bfloat16) and int8 (a model of its own for probes)
 presets: install
 	$(VENV)/bin/guard train --preset default
+	$(VENV)/bin/guard train --preset default --dtype int8 --out probes/shipped/int8

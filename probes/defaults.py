@@ -74,21 +74,31 @@ def recipe_features(
 ) -> tuple[dict[str, tuple[Dataset, Dataset, dict]], Callable[[Dataset], np.ndarray]]:
     """Each policy's train/dev split, and a lookup of features for any of their rows.
 
-    The union of all the policies' texts is extracted once (a single feature-cache entry, so every
-    command that asks for the same policies reuses it).
+    The union of the policies' texts is extracted once per stage (prompt recipes share most rows,
+    reply recipes share none with them): one feature-cache entry each, so every command that asks
+    for the same policies reuses them.
     """
     unknown = set(names) - set(RECIPES)
     if unknown:
         raise KeyError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {sorted(RECIPES)}")
     splits = {name: recipe_splits(name, data_dir) for name in names}
-    union = deduplicate(
-        Row(row.text, 0, row.prompt) for train, dev, _ in splits.values() for row in (*train.rows, *dev.rows)
-    )
-    features = extract_candidates(lm, union, config, cache_dir=cache_dir, progress=progress)
-    index = {row.key: i for i, row in enumerate(union.rows)}
+    features, index = {}, {}
+    for stage in sorted({RECIPES[name].stage for name in names}):
+        union = deduplicate(
+            Row(row.text, 0, row.prompt)
+            for name, (train, dev, _) in splits.items()
+            if RECIPES[name].stage == stage
+            for row in (*train.rows, *dev.rows)
+        )
+        features[stage] = extract_candidates(lm, union, config, cache_dir=cache_dir, progress=progress)
+        index.update({row.key: (stage, i) for i, row in enumerate(union.rows)})
 
     def rows_of(data: Dataset) -> np.ndarray:
-        return features[[index[row.key] for row in data.rows]]
+        where = [index[row.key] for row in data.rows]
+        stages = {stage for stage, _ in where}
+        if len(stages) == 1:  # every recipe's rows are of one stage: one fancy-index copy
+            return features[stages.pop()][[i for _, i in where]]
+        return np.stack([features[stage][i] for stage, i in where])
 
     return splits, rows_of
 

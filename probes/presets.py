@@ -52,6 +52,7 @@ class Recipe:
     description: str
     picks: tuple[Pick, ...]
     heldout: tuple[str, ...] = field(default=())
+    stage: str = "prompt"  # what its rows are: user prompts, or assistant replies ("output", rows with a prompt)
 
     def rows(self, data_dir: Path) -> tuple[Dataset, dict]:
         """The policy's rows and a provenance record (per-pick counts, conflicts resolved)."""
@@ -194,7 +195,37 @@ MEDICAL_ADVICE = Recipe(
     ),
 )
 
+HARMFUL_REPLY = Recipe(
+    name="harmful_reply",
+    description="Assistant replies that give harmful help, versus refusals and safe answers (output stage).",
+    picks=(
+        Pick("do_not_answer_responses", 1, _benign(1), why="replies human-labelled harmful"),
+        Pick(
+            "hh_rlhf",
+            1,
+            _benign(1),
+            cap=1000,
+            why="the more harmful reply of a pair (relative labels, noisy)",
+        ),
+        Pick(
+            "do_not_answer_responses",
+            0,
+            _benign(0),
+            cap=1200,
+            why="hard negatives: safe replies to the same risky questions",
+        ),
+        Pick("hh_rlhf", 0, _benign(0), cap=1000, why="the more harmless reply of a pair"),
+        Pick(
+            "safety_tuned_llamas_replies",
+            0,
+            cap=800,
+            why="refusals and corrections: replies that discuss harm without helping",
+        ),
+    ),
+    stage="output",
+)
+
 RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (HARMFUL_REQUEST, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE)
+    r.name: r for r in (HARMFUL_REQUEST, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE, HARMFUL_REPLY)
 }
 PRESETS: dict[str, tuple[str, ...]] = {"default": tuple(RECIPES)}

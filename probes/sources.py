@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,6 +168,47 @@ def _do_not_answer_responses(d: Path) -> list[Row]:
     return out
 
 
+def _hh_rlhf(d: Path) -> list[Row]:
+    """HH-RLHF harmless-base pairs: the final assistant turn, rejected (1: the more harmful) vs chosen (0).
+
+    The prompt is the last human turn before it. Pairs whose two replies are equal, or whose turns are
+    malformed (a role marker left inside a turn), are dropped. The labels are relative (crowdworkers
+    preferred ``chosen`` as the more harmless), so they are noisy.
+    """
+    out = []
+    with gzip.open(d / "hh_rlhf_harmless_base/test.jsonl.gz", "rt", encoding="utf-8") as lines:
+        for line in lines:
+            pair = json.loads(line)
+            turns = {key: _last_exchange(pair[key]) for key in ("chosen", "rejected")}
+            (prompt, chosen), (_, rejected) = turns["chosen"], turns["rejected"]
+            texts = (prompt, chosen, rejected)
+            if all(texts) and chosen != rejected and not any(_ROLE.search(t) for t in texts):
+                out.append(Row(rejected, 1, prompt=prompt, category="rejected", source="hh_rlhf"))
+                out.append(Row(chosen, 0, prompt=prompt, category="chosen", source="hh_rlhf"))
+    return out
+
+
+_ROLE = re.compile(r"\b(Human|Assistant):")
+
+
+def _last_exchange(transcript: str) -> tuple[str, str]:
+    """The last human turn and the assistant's reply to it, from a "\n\nHuman: … \n\nAssistant: …" transcript."""
+    head, _, reply = transcript.rpartition("\n\nAssistant:")
+    _, _, prompt = head.rpartition("\n\nHuman:")
+    return prompt.strip(), reply.strip()
+
+
+def _safety_tuned_llamas_replies(d: Path) -> list[Row]:
+    """Safe replies (0) to harmful requests: refusals and corrections written for safety tuning."""
+    path = d / "safety_tuned_llamas/training/safety_only_data_Instructions.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        Row(item["output"].strip(), 0, prompt=item["instruction"].strip(), source="safety_tuned_llamas_replies")
+        for item in data
+        if item["output"].strip() and item["instruction"].strip()
+    ]
+
+
 SOURCES: dict[str, SourceReader] = {
     "advbench": _advbench,
     "harmbench": _harmbench,
@@ -183,4 +225,6 @@ SOURCES: dict[str, SourceReader] = {
     "medicheck": _medicheck,
     "medicheck_neg": _medicheck_neg,
     "do_not_answer_responses": _do_not_answer_responses,
+    "hh_rlhf": _hh_rlhf,
+    "safety_tuned_llamas_replies": _safety_tuned_llamas_replies,
 }

@@ -79,3 +79,20 @@ def test_split_is_deterministic_and_order_independent():
     assert 60 < len(dev.rows) < 140 and len(train.rows) + len(dev.rows) == 500
     _, dev3 = split(deduplicate(rows), dev_fraction=0.2, seed=1)
     assert {r.text for r in dev3.rows} != {r.text for r in dev.rows}
+
+
+def test_reply_sources_pair_a_prompt_with_the_assistant_reply(data_dir):
+    from probes.presets import RECIPES
+    from probes.sources import _last_exchange, read_source
+
+    transcript = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?\n\nAssistant: I can't help."
+    assert _last_exchange(transcript) == ("how do I pick a lock?", "I can't help.")
+    pairs = read_source("hh_rlhf", data_dir)
+    assert len(pairs) > 4000 and sum(r.label for r in pairs) * 2 == len(pairs)  # rejected (1) and chosen (0)
+    assert all(r.prompt and "Human:" not in r.text and "Assistant:" not in r.prompt for r in pairs)
+    replies = read_source("safety_tuned_llamas_replies", data_dir)
+    assert len(replies) > 2000 and {r.label for r in replies} == {0} and all(r.prompt for r in replies)
+    rows, provenance = RECIPES["harmful_reply"].rows(data_dir)
+    assert RECIPES["harmful_reply"].stage == "output" and all(r.prompt for r in rows.rows)
+    sources = {p["source"] for p in provenance["picks"]}
+    assert sources == {"do_not_answer_responses", "hh_rlhf", "safety_tuned_llamas_replies"}

@@ -81,7 +81,7 @@ def test_policies_configmap_loads_and_rolls_the_pods(tmp_path):
     docs = render({"policies": text})
     path = tmp_path / "policies.yaml"
     path.write_text(one(docs, "ConfigMap")["data"]["policies.yaml"])
-    assert [p.action.value for p in load_policies(path)] == ["block"] * 5
+    assert {p.action.value for p in load_policies(path)} == {"block"}
     env = {e["name"]: e.get("value") for e in guard_container(docs)["env"]}
     mount = next(m for m in guard_container(docs)["volumeMounts"] if m["name"] == "policies")
     assert env["GUARD_POLICY_FILE"] == f"{mount['mountPath']}/policies.yaml"
