@@ -15,7 +15,7 @@ from guard.policy import PolicyError
 from guard.settings import Settings
 from probes.baselines import BASELINES
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
-from probes.defaults import SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
+from probes.defaults import PRESET_LAYERS, SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
 from probes.evaluate import evaluate
 from probes.features import POOLINGS
 from probes.layers import normalise_layer
@@ -113,7 +113,11 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 def _method_args(p: argparse.ArgumentParser) -> None:
     """How a probe is fitted: shared by `train` and `benchmark-policies`."""
-    p.add_argument("--layers", help="comma-separated layers to concatenate (default: sweep every layer, keep the best)")
+    p.add_argument(
+        "--layers",
+        help="comma-separated layers to concatenate, or 'sweep': fit each layer, keep the best (default: sweep; "
+        f"for the default policies {','.join(map(str, PRESET_LAYERS))})",
+    )
     p.add_argument("--pooling", choices=POOLINGS, default="mean")
     p.add_argument("--target-fpr", type=float, default=0.01, help="threshold: at most this FPR on dev negatives")
     p.add_argument(
@@ -127,9 +131,13 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-tokens", type=int, default=256)
 
 
-def _method(args: argparse.Namespace) -> TrainConfig:
+def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = None) -> TrainConfig:
+    if args.layers in (None, ""):
+        layers = default_layers
+    else:
+        layers = None if args.layers == "sweep" else tuple(int(x) for x in args.layers.split(","))
     return TrainConfig(
-        layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+        layers=layers,
         pooling=args.pooling,
         target_fpr=args.target_fpr,
         traffic_fpr=args.traffic_fpr if args.traffic_fpr >= 0 else None,
@@ -139,7 +147,7 @@ def _method(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    config = _method(args)
+    config = _method(args, PRESET_LAYERS if args.preset else None)
     if args.preset:
         names = args.policy or list(PRESETS[args.preset])
         lm = _model(settings)
@@ -397,20 +405,17 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     from probes.lodo import evaluate_folds, markdown
 
     lm = _model(settings)
-    config = _method(args)
-    # all presets' rows at every layer: the same feature-cache entry as `guard train --preset default`,
-    # whichever layers this run concatenates
-    every_layer = replace(config, layers=None)
-    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, every_layer, cache_dir=settings.cache_dir)
-    chosen = [normalise_layer(layer, lm.num_layers) for layer in config.layers] if config.layers else None
-    config = replace(config, layers=tuple(chosen) if chosen else None)
+    config = _method(args, PRESET_LAYERS)
+    if config.layers:
+        config = replace(config, layers=tuple(normalise_layer(layer, lm.num_layers) for layer in config.layers))
+    # all presets' rows: the same feature-cache entries as `guard train --preset default`
+    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, config, cache_dir=settings.cache_dir)
     tables = {}
     baselines = () if args.no_baselines else BASELINES
     for name in args.policy or list(RECIPES):
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
-        features = rows_of(dataset) if chosen is None else rows_of(dataset)[:, chosen]
-        tables[name] = evaluate_folds(lm, name, dataset, features, config, baselines)
+        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config, baselines)
         print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))

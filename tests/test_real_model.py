@@ -48,7 +48,7 @@ def test_shipped_policies_load_for_the_default_model(real_lm):
 
 def test_retraining_a_shipped_policy_reproduces_its_manifest(real_lm, data_dir, tmp_path):
     shipped = load_shipped("weapons")
-    result = train_recipes(real_lm, ["weapons"], data_dir, tmp_path, TrainConfig(), progress=False)["weapons"]
+    result = train_recipes(real_lm, ["weapons"], data_dir, tmp_path, progress=False)["weapons"]  # the preset method
     again, before = result.probe.manifest, shipped.manifest
     assert again["data"]["train_sha256"] == before["data"]["train_sha256"]
     assert result.probe.layers == shipped.layers
