@@ -44,7 +44,14 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         log.info(
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
-    engine = Engine(lm, policies, probes, max_batch=settings.max_batch, max_waiting=settings.max_waiting)
+    engine = Engine(
+        lm,
+        policies,
+        probes,
+        max_batch=settings.max_batch,
+        max_waiting=settings.max_waiting,
+        threads=settings.threads or None,
+    )
     return Runtime(engine, source)
 
 

@@ -17,7 +17,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     cache_dir: Path = field(default_factory=default_cache_dir)
     data_dir: Path = field(default_factory=default_data_dir)
-    threads: int = 0  # 0: torch's default
+    threads: int = 0  # torch intra-op threads; 0: torch's default (decoding on int8: 1, see engine.default_threads)
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
     dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
     # -- serving --

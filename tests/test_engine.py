@@ -156,6 +156,17 @@ def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
     assert flagged[1].verdicts["toy"].score != pytest.approx(0.5, abs=1e-2)
 
 
+def test_decode_threads_default_to_one_on_int8(tiny_lm, tiny_model_dir, tmp_path):
+    import torch
+
+    from probes.model import load_model
+
+    quantised = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
+    assert Engine(quantised, (), ()).threads == 1
+    assert Engine(tiny_lm, (), ()).threads == torch.get_num_threads()
+    assert Engine(quantised, (), (), threads=2).threads == 2  # GUARD_THREADS wins
+
+
 def test_queue_limit(tiny_lm):
     engine = Engine(tiny_lm, (), (), max_waiting=1)  # not started: nothing drains the queue
 

@@ -197,9 +197,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/overhead.json"))
     parser.add_argument("--speed-only", action="store_true", help="skip the block and ablation measurements")
+    parser.add_argument("--dtype", default="float32", help="numeric path (float32, bfloat16, int8)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    lm = load_model()
+    lm = load_model(dtype=args.dtype)
     weapons_prompts = [r.text for r in read_source("ailuminate", default_data_dir()) if r.category == "iwp"][:24]
     report = {"speed": speed(lm, args.rounds, args.tokens)}
     if not args.speed_only:

@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
+    parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -132,6 +133,7 @@ def main() -> None:
     (work / "guarded.json").write_text(json.dumps({"policies": guarded_policies}))
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
     flags = ("--max-batch", str(max(levels)), "--dtype", args.dtype)
+    flags += ("--threads", args.threads) if args.threads else ()
     servers = {
         name: Server("--policy-file", str(work / f"{name}.json"), *flags, log=work / f"{name}.log")
         for name in ("unguarded", "guarded")
@@ -157,6 +159,7 @@ def main() -> None:
     llama = llama_cpp_single(args.tokens)
     report = {
         "dtype": args.dtype,
+        "threads": args.threads or "default",
         "tokens_per_request": args.tokens,
         "rounds": args.rounds,
         "by_concurrency": table,
