@@ -408,11 +408,11 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     config = _method(args, PRESET_LAYERS)
     if config.layers:
         config = replace(config, layers=tuple(normalise_layer(layer, lm.num_layers) for layer in config.layers))
-    # all presets' rows: the same feature-cache entries as `guard train --preset default`
-    splits, rows_of = recipe_features(lm, list(RECIPES), settings.data_dir, config, cache_dir=settings.cache_dir)
+    names = args.policy or list(RECIPES)  # all of them: the feature-cache entries of `guard train --preset default`
+    splits, rows_of = recipe_features(lm, names, settings.data_dir, config, cache_dir=settings.cache_dir)
     tables = {}
     baselines = () if args.no_baselines else BASELINES
-    for name in args.policy or list(RECIPES):
+    for name in names:
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
         tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config, baselines)
