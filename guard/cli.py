@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from redis.exceptions import RedisError
@@ -18,7 +17,6 @@ from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split
 from probes.defaults import PRESET_LAYERS, SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
 from probes.evaluate import evaluate
 from probes.features import POOLINGS
-from probes.layers import normalise_layer
 from probes.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.presets import PRESETS, RECIPES
 from probes.probe import LinearProbe, ProbeError
@@ -36,14 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings.from_env().override(
-        model=args.model,
-        cache_dir=args.cache_dir,
-        data_dir=args.data_dir,
-        threads=args.threads,
-        layer_path=args.layer_path,
-        dtype=args.dtype,
-    )
+    settings = Settings.from_env().override_from(args)  # flags win over GUARD_* variables
     try:
         return args.run(args, settings)
     except (
@@ -318,17 +309,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from guard.policy import load_policies
     from guard.server.app import create_app
 
-    settings = settings.override(
-        host=args.host,
-        port=args.port,
-        policy_file=args.policy_file,
-        max_batch=args.max_batch,
-        max_waiting=args.max_waiting,
-        queue_timeout=args.queue_timeout,
-        request_timeout=args.request_timeout,
-        redis_url=args.redis_url,
-        api_keys=",".join(args.api_key) if args.api_key else None,
-    )
+    settings = settings.override(api_keys=",".join(args.api_key) if args.api_key else None)
     load_policies(settings.policy_file)  # a bad policy file fails here, before the server starts
     logging.getLogger().setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
@@ -355,7 +336,6 @@ def _registry_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _registry(args: argparse.Namespace, settings: Settings) -> int:
-    settings = settings.override(redis_url=args.redis_url)
     registry = open_registry(settings.redis_url or None, settings.registry_dir())
     if args.action == "push":
         probe = LinearProbe.load(resolve_probe(args.probe))
@@ -406,8 +386,6 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
 
     lm = _model(settings)
     config = _method(args, PRESET_LAYERS)
-    if config.layers:
-        config = replace(config, layers=tuple(normalise_layer(layer, lm.num_layers) for layer in config.layers))
     names = args.policy or list(RECIPES)  # all of them: the feature-cache entries of `guard train --preset default`
     splits, rows_of = recipe_features(lm, names, settings.data_dir, config, cache_dir=settings.cache_dir)
     tables = {}

@@ -60,3 +60,7 @@ class Settings:
     def override(self, **flags: object) -> Settings:
         """A copy with the CLI flags that were given (``None`` means 'not given')."""
         return replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def override_from(self, args: object) -> Settings:
+        """A copy with every parsed flag named like a field (``--max-batch`` is ``max_batch``) that was given."""
+        return self.override(**{f.name: getattr(args, f.name, None) for f in fields(self)})

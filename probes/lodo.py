@@ -18,7 +18,9 @@ import numpy as np
 
 from probes.baselines import BASELINES, fit_baseline, minilm_embedder, texts_of
 from probes.data import Dataset, Row, split
+from probes.layers import normalise_layer
 from probes.metrics import binary_metrics
+from probes.model import LoadedModel
 from probes.train import TrainConfig, train_probe
 
 TRAFFIC = TrainConfig.traffic_source
@@ -53,7 +55,7 @@ def _half(row: Row) -> bool:
 
 
 def evaluate_folds(
-    lm: object,
+    lm: LoadedModel,
     name: str,
     dataset: Dataset,
     features: np.ndarray,
@@ -63,7 +65,9 @@ def evaluate_folds(
     """Per fold: probe and baseline metrics on the held-out source (plus held-out traffic)."""
     config = config or TrainConfig()
     index = {row.key: i for i, row in enumerate(dataset.rows)}
-    candidates = list(config.layers) if config.layers else list(range(features.shape[1]))
+    # the layers ``features`` holds, in order: config.layers (as non-negative indices), else all of them
+    layers = config.layers or range(features.shape[1])
+    candidates = [normalise_layer(k, lm.num_layers) for k in layers]
     embed = _cached(minilm_embedder(), texts_of(dataset)) if "minilm" in baselines else None
     results = []
     for fold in folds(dataset):

@@ -142,6 +142,11 @@ def test_settings_from_env(monkeypatch, tmp_path):
     settings = Settings.from_env()
     assert settings.threads == 3 and settings.cache_dir == tmp_path
     assert settings.override(threads=None, model="x").threads == 3
+    from guard.cli import _parser
+
+    flags = _parser().parse_args(["serve", "--max-batch", "2", "--queue-timeout", "1.5", "--api-key", "k"])
+    served = settings.override_from(flags)  # flags named like fields win; unset ones keep the environment
+    assert (served.max_batch, served.queue_timeout, served.threads, served.api_keys) == (2, 1.5, 3, "")
     monkeypatch.setenv("GUARD_THREADS", "many")
     with pytest.raises(ValueError, match="GUARD_THREADS"):
         Settings.from_env()

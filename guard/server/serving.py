@@ -44,10 +44,12 @@ DONE = b"data: [DONE]\n\n"
 
 @dataclass(frozen=True)
 class Limits:
+    """From ``Settings`` (where the defaults are)."""
+
     context_window: int
-    default_max_tokens: int = 256
-    queue_timeout: float = 30.0  # seconds from arrival to the prompt verdict (queue + prefill); 0: none
-    request_timeout: float = 600.0  # seconds from arrival to the last token; 0: none
+    default_max_tokens: int
+    queue_timeout: float  # seconds from arrival to the prompt verdict (queue + prefill); 0: none
+    request_timeout: float  # seconds from arrival to the last token; 0: none
 
 
 class Serving:
