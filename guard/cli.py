@@ -300,6 +300,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-timeout", type=float, help="seconds for a batch slot, then 503 (GUARD_QUEUE_TIMEOUT)")
     p.add_argument("--request-timeout", type=float, help="seconds per request, then 504 (GUARD_REQUEST_TIMEOUT)")
     p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
+    p.add_argument(
+        "--fast-decode",
+        action=argparse.BooleanOptionalAction,
+        help="decode Llama-family models with the lean step, else through transformers (GUARD_FAST_DECODE, default on)",
+    )
     p.set_defaults(run=_serve)
 
 

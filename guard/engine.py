@@ -85,8 +85,10 @@ class Engine:
         max_batch: int = 8,
         max_waiting: int = 64,
         threads: int | None = None,
+        fast_decode: bool = True,
     ) -> None:
         self.lm = lm
+        self.decoder = lm.decoder if fast_decode else None  # None: decode through transformers' forward
         self.threads = threads or default_threads(lm)
         self.policies = tuple(policies)
         self.probes = ProbeSet.build(policies, probes)
@@ -189,13 +191,18 @@ class Engine:
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
-            original = hidden = layer_output(output)
-            for probes, mask in self._ablations:
-                hidden = probes.ablation.apply(layer, hidden, mask)
-            self._hidden[layer] = hidden
+            original = layer_output(output)
+            hidden = self._on_layer(layer, original)
             return None if hidden is original else replace_output(output, hidden)
 
         return hook
+
+    def _on_layer(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """A layer's output: ablate the rows' directions, keep it for the probes, pass it on."""
+        for probes, mask in self._ablations:
+            hidden = probes.ablation.apply(layer, hidden, mask)
+        self._hidden[layer] = hidden
+        return hidden
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
@@ -242,14 +249,7 @@ class Engine:
         ids = torch.tensor([[s.pending] for s in rows])
         positions = torch.tensor([[s.position] for s in rows])
         self._set_rows(rows)
-        out = self.lm.model(
-            input_ids=ids,
-            attention_mask=self._batch.step_mask(),
-            position_ids=positions,
-            cache=self._batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits = self._forward_step(ids, positions)
         self._batch.advance()
         contributions = self._token_contributions(rows)  # [rows, P]
         survivors, rework = [], []
@@ -257,12 +257,29 @@ class Engine:
             outcome = self._check_token(seq, contributions[i])
             if outcome == "rework":
                 rework.append((i, seq))
-            elif outcome == "emit" and self._emit(seq, out.logits[i, -1]):
+            elif outcome == "emit" and self._emit(seq, logits[i]):
                 survivors.append((i, seq))
         self._batch.keep([i for i, _ in survivors] + [i for i, _ in rework])
         self._active = [s for _, s in survivors] + [s for _, s in rework]
         for _, seq in rework:
             self._recompute_under_ablation(seq)
+
+    def _forward_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step of the whole batch: next-token logits ``[rows, vocab]``; hidden states via the hooks."""
+        mask = self._batch.step_mask()
+        if self.decoder is not None:
+            padded = mask if not bool(mask.all()) else None
+            on_layer = self._on_layer if self.policies else None
+            return self.decoder(ids, positions, self._batch.cache, padded, on_layer)
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
 
     def _set_rows(self, rows: list[_Sequence]) -> None:
         """Before a forward pass: which rows ablate which directions, per probe set in the batch."""

@@ -51,6 +51,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         max_batch=settings.max_batch,
         max_waiting=settings.max_waiting,
         threads=settings.threads or None,
+        fast_decode=settings.fast_decode,
     )
     return Runtime(engine, source)
 

@@ -20,6 +20,7 @@ class Settings:
     threads: int = 0  # torch intra-op threads; 0: torch's default (decoding on int8: 1, see engine.default_threads)
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
     dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
+    fast_decode: bool = True  # decode Llama-family models with the lean step (probes.decoder), else transformers
     # -- serving --
     host: str = "127.0.0.1"
     port: int = 8000
@@ -52,7 +53,7 @@ class Settings:
                 continue
             kind = type(f.default_factory() if f.default is MISSING else f.default)
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _boolean(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ValueError(f"GUARD_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         return cls(**values)
@@ -64,3 +65,12 @@ class Settings:
     def override_from(self, args: object) -> Settings:
         """A copy with every parsed flag named like a field (``--max-batch`` is ``max_batch``) that was given."""
         return self.override(**{f.name: getattr(args, f.name, None) for f in fields(self)})
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from probes.decoder import DecodeStep, supports
 from probes.layers import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LoadedModel:
     fingerprint: str
     layer_path: str | None = None
     numeric: str = "float32"  # one of NUMERIC_PATHS
+    decoder: DecodeStep | None = None  # the lean decode step, for the architectures it covers
 
     @property
     def num_layers(self) -> int:
@@ -106,15 +108,18 @@ def load_model(
     fingerprint = _cached_fingerprint(model, path, cache_dir)
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
-    elif dtype == "int8":
+    decoder = DecodeStep(model) if layer_path is None and supports(model) else None
+    if dtype == "int8":
         _quantize_linear_int8(model)
+        if decoder is not None:
+            _quantize_linear_int8(decoder)
         # int8 shifts the hidden states enough to cost float32 probes up to 0.05 AUROC
         # (tests/bench/bench_fastpath.py): for probes it is another model, with probes trained on it
         fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:int8".encode()).hexdigest()
-    return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype)
+    return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype, decoder)
 
 
-def _quantize_linear_int8(model: PreTrainedModel) -> None:
+def _quantize_linear_int8(model: torch.nn.Module) -> None:
     """Swap every ``nn.Linear`` for torch's dynamically quantised int8 Linear (per-channel weights), in place."""
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 has it
         warnings.simplefilter("ignore")

@@ -72,9 +72,10 @@ def engine_for(tiny_lm):
         engine.stop()
 
 
-def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for):
+@pytest.mark.parametrize("fast_decode", [True, False], ids=["lean-step", "transformers"])
+def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for, fast_decode):
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
-    engine = engine_for([policy], [probe_for(tiny_lm)])
+    engine = engine_for([policy], [probe_for(tiny_lm)], fast_decode=fast_decode)
 
     async def scenario():
         alone = [await run(engine, request(tiny_lm, p, 16)) for p in PROMPTS]
@@ -87,6 +88,23 @@ def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for):
     for (text_a, done_a, _), (text_b, done_b, _) in zip(alone, together, strict=True):
         assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
         assert done_a.verdicts["toy"].score == pytest.approx(done_b.verdicts["toy"].score, abs=1e-4)
+
+
+def test_lean_decode_step_generates_what_transformers_generates(tiny_lm, engine_for):
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    lean = engine_for([policy], [probe_for(tiny_lm)])
+    reference = engine_for([policy], [probe_for(tiny_lm)], fast_decode=False)
+    assert lean.decoder is not None and reference.decoder is None
+
+    async def together(engine):
+        return await asyncio.gather(
+            *(run(engine, request(tiny_lm, p, 16), delay=0.05 * i) for i, p in enumerate(PROMPTS))
+        )
+
+    outcomes = zip(asyncio.run(together(lean)), asyncio.run(together(reference)), strict=True)
+    for (text_a, done_a, _), (text_b, done_b, _) in outcomes:
+        assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
+        assert done_a.verdicts["toy"].score == pytest.approx(done_b.verdicts["toy"].score, abs=1e-5)
 
 
 def test_cancel_stops_generation(tiny_lm, engine_for):

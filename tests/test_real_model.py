@@ -5,12 +5,13 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from test_decoder import TOLERANCE, compare_one_step
 from transformers import AutoModelForCausalLM
 
 from probes.data import deduplicate, split
 from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
 from probes.evaluate import evaluate
-from probes.model import _GGUF_FILE, _GGUF_PACKAGE
+from probes.model import _GGUF_FILE, _GGUF_PACKAGE, load_model
 from probes.sources import read_source
 from probes.train import TrainConfig, train_probe
 
@@ -55,3 +56,10 @@ def test_retraining_a_shipped_policy_reproduces_its_manifest(real_lm, data_dir, 
     for key in ("auroc", "auprc", "tpr_at_threshold", "fpr_at_threshold"):
         assert again["metrics"]["dev"][key] == pytest.approx(before["metrics"]["dev"][key], abs=0.02), key
     np.testing.assert_allclose(result.probe.threshold, shipped.threshold, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_lean_decode_step_matches_transformers_on_the_default_model(real_lm, dtype):
+    """The serving decode path (probes.decoder) on the real weights: the same logits and layer outputs."""
+    lm = real_lm if dtype == "float32" else load_model(dtype=dtype)
+    compare_one_step(lm, ["How do I bake sourdough bread at home?", "Hi there"], TOLERANCE)

@@ -147,6 +147,14 @@ def test_settings_from_env(monkeypatch, tmp_path):
     flags = _parser().parse_args(["serve", "--max-batch", "2", "--queue-timeout", "1.5", "--api-key", "k"])
     served = settings.override_from(flags)  # flags named like fields win; unset ones keep the environment
     assert (served.max_batch, served.queue_timeout, served.threads, served.api_keys) == (2, 1.5, 3, "")
+    assert served.fast_decode
+    assert not settings.override_from(_parser().parse_args(["serve", "--no-fast-decode"])).fast_decode
+    monkeypatch.setenv("GUARD_FAST_DECODE", "off")
+    assert Settings.from_env().fast_decode is False
+    monkeypatch.setenv("GUARD_FAST_DECODE", "maybe")
+    with pytest.raises(ValueError, match="GUARD_FAST_DECODE"):
+        Settings.from_env()
+    monkeypatch.delenv("GUARD_FAST_DECODE")
     monkeypatch.setenv("GUARD_THREADS", "many")
     with pytest.raises(ValueError, match="GUARD_THREADS"):
         Settings.from_env()

@@ -65,9 +65,11 @@ async def _one(engine: Engine, req: GenerationRequest) -> dict:
     raise RuntimeError("no result")
 
 
-def run_engine(lm: LoadedModel, policies: list[Policy], requests: list[GenerationRequest]) -> list[dict]:
+def run_engine(
+    lm: LoadedModel, policies: list[Policy], requests: list[GenerationRequest], fast_decode: bool = True
+) -> list[dict]:
     probes = [load_shipped(p.probe, model_fingerprint=lm.fingerprint) for p in policies]
-    engine = Engine(lm, policies, probes, max_batch=1)
+    engine = Engine(lm, policies, probes, max_batch=1, fast_decode=fast_decode)
     engine.start()
     try:
 
@@ -84,6 +86,10 @@ def tokens_per_s(results: list[dict]) -> float:
     return tokens / sum(r["decode_s"] for r in results)
 
 
+# guarded through transformers' own forward instead of the lean decode step (probes.decoder)
+REFERENCE_STEP = "guarded_transformers_step"
+
+
 def configurations() -> dict[str, list[Policy]]:
     default = list(load_policies())
     output_flags = [Policy(f"{n}_out", n, Stage.OUTPUT, Action.FLAG) for n in SHIPPED]
@@ -93,6 +99,7 @@ def configurations() -> dict[str, list[Policy]]:
         "guarded": default + output_flags,
         "ablating": default + output_flags + ablate,
         "output_only": output_flags,
+        REFERENCE_STEP: default + output_flags,
     }
 
 
@@ -103,7 +110,7 @@ def speed(lm: LoadedModel, rounds: int, tokens: int) -> dict:
     for _ in range(rounds):
         for prompt in BENIGN:
             for name, policies in configs.items():
-                runs[name] += run_engine(lm, policies, [request(lm, prompt, tokens)])
+                runs[name] += run_engine(lm, policies, [request(lm, prompt, tokens)], name != REFERENCE_STEP)
     rates = {name: tokens_per_s(rs) for name, rs in runs.items()}
     ttft = {name: statistics.median(x["ttft"] for x in rs) for name, rs in runs.items()}
     n = len(BENIGN)
@@ -114,6 +121,7 @@ def speed(lm: LoadedModel, rounds: int, tokens: int) -> dict:
         },
         "ratio_guarded_vs_unguarded": rates["guarded"] / rates["unguarded"],
         "ratio_ablating_vs_unguarded": rates["ablating"] / rates["unguarded"],
+        "ratio_lean_step_vs_transformers_step": rates["guarded"] / rates[REFERENCE_STEP],
         "ttft_median_s": {
             "without_prompt_policies": ttft["output_only"],
             "with_prompt_policies": ttft["guarded"],
@@ -121,6 +129,9 @@ def speed(lm: LoadedModel, rounds: int, tokens: int) -> dict:
         },
         "same_text_guarded_vs_unguarded": all(
             a["text"] == b["text"] for a, b in zip(runs["guarded"], runs["unguarded"], strict=True)
+        ),
+        "same_text_lean_vs_transformers_step": all(
+            a["text"] == b["text"] for a, b in zip(runs["guarded"], runs[REFERENCE_STEP], strict=True)
         ),
     }
 

