@@ -17,13 +17,17 @@ channel, which gives each row the same int8 weights as the separate product it r
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import DynamicCache, PreTrainedModel
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
+_BIASES: WeakKeyDictionary[nn.Module, torch.Tensor | None] = WeakKeyDictionary()  # int8 Linear -> its bias
 SUPPORTED = frozenset({"llama"})
 
 
@@ -68,7 +72,7 @@ class DecodeStep(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             head_dim = attention.head_dim
             x = self._norm(hidden, layer.input_layernorm)
-            qkv = self.qkv[index](x).view(rows, 1, -1, head_dim).transpose(1, 2)
+            qkv = _linear(self.qkv[index], x).view(rows, 1, -1, head_dim).transpose(1, 2)
             qk = _rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)
             query, key = qk[:, : self.heads], qk[:, self.heads :]
             value = qkv[:, self.heads + self.kv_heads :]
@@ -78,12 +82,13 @@ class DecodeStep(nn.Module):
             out = F.scaled_dot_product_attention(
                 query, past.keys, past.values, attn_mask=attend, scale=attention.scaling, enable_gqa=True
             )
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-            gate, up = self.gate_up[index](self._norm(hidden, layer.post_attention_layernorm)).chunk(2, dim=-1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+            hidden = hidden + _linear(attention.o_proj, out.transpose(1, 2).reshape(rows, 1, -1))
+            x = self._norm(hidden, layer.post_attention_layernorm)
+            gate, up = _linear(self.gate_up[index], x).chunk(2, dim=-1)
+            hidden = hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
             if on_layer is not None:
                 hidden = on_layer(index, hidden)
-        return model.lm_head(model.model.norm(hidden))[:, -1]
+        return _linear(model.lm_head, model.model.norm(hidden))[:, -1]
 
     def _norm(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         if hidden.dtype == torch.float32:  # one kernel; transformers' RMSNorm computes the same in six
@@ -95,6 +100,33 @@ def supports(model: PreTrainedModel) -> bool:
     """Whether ``DecodeStep`` computes what this model's own forward does."""
     config = model.config
     return config.model_type in SUPPORTED and not getattr(config, "sliding_window", None)
+
+
+def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for ``x`` ``[rows, 1, features]``; on int8, each row's result independent of the other rows.
+
+    torch's dynamic int8 Linear quantises its input with one scale for the whole tensor, so a row's
+    result would depend on its neighbours' ranges (measured over HTTP: 12% of greedy replies at 8
+    streams equalled the reply alone). Each row is scaled to a maximum magnitude of 1, and a frame
+    row holding +1 and -1 pins the tensor's range to [-1, 1]: every row is quantised with the same
+    fixed parameters, relative to its own magnitude, whatever else is in the batch.
+    """
+    if not isinstance(linear, QuantizedLinear):
+        return linear(x)
+    magnitude = x.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
+    out = linear(torch.cat([x / magnitude, _frame(x.shape[-1], x.dtype)]))[:-1]
+    if linear not in _BIASES:  # bias() unpacks the whole packed weight: once per module, not per call
+        _BIASES[linear] = linear.bias()
+    bias = _BIASES[linear]
+    return out * magnitude if bias is None else (out - bias) * magnitude + bias
+
+
+@cache
+def _frame(features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 1, features]``: +1, -1, then zeros (read-only: shared by every call)."""
+    frame = torch.zeros((1, 1, features), dtype=dtype)
+    frame[..., 0], frame[..., 1] = 1.0, -1.0
+    return frame
 
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:

@@ -2,73 +2,100 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import DynamicCache
 
+from guard.batch import BatchCache
 from probes.decoder import DecodeStep
 from probes.hooks import capture
 from probes.model import LoadedModel, load_model
 
-# every path rounds (bfloat16) and quantises activations (int8) at the same points as transformers
-TOLERANCE = 1e-5
+# float paths round at the same points as transformers; int8 quantises each row against its own
+# magnitude (batch invariance) where transformers quantises the whole batch with one scale
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 0.05}
 
 
-def padded_batch(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask, as the engine's shared batch holds rows of different lengths."""
-    encoded = [lm.tokenizer(text)["input_ids"] for text in texts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    return ids, mask
+def prefilled(lm: LoadedModel, texts: list[str]) -> tuple[BatchCache, torch.Tensor, torch.Tensor]:
+    """As the engine builds its batch: each text prefilled alone, the caches left-padded into one.
+
+    Returns the batch cache and the next ids and positions ``[rows, 1]``.
+    """
+    batch = BatchCache(lm.model.config)
+    ids, positions = [], []
+    with torch.inference_mode():
+        for text in texts:
+            encoded = lm.tokenizer(text)["input_ids"]
+            cache = DynamicCache(config=lm.model.config)
+            out = lm.model(input_ids=torch.tensor([encoded]), cache=cache, use_cache=True, logits_to_keep=1)
+            batch.add(cache, len(encoded))
+            ids.append([int(out.logits[0, -1].argmax())])
+            positions.append([len(encoded)])
+    return batch, torch.tensor(ids), torch.tensor(positions)
+
+
+def lean_step(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, dict[int, torch.Tensor], DynamicCache]:
+    """The lean step's logits, layer outputs and grown cache for the token after each of ``texts``, batched."""
+    batch, ids, positions = prefilled(lm, texts)
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        seen[layer] = hidden
+        return hidden
+
+    mask = batch.step_mask()
+    with torch.inference_mode():
+        logits = lm.decoder(ids, positions, batch.cache, None if bool(mask.all()) else mask, record)
+    return logits, seen, batch.cache
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> bool:
+    return torch.allclose(got.float(), want.float(), atol=tolerance * float(want.abs().max()), rtol=0)
 
 
 def compare_one_step(lm: LoadedModel, texts: list[str], tolerance: float) -> None:
-    ids, mask = padded_batch(lm, texts)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    """The lean step against transformers' forward on the same batch: logits, every layer, the cache."""
     layers = list(range(lm.num_layers))
-    with torch.inference_mode():
-        cache = DynamicCache(config=lm.model.config)
-        prefill = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        step_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
-        step_positions = positions[:, -1:] + 1
-        step_mask = torch.cat([mask, torch.ones((len(texts), 1), dtype=mask.dtype)], dim=1)
-        fast_cache = copy.deepcopy(cache)
-        with capture(lm.model, layers) as expected_hidden:
-            expected = lm.model(
-                input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache, use_cache=True
-            ).logits[:, -1]
-        seen: dict[int, torch.Tensor] = {}
-
-        def record(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            seen[layer] = hidden
-            return hidden
-
-        padded = None if bool(step_mask.all()) else step_mask
-        logits = lm.decoder(step_ids, step_positions, fast_cache, padded, record)
-    scale = float(expected.abs().max())
-    assert torch.allclose(logits.float(), expected.float(), atol=tolerance * scale, rtol=0)
-    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    batch, ids, positions = prefilled(lm, texts)
+    with torch.inference_mode(), capture(lm.model, layers) as expected_hidden:
+        mask = batch.step_mask()
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True)
+    expected = out.logits[:, -1]
+    logits, seen, cache = lean_step(lm, texts)
+    assert close(logits, expected, tolerance)
+    if tolerance < 1e-3:
+        assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
     for layer in layers:
-        want = expected_hidden[layer].float()
-        got = seen[layer].float()
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, atol=tolerance * float(want.abs().max()), rtol=0), layer
-    for fast_layer, layer in zip(fast_cache.layers, cache.layers, strict=True):
-        width = int(step_mask.shape[1])
-        assert fast_layer.keys.shape[2] == layer.keys.shape[2] == width
-        scale = float(layer.values.abs().max())
-        assert torch.allclose(fast_layer.values.float(), layer.values.float(), atol=tolerance * scale, rtol=0)
+        assert seen[layer].shape == expected_hidden[layer].shape
+        assert close(seen[layer], expected_hidden[layer], tolerance), layer
+    for fast_layer, layer in zip(cache.layers, batch.cache.layers, strict=True):
+        assert fast_layer.keys.shape[2] == layer.keys.shape[2] == mask.shape[1]
+        assert close(fast_layer.values, layer.values, tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_decode_step_matches_transformers_with_padding(tiny_model_dir, tmp_path, dtype):
     lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
     assert isinstance(lm.decoder, DecodeStep)
-    compare_one_step(lm, ["How do I bake bread today?", "Hi"], TOLERANCE)  # row 2 is left-padded
-    compare_one_step(lm, ["What is the capital of France?"], TOLERANCE)  # no padding: no mask
+    compare_one_step(lm, ["How do I bake bread today?", "Hi"], TOLERANCE[dtype])  # row 2 is left-padded
+    compare_one_step(lm, ["What is the capital of France?"], TOLERANCE[dtype])  # no padding: no mask
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_rows_step_does_not_depend_on_the_other_rows(tiny_model_dir, tmp_path, dtype):
+    """Batch invariance of the decode step, int8 included (its activation scale is per row, not per batch).
+
+    bfloat16 agrees to its own rounding only (a product's blocking depends on the row count).
+    """
+    tolerance = 1e-2 if dtype == "bfloat16" else 1e-6
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
+    texts = ["How do I bake bread today?", "Hi", "Tell me how to steal a car, quickly and quietly."]
+    logits, hidden, _ = lean_step(lm, texts)
+    for row, text in enumerate(texts):
+        alone_logits, alone_hidden, _ = lean_step(lm, [text])
+        assert close(logits[row], alone_logits[0], tolerance)
+        for layer in alone_hidden:
+            assert close(hidden[layer][row], alone_hidden[layer][0], tolerance), layer
 
 
 def test_fused_weights_share_the_originals_storage(tiny_lm):
