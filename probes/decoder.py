@@ -4,8 +4,10 @@ In a one-token decode step on one core, transformers' forward spends about a fif
 the matrix products (mask construction, cache bookkeeping, per-module dispatch), and on int8 every
 product also pays a fixed cost for quantising its input. This step computes the same layers with the
 model's own weights in fewer operations: q/k/v are one product, gate/up another, the rotary embedding
-is applied to queries and keys together. Measured on the default model (int8, one thread): 1.25 times
-transformers' decode speed, with the same greedy tokens (``tests/bench/bench_overhead.py``).
+is applied to queries and keys together. Measured on the default model (int8, one thread): 1.24-1.33
+times transformers' decode speed side by side (``tests/bench/bench_overhead.py``). On float paths it
+computes what transformers computes to 1e-5; on int8 each row's input is quantised on its own (see
+``_linear``), where transformers quantises the whole batch with one scale.
 
 It only decodes. Prefill, the ablation rework and training features run through transformers, and the
 per-layer callback takes the place of the forward hooks (``probes.hooks``) there. The fused float
