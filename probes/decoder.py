@@ -30,6 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 _BIASES: WeakKeyDictionary[nn.Module, torch.Tensor | None] = WeakKeyDictionary()  # int8 Linear -> its bias
+_UNKNOWN = object()
 SUPPORTED = frozenset({"llama"})
 
 
@@ -117,9 +118,9 @@ def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return linear(x)
     magnitude = x.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
     out = linear(torch.cat([x / magnitude, _frame(x.shape[-1], x.dtype)]))[:-1]
-    if linear not in _BIASES:  # bias() unpacks the whole packed weight: once per module, not per call
-        _BIASES[linear] = linear.bias()
-    bias = _BIASES[linear]
+    bias = _BIASES.get(linear, _UNKNOWN)
+    if bias is _UNKNOWN:  # bias() unpacks the whole packed weight: once per module, not per call
+        bias = _BIASES[linear] = linear.bias()
     return out * magnitude if bias is None else (out - bias) * magnitude + bias
 
 

@@ -53,23 +53,27 @@ def close(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> bool:
     return torch.allclose(got.float(), want.float(), atol=tolerance * float(want.abs().max()), rtol=0)
 
 
-def compare_one_step(lm: LoadedModel, texts: list[str], tolerance: float) -> None:
-    """The lean step against transformers' forward on the same batch: logits, every layer, the cache."""
-    layers = list(range(lm.num_layers))
+def transformers_step(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, dict[int, torch.Tensor], DynamicCache]:
+    """What ``lean_step`` returns, from transformers' own forward on the same batch."""
     batch, ids, positions = prefilled(lm, texts)
-    with torch.inference_mode(), capture(lm.model, layers) as expected_hidden:
+    with torch.inference_mode(), capture(lm.model, range(lm.num_layers)) as hidden:
         mask = batch.step_mask()
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True)
-    expected = out.logits[:, -1]
+    return out.logits[:, -1], hidden, batch.cache
+
+
+def compare_one_step(lm: LoadedModel, texts: list[str], tolerance: float) -> None:
+    """The lean step against transformers' forward on the same batch: logits, every layer, the cache."""
+    expected, expected_hidden, expected_cache = transformers_step(lm, texts)
     logits, seen, cache = lean_step(lm, texts)
     assert close(logits, expected, tolerance)
     if tolerance < 1e-3:
         assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
-    for layer in layers:
+    for layer in range(lm.num_layers):
         assert seen[layer].shape == expected_hidden[layer].shape
         assert close(seen[layer], expected_hidden[layer], tolerance), layer
-    for fast_layer, layer in zip(cache.layers, batch.cache.layers, strict=True):
-        assert fast_layer.keys.shape[2] == layer.keys.shape[2] == mask.shape[1]
+    for fast_layer, layer in zip(cache.layers, expected_cache.layers, strict=True):
+        assert fast_layer.keys.shape == layer.keys.shape
         assert close(fast_layer.values, layer.values, tolerance)
 
 

@@ -5,13 +5,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from test_decoder import TOLERANCE, compare_one_step, lean_step, prefilled
+from test_decoder import TOLERANCE, compare_one_step, lean_step, transformers_step
 from transformers import AutoModelForCausalLM
 
 from probes.data import deduplicate, split
 from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
 from probes.evaluate import evaluate
-from probes.hooks import capture
 from probes.model import _GGUF_FILE, _GGUF_PACKAGE, load_model
 from probes.sources import read_source
 from probes.train import TrainConfig, train_probe
@@ -69,12 +68,8 @@ def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model():
     tokens, hidden states within 20% of each other (measured 8-15%; the roundings differ, neither is exact)."""
     lm = load_model(dtype="int8")
     texts = ["How do I bake sourdough bread at home?", "Hi there"]
-    batch, ids, positions = prefilled(lm, texts)
-    layers = list(range(lm.num_layers))
-    with torch.inference_mode(), capture(lm.model, layers) as expected:
-        mask = batch.step_mask()
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=batch.cache, use_cache=True)
+    expected_logits, expected, _ = transformers_step(lm, texts)
     logits, hidden, _ = lean_step(lm, texts)
-    assert logits.argmax(-1).tolist() == out.logits[:, -1].argmax(-1).tolist()
-    for layer in layers:
+    assert logits.argmax(-1).tolist() == expected_logits.argmax(-1).tolist()
+    for layer in range(lm.num_layers):
         assert float((hidden[layer] - expected[layer]).norm() / expected[layer].norm()) < 0.2, layer
