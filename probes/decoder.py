@@ -5,32 +5,27 @@ the matrix products (mask construction, cache bookkeeping, per-module dispatch),
 product also pays a fixed cost for quantising its input. This step computes the same layers with the
 model's own weights in fewer operations: q/k/v are one product, gate/up another, the rotary embedding
 is applied to queries and keys together. Measured on the default model (int8, one thread): 1.24-1.33
-times transformers' decode speed side by side (``tests/bench/bench_overhead.py``). On float paths it
-computes what transformers computes to 1e-5; on int8 each row's input is quantised on its own (see
-``_linear``), where transformers quantises the whole batch with one scale.
+times transformers' decode speed side by side (``tests/bench/bench_overhead.py``). It computes what
+transformers computes to 1e-5 on float paths, and on int8 too up to the rounding of its fused
+products (every Linear quantises each row on its own, ``probes.quantize``).
 
 It only decodes. Prefill, the ablation rework and training features run through transformers, and the
 per-layer callback takes the place of the forward hooks (``probes.hooks``) there. The fused float
 weights are the originals' storage (the q/k/v and gate/up modules become views of them), so on the
 float paths nothing is duplicated; on int8 the fused products are quantised as well, per output
-channel, which gives each row the same int8 weights as the separate product it replaces.
+channel, which gives each output the same int8 weights as the separate product it replaces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
-from weakref import WeakKeyDictionary
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import DynamicCache, PreTrainedModel
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
-_BIASES: WeakKeyDictionary[nn.Module, torch.Tensor | None] = WeakKeyDictionary()  # int8 Linear -> its bias
-_UNKNOWN = object()
 SUPPORTED = frozenset({"llama"})
 
 
@@ -51,6 +46,14 @@ class DecodeStep(nn.Module):
             self.qkv.append(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]))
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
 
+    def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
+        """The fused products' input ranges from their parts' (int8 smoothing, ``probes.quantize``)."""
+        out = {}
+        for index, layer in enumerate(self.model[0].model.layers):
+            out[self.qkv[index]] = ranges[layer.self_attn.q_proj]
+            out[self.gate_up[index]] = ranges[layer.mlp.gate_proj]
+        return out
+
     def forward(
         self,
         ids: torch.Tensor,
@@ -70,28 +73,26 @@ class DecodeStep(nn.Module):
         hidden = model.model.embed_tokens(ids)
         cos, sin = model.model.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
-        attend = None if mask is None else mask.bool()[:, None, None, :]
+        groups = _rows_by_start(mask)
         for index, layer in enumerate(model.model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             head_dim = attention.head_dim
             x = self._norm(hidden, layer.input_layernorm)
-            qkv = _linear(self.qkv[index], x).view(rows, 1, -1, head_dim).transpose(1, 2)
+            qkv = self.qkv[index](x).view(rows, 1, -1, head_dim).transpose(1, 2)
             qk = _rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)
             query, key = qk[:, : self.heads], qk[:, self.heads :]
             value = qkv[:, self.heads + self.kv_heads :]
             past = cache.layers[index]
             past.keys = torch.cat([past.keys, key], dim=2)
             past.values = torch.cat([past.values, value], dim=2)
-            out = F.scaled_dot_product_attention(
-                query, past.keys, past.values, attn_mask=attend, scale=attention.scaling, enable_gqa=True
-            )
-            hidden = hidden + _linear(attention.o_proj, out.transpose(1, 2).reshape(rows, 1, -1))
+            out = _attention(query, past.keys, past.values, groups, attention.scaling)
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             x = self._norm(hidden, layer.post_attention_layernorm)
-            gate, up = _linear(self.gate_up[index], x).chunk(2, dim=-1)
-            hidden = hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+            gate, up = self.gate_up[index](x).chunk(2, dim=-1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
             if on_layer is not None:
                 hidden = on_layer(index, hidden)
-        return _linear(model.lm_head, model.model.norm(hidden))[:, -1]
+        return model.lm_head(model.model.norm(hidden))[:, -1]
 
     def _norm(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         if hidden.dtype == torch.float32:  # one kernel; transformers' RMSNorm computes the same in six
@@ -99,37 +100,41 @@ class DecodeStep(nn.Module):
         return norm(hidden)  # lower precision: keep transformers' rounding order
 
 
+def _rows_by_start(mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor | None]]:
+    """Rows grouped by their first attended column (left padding): ``[(start, rows or None for all)]``."""
+    if mask is None:
+        return [(0, None)]
+    starts = mask.shape[1] - mask.sum(1)
+    return [(int(start), (starts == start).nonzero().flatten()) for start in starts.unique().tolist()]
+
+
+def _attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    groups: list[tuple[int, torch.Tensor | None]],
+    scale: float,
+) -> torch.Tensor:
+    """Each row attends to its own columns only, as it would alone.
+
+    One masked call over the padded batch would give the same result up to rounding, but its sums run
+    over more columns in another order (about 1e-6 apart), and on int8 a rounding boundary can turn
+    that into a different reply. A call per start column costs ~0.1 ms per layer at eight rows.
+    """
+    if groups[0][1] is None:
+        return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
+    out = query.new_empty(query.shape)
+    for start, rows in groups:
+        out[rows] = F.scaled_dot_product_attention(
+            query[rows], keys[rows, :, start:], values[rows, :, start:], scale=scale, enable_gqa=True
+        )
+    return out
+
+
 def supports(model: PreTrainedModel) -> bool:
     """Whether ``DecodeStep`` computes what this model's own forward does."""
     config = model.config
     return config.model_type in SUPPORTED and not getattr(config, "sliding_window", None)
-
-
-def _linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)`` for ``x`` ``[rows, 1, features]``; on int8, each row's result independent of the other rows.
-
-    torch's dynamic int8 Linear quantises its input with one scale for the whole tensor, so a row's
-    result would depend on its neighbours' ranges (measured over HTTP: 12% of greedy replies at 8
-    streams equalled the reply alone). Each row is scaled to a maximum magnitude of 1, and a frame
-    row holding +1 and -1 pins the tensor's range to [-1, 1]: every row is quantised with the same
-    fixed parameters, relative to its own magnitude, whatever else is in the batch.
-    """
-    if not isinstance(linear, QuantizedLinear):
-        return linear(x)
-    magnitude = x.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
-    out = linear(torch.cat([x / magnitude, _frame(x.shape[-1], x.dtype)]))[:-1]
-    bias = _BIASES.get(linear, _UNKNOWN)
-    if bias is _UNKNOWN:  # bias() unpacks the whole packed weight: once per module, not per call
-        bias = _BIASES[linear] = linear.bias()
-    return out * magnitude if bias is None else (out - bias) * magnitude + bias
-
-
-@cache
-def _frame(features: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[1, 1, features]``: +1, -1, then zeros (read-only: shared by every call)."""
-    frame = torch.zeros((1, 1, features), dtype=dtype)
-    frame[..., 0], frame[..., 1] = 1.0, -1.0
-    return frame
 
 
 def _fuse(linears: list[nn.Linear]) -> nn.Linear:

