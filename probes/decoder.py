@@ -119,7 +119,7 @@ def _attention(
 
     One masked call over the padded batch would give the same result up to rounding, but its sums run
     over more columns in another order (about 1e-6 apart), and on int8 a rounding boundary can turn
-    that into a different reply. A call per start column costs ~0.1 ms per layer at eight rows.
+    that into a different reply. A call per start column cost about 1 ms of a 38 ms step at eight rows.
     """
     if groups[0][1] is None:
         return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)

@@ -15,7 +15,7 @@ from guard.policy import Action, Policy, Stage
 from probes.data import deduplicate, split
 from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
 from probes.evaluate import evaluate
-from probes.model import _GGUF_FILE, _GGUF_PACKAGE, load_model
+from probes.model import _GGUF_FILE, _GGUF_PACKAGE
 from probes.sources import read_source
 from probes.train import TrainConfig, train_probe
 
