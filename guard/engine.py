@@ -36,9 +36,11 @@ from guard.events import (
     Verdict,
 )
 from guard.policy import Action, Policy
+from guard.prefill import PREFILL_TOKENS, PrefixCache
 from guard.sampling import sample
 from guard.scoring import ProbeSet
 from guard.textstream import TextStream
+from probes.decoder import Segment
 from probes.hooks import hooks, layer_output, replace_output
 from probes.layers import decoder_layers
 from probes.model import LoadedModel
@@ -100,6 +102,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._batch = BatchCache(lm.model.config)
+        self._prefixes = PrefixCache(self.decoder, lm.model.config) if self.decoder is not None else None
         self._hidden: dict[int, torch.Tensor] = {}
         self._ablations: list[tuple[ProbeSet, torch.Tensor]] = []  # set before each forward pass
         self._wake = threading.Condition()
@@ -206,25 +209,76 @@ class Engine:
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
-            with self._wake:
-                if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
-            if seq.handle.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            self._prefill(seq)
+            seqs = self._take(self.max_batch - len(self._active))
+            if not seqs:
+                return
+            try:
+                if self.decoder is not None:
+                    self._prefill_packed(seqs)
+                else:
+                    for seq in seqs:
+                        self._prefill(seq)
+            except Exception:
+                for seq in seqs:  # not in the batch: nobody else answers them (one already blocked ignores it)
+                    if seq not in self._active:
+                        seq.handle.put(Failed("prefill failed"))
+                raise
+
+    def _take(self, free: int) -> list[_Sequence]:
+        """Up to ``free`` waiting requests, at most ``PREFILL_TOKENS`` prompt tokens in all (at least one request)."""
+        seqs: list[_Sequence] = []
+        tokens = 0
+        with self._wake:
+            while self._waiting and len(seqs) < free:
+                seq = self._waiting[0]
+                if seq.handle.cancelled:
+                    self._finish(self._waiting.popleft(), "cancelled")
+                    continue
+                size = len(seq.request.prompt_ids) + len(seq.request.score_ids or ())
+                if seqs and tokens + size > PREFILL_TOKENS:
+                    break
+                seqs.append(self._waiting.popleft())
+                tokens += size
+        return seqs
 
     def _prefill(self, seq: _Sequence) -> None:
-        ids = seq.request.prompt_ids
+        """One request through transformers' forward (models without the lean step)."""
+        request = seq.request
         self._set_rows([seq])
-        if seq.request.score_ids is not None:
-            self.lm.model.base_model(input_ids=torch.tensor([seq.request.score_ids]))
-            contributions = self._span_contributions(seq)
+        if request.score_ids is not None:
+            self.lm.model.base_model(input_ids=torch.tensor([request.score_ids]))
+            contributions = self._span_contributions(seq, *request.prompt_span)
         cache = DynamicCache(config=self.lm.model.config)
-        out = self.lm.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
-        if seq.request.score_ids is None:
-            contributions = self._span_contributions(seq)
+        out = self.lm.model(input_ids=torch.tensor([request.prompt_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        if request.score_ids is None:
+            contributions = self._span_contributions(seq, *request.prompt_span)
+        self._check_prompt(seq, contributions, out.logits[0, -1], cache)
+
+    def _prefill_packed(self, seqs: list[_Sequence]) -> None:
+        """Several requests in one pass of the lean step, each after its cached prefix (``guard.prefill``)."""
+        segments: list[Segment] = []
+        plans = []  # (seq, index of its scored segment, index of its generating segment, split)
+        for seq in seqs:
+            request = seq.request
+            split = 0 if bool(seq.ablating.any()) else request.prompt_span[0]  # an ablated prefix is its own
+            scored = len(segments)
+            segments.append(self._prefixes.segment(request.score_ids or request.prompt_ids, split))
+            if request.score_ids is not None:  # a legacy completion generates from its raw text
+                segments.append(self._prefixes.segment(request.prompt_ids, 0))
+            plans.append((seq, scored, len(segments) - 1, split))
+        sizes = [len(segment.ids) for segment in segments]
+        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        self._set_rows(seqs, [starts[generating + 1] - starts[scored] for _, scored, generating, _ in plans])
+        logits = self.decoder.prefill(segments, self._on_layer if self.policies else None)
+        for seq, scored, generating, split in plans:
+            start, end = (starts[scored] + index - split for index in seq.request.prompt_span)
+            contributions = self._span_contributions(seq, start, end)
+            self._check_prompt(seq, contributions, logits[generating], segments[generating].cache)
+
+    def _check_prompt(
+        self, seq: _Sequence, contributions: torch.Tensor, logits: torch.Tensor, cache: DynamicCache
+    ) -> None:
+        """Prompt-stage verdicts from the span's per-token contributions; then block, or sample and join the batch."""
         bank = seq.probes.bank
         scores = bank.scores(torch.where(seq.probes.mean_pooled, contributions.mean(0), contributions[-1]))
         checked = seq.active & self.on_prompt
@@ -236,8 +290,9 @@ class Engine:
         if blocking:
             self._finish(seq, "content_filter")
             return
+        ids = seq.request.prompt_ids
         seq.previous, seq.position = ids[-1], len(ids)
-        seq.pending = sample(out.logits[0, -1], seq.request.sampling, seq.generator)
+        seq.pending = sample(logits, seq.request.sampling, seq.generator)
         self._batch.add(cache, len(ids))
         self._active.append(seq)
 
@@ -281,23 +336,27 @@ class Engine:
         )
         return out.logits[:, -1]
 
-    def _set_rows(self, rows: list[_Sequence]) -> None:
-        """Before a forward pass: which rows ablate which directions, per probe set in the batch."""
+    def _set_rows(self, rows: list[_Sequence], tokens: list[int] | None = None) -> None:
+        """Before a forward pass: which rows ablate which directions, per probe set in the batch.
+
+        ``tokens``: how many consecutive rows of the pass each sequence has (a packed prefill), else one each.
+        """
         self._ablations = []
         for probes, index in _groups(rows):
             if probes.ablation.count:
                 mask = torch.zeros((len(rows), probes.ablation.count))
                 mask[index] = torch.stack([rows[i].ablating for i in index.tolist()])
+                if tokens is not None:
+                    mask = mask.repeat_interleave(torch.tensor(tokens), 0)
                 if bool(mask.any()):
                     self._ablations.append((probes, mask))
 
-    def _span_contributions(self, seq: _Sequence) -> torch.Tensor:
-        """Per-token contributions ``[span, P]`` of the scored prompt span in the last (single-row) pass."""
-        start, end = seq.request.prompt_span
+    def _span_contributions(self, seq: _Sequence, start: int, end: int) -> torch.Tensor:
+        """Per-token contributions ``[span, P]`` of tokens ``[start, end)`` of the last pass, its rows' in order."""
         bank = seq.probes.bank
         if not len(bank):
             return torch.zeros((end - start, 0))
-        return bank.token_logits({layer: self._hidden[layer][0, start:end] for layer in bank.layers})
+        return bank.token_logits({layer: _tokens(self._hidden[layer])[start:end] for layer in bank.layers})
 
     def _token_contributions(self, rows: list[_Sequence]) -> torch.Tensor:
         """Per-token contributions ``[rows, P]`` of each row's newest token, one product per probe set and layer."""
@@ -432,6 +491,11 @@ def _groups(rows: list[_Sequence]) -> list[tuple[ProbeSet, torch.Tensor]]:
     for i, seq in enumerate(rows):
         groups.setdefault(id(seq.probes), (seq.probes, []))[1].append(i)
     return [(probes, torch.tensor(index)) for probes, index in groups.values()]
+
+
+def _tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """``[tokens, d_model]`` from one sequence's pass ``[1, tokens, d]`` or a packed one ``[tokens, 1, d]``."""
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

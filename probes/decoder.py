@@ -1,4 +1,4 @@
-"""A lean decode step for Llama-family models: one new token per row, each layer's output handed to a callback.
+"""A lean forward for Llama-family models: one token a row, each layer's output handed to a callback.
 
 In a one-token decode step on one core, transformers' forward spends about a fifth of its time outside
 the matrix products (mask construction, cache bookkeeping, per-module dispatch), and on int8 every
@@ -9,8 +9,10 @@ times transformers' decode speed side by side (``tests/bench/bench_overhead.py``
 transformers computes to 1e-5 on float paths, and on int8 too up to the rounding of its fused
 products (every Linear quantises each row on its own, ``probes.quantize``).
 
-It only decodes. Prefill, the ablation rework and training features run through transformers, and the
-per-layer callback takes the place of the forward hooks (``probes.hooks``) there. The fused float
+It decodes (``forward``: one new token per sequence) and prefills (``prefill``: several prompts packed
+into one pass, each attending to its own tokens). The ablation rework and training features run
+through transformers, and the per-layer callback takes the place of the forward hooks
+(``probes.hooks``) there. The fused float
 weights are the originals' storage (the q/k/v and gate/up modules become views of them), so on the
 float paths nothing is duplicated; on int8 the fused products are quantised as well, per output
 channel, which gives each output the same int8 weights as the separate product it replaces.
@@ -18,7 +20,8 @@ channel, which gives each output the same int8 weights as the separate product i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,16 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SUPPORTED = frozenset({"llama"})
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's new tokens for ``DecodeStep.prefill``: ``cache`` holds the tokens before them, and grows."""
+
+    ids: tuple[int, ...]
+    cache: DynamicCache
 
 
 class DecodeStep(nn.Module):
@@ -39,6 +51,7 @@ class DecodeStep(nn.Module):
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.eps = config.rms_norm_eps
+        self.scaling = [layer.self_attn.scaling for layer in model.model.layers]
         self.qkv = nn.ModuleList()
         self.gate_up = nn.ModuleList()
         for layer in model.model.layers:
@@ -68,12 +81,55 @@ class DecodeStep(nn.Module):
         columns and the new one; ``None`` when no row has padding. ``on_layer(layer, hidden)`` sees
         each layer's output ``[rows, 1, d_model]`` and returns what the next layer reads.
         """
+        groups = _rows_by_start(mask)
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            past = cache.layers[index]
+            past.keys = torch.cat([past.keys, key], dim=2)
+            past.values = torch.cat([past.values, value], dim=2)
+            return _attention(query, past.keys, past.values, groups, self.scaling[index])
+
+        return self._logits(self._layers(ids, positions, attend, on_layer))
+
+    def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor:
+        """Logits ``[segments, vocab]`` for the token after each segment's last one; every ``cache`` grows by its ids.
+
+        The segments are packed: their tokens go through every product together, one token a row
+        (``on_layer`` sees ``[tokens, 1, d_model]``, segment after segment), and each segment attends
+        causally to its own cache and its own tokens only, in a call of its own. On int8 a segment's
+        results are therefore bitwise those it gets alone (each row is quantised on its own); several
+        prompts prefilled in one pass cost far less than one pass each, whose products re-read every
+        weight for a few tokens.
+        """
+        pasts = [segment.cache.get_seq_length() for segment in segments]
+        ends = torch.tensor([len(segment.ids) for segment in segments]).cumsum(0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        ids = torch.tensor([[token] for segment in segments for token in segment.ids])
+        positions = torch.cat([torch.arange(p, p + b - a) for p, (a, b) in zip(pasts, bounds, strict=True)])[:, None]
+        masks = [_causal(b - a, p) for p, (a, b) in zip(pasts, bounds, strict=True)]
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(query)  # [tokens, heads, 1, head_dim]: a segment's are [1, heads, n, head_dim]
+            for segment, (a, b), mask in zip(segments, bounds, masks, strict=True):
+                keys, values = segment.cache.update(key[a:b].transpose(0, 2), value[a:b].transpose(0, 2), index)
+                own = F.scaled_dot_product_attention(
+                    query[a:b].transpose(0, 2), keys, values, attn_mask=mask, scale=self.scaling[index], enable_gqa=True
+                )
+                out[a:b] = own.transpose(0, 2)
+            return out
+
+        hidden = self._layers(ids, positions, attend, on_layer)
+        return self._logits(hidden[torch.tensor(ends) - 1])
+
+    def _layers(
+        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, on_layer: OnLayer | None
+    ) -> torch.Tensor:
+        """Every decoder layer over ``ids`` ``[rows, 1]``, one token a row; ``attend`` extends the cache and attends."""
         model = self.model[0]
         rows = ids.shape[0]
         hidden = model.model.embed_tokens(ids)
         cos, sin = model.model.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
-        groups = _rows_by_start(mask)
         for index, layer in enumerate(model.model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             head_dim = attention.head_dim
@@ -81,17 +137,17 @@ class DecodeStep(nn.Module):
             qkv = self.qkv[index](x).view(rows, 1, -1, head_dim).transpose(1, 2)
             qk = _rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)
             query, key = qk[:, : self.heads], qk[:, self.heads :]
-            value = qkv[:, self.heads + self.kv_heads :]
-            past = cache.layers[index]
-            past.keys = torch.cat([past.keys, key], dim=2)
-            past.values = torch.cat([past.values, value], dim=2)
-            out = _attention(query, past.keys, past.values, groups, attention.scaling)
+            out = attend(index, query, key, qkv[:, self.heads + self.kv_heads :])
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             x = self._norm(hidden, layer.post_attention_layernorm)
             gate, up = self.gate_up[index](x).chunk(2, dim=-1)
             hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
             if on_layer is not None:
                 hidden = on_layer(index, hidden)
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.model[0]
         return model.lm_head(model.model.norm(hidden))[:, -1]
 
     def _norm(self, hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -153,6 +209,11 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
             linear.bias = nn.Parameter(fused.bias[start:end], requires_grad=False)
         start = end
     return fused
+
+
+def _causal(new: int, past: int) -> torch.Tensor:
+    """``[new, past + new]`` (True = attend): new token ``i`` sees the past and new tokens up to itself."""
+    return torch.ones((new, past + new), dtype=torch.bool).tril(past)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from guard.batch import BatchCache
+from guard.prefill import PrefixCache
 from probes.decoder import DecodeStep
 from probes.hooks import capture
 from probes.model import LoadedModel, load_model
@@ -104,6 +105,49 @@ def assert_batch_invariant(lm: LoadedModel, tolerance: float) -> None:
         assert close(logits[row], alone_logits[0], tolerance)
         for layer in alone_hidden:
             assert close(hidden[layer][row], alone_hidden[layer][0], tolerance), layer
+
+
+def packed_prefill(lm: LoadedModel, texts: list[str], split: int) -> tuple[torch.Tensor, list[dict[int, torch.Tensor]]]:
+    """The lean prefill of ``texts`` in one pass, each after its first ``split`` tokens (computed alone and kept).
+
+    Returns the logits after each text and, per text, every layer's outputs ``[tokens after split, d_model]``.
+    """
+    segments = [
+        PrefixCache(lm.decoder, lm.model.config).segment(tuple(lm.tokenizer(t)["input_ids"]), split) for t in texts
+    ]
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        seen[layer] = hidden[:, 0]
+        return hidden
+
+    with torch.inference_mode():
+        logits = lm.decoder.prefill(segments, record)
+    ends = torch.tensor([len(s.ids) for s in segments]).cumsum(0).tolist()
+    return logits, [
+        {k: v[end - len(s.ids) : end] for k, v in seen.items()} for s, end in zip(segments, ends, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("split", [0, 3])
+def test_packed_prefill_matches_transformers_and_each_prompt_alone(tiny_model_dir, tmp_path, dtype, split):
+    """Prompts prefilled in one pass: what transformers' forward computes for each (logits and every layer,
+    within TOLERANCE), and what each gets prefilled alone (within INVARIANCE: bitwise on int8)."""
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
+    texts = ["How do I bake bread today?", "Hi there", "Tell me how to steal a car, quickly and quietly."]
+    logits, hidden = packed_prefill(lm, texts, split)
+    # after a prefix computed apart, sums run in another order: bfloat16 then agrees to its own rounding
+    tolerance = max(TOLERANCE[dtype], INVARIANCE[dtype]) if split else TOLERANCE[dtype]
+    for row, text in enumerate(texts):
+        with torch.inference_mode(), capture(lm.model, range(lm.num_layers)) as expected:
+            want = lm.model(input_ids=torch.tensor([lm.tokenizer(text)["input_ids"]])).logits[0, -1]
+        alone_logits, alone = packed_prefill(lm, [text], split)
+        assert close(logits[row], want, tolerance)
+        assert close(logits[row], alone_logits[0], INVARIANCE[dtype])
+        for layer in range(lm.num_layers):
+            assert close(hidden[row][layer], expected[layer][0, split:], tolerance), layer
+            assert close(hidden[row][layer], alone[0][layer], INVARIANCE[dtype]), layer
 
 
 def test_fused_weights_share_the_originals_storage(tiny_lm):

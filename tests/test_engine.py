@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from guard.engine import Engine, QueueFull
-from guard.events import Emitted, Finished, GenerationRequest, PromptChecked
+from guard.events import Emitted, Finished, GenerationRequest, Handle, PromptChecked
 from guard.policy import Action, Policy, Stage
 from guard.sampling import SamplingParams
 from guard.textstream import TextStream
@@ -48,7 +48,11 @@ def request(lm, text: str, max_tokens: int = 12, policies=None, stop=()) -> Gene
 
 async def run(engine: Engine, req: GenerationRequest, delay: float = 0.0) -> tuple[str, Finished, list]:
     await asyncio.sleep(delay)
-    handle = engine.submit(req, asyncio.get_running_loop())
+    return await collect(engine.submit(req, asyncio.get_running_loop()))
+
+
+async def collect(handle: Handle) -> tuple[str, Finished, list]:
+    """The reply's text, how it finished, and every event."""
     pieces, events = [], []
     async for event in handle.events():
         events.append(event)
@@ -150,11 +154,9 @@ def test_request_policy_subset(tiny_lm, engine_for):
     assert set(events[0].verdicts) == {"a"} and not events[0].blocked and done.reason in {"stop", "length"}
 
 
-def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
-    flag = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.0)
-    ablate = Policy("toy", "toy", Stage.OUTPUT, Action.ABLATE, threshold=0.0)
-    probe = probe_for(tiny_lm)
-    probe = LinearProbe(
+def reading_its_own_direction(probe: LinearProbe) -> LinearProbe:
+    """``probe`` whose ablation direction is what it reads: ablated, it scores sigmoid(bias) = 0.5."""
+    return LinearProbe(
         probe.name,
         probe.layers,
         probe.weight,
@@ -164,7 +166,13 @@ def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
         probe.weight * 50,
         probe.threshold,
         manifest=probe.manifest,
-    )  # ablate what the probe reads
+    )
+
+
+def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
+    flag = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.0)
+    ablate = Policy("toy", "toy", Stage.OUTPUT, Action.ABLATE, threshold=0.0)
+    probe = reading_its_own_direction(probe_for(tiny_lm))
     flagged = asyncio.run(run(engine_for([flag], [probe]), request(tiny_lm, PROMPTS[1], 16)))
     ablated = asyncio.run(run(engine_for([ablate], [probe]), request(tiny_lm, PROMPTS[1], 16)))
     verdict = ablated[1].verdicts["toy"]
@@ -209,3 +217,51 @@ def test_text_stream_holds_back_possible_stop_strings(tiny_lm):
     assert stream.stopped and out == "How do I bake " and "bread" not in out
     plain = TextStream(tok)
     assert "".join(plain.push(i) for i in ids) + plain.flush() == tok.decode(ids)
+
+
+def legacy_request(lm, text: str, max_tokens: int = 12) -> GenerationRequest:
+    """A legacy completion: generates from the raw text, scores it rendered as a user message."""
+    scored = render_messages(lm.tokenizer, [{"role": "user", "content": text}], span_message=0)
+    raw = tuple(lm.tokenizer(text)["input_ids"])
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return GenerationRequest(raw, (scored.start, scored.end), sampling, score_ids=scored.ids)
+
+
+def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(tiny_lm, engine_for, monkeypatch):
+    """Chat prompts, a legacy completion and a request ablating from its first token, submitted at once:
+    one packed prefill pass (each after the cached template prefix), and every reply and prompt score is
+    what the request gets alone."""
+    toy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    steer = Policy("steer", "toy", Stage.OUTPUT, Action.ABLATE, threshold=1.0, ablate_always=True)
+    probe = reading_its_own_direction(probe_for(tiny_lm))
+    alone_engine = engine_for([toy, steer], [probe, probe])
+    engine = Engine(tiny_lm, [toy, steer], [probe, probe])  # started once every request has arrived
+    passes = []
+    prefill = engine.decoder.prefill
+
+    def recording(segments, on_layer=None):
+        passes.append(len(segments))
+        return prefill(segments, on_layer)
+
+    monkeypatch.setattr(engine.decoder, "prefill", recording)  # the decoder is the model's: shared by both engines
+    requests = [request(tiny_lm, p, 10, policies=frozenset({"toy"})) for p in PROMPTS]
+    requests += [legacy_request(tiny_lm, PROMPTS[2], 10), request(tiny_lm, PROMPTS[0], 10)]  # the last ablates
+
+    async def scenario():
+        alone = [await run(alone_engine, r) for r in requests]
+        passes.clear()
+        handles = [engine.submit(r, asyncio.get_running_loop()) for r in requests]
+        engine.start()
+        try:
+            together = await asyncio.gather(*(collect(h) for h in handles))
+        finally:
+            engine.stop()
+        return alone, together
+
+    alone, together = asyncio.run(scenario())
+    assert max(passes) == len(requests) + 1  # the legacy completion scores one segment and generates from another
+    assert abs(together[-1][2][0].verdicts["toy"].score - 0.5) < 1e-5  # ablated in the prefill too
+    assert abs(together[0][2][0].verdicts["toy"].score - 0.5) > 1e-4  # the same prompt, not ablated
+    for (text_a, done_a, events_a), (text_b, done_b, events_b) in zip(alone, together, strict=True):
+        assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
+        assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)

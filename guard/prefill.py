@@ -1,0 +1,47 @@
+"""What the lean prefill needs beyond the model: prompt prefixes computed once, and how many prompts go in a pass.
+
+Every chat prompt starts with the same tokens (the template's system prompt and the user's role
+marker), and a conversation's later turns repeat its earlier ones. The prefill of a prompt is always
+split before the text the prompt-stage policies score, which is also where feature extraction for
+training splits it (``probes.features``): the part before is looked up here, or computed alone and
+kept, and only the rest goes through the packed pass. A hit changes nothing but the time: the same
+tokens computed alone give the same cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers import DynamicCache
+
+from probes.decoder import DecodeStep, Segment
+
+PREFIXES = 16  # prefixes kept (least recently used dropped); a 30-token prefix of the default model is ~1.4 MB
+PREFILL_TOKENS = 1024  # prompt tokens packed into one pass (a longer prompt goes alone): bounds a decode step's wait
+
+
+class PrefixCache:
+    def __init__(self, decoder: DecodeStep, config: object, capacity: int = PREFIXES) -> None:
+        self.decoder, self.config, self.capacity = decoder, config, capacity
+        self._kept: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def segment(self, ids: tuple[int, ...], split: int) -> Segment:
+        """``ids[split:]`` over a fresh cache holding ``ids[:split]`` (looked up, or computed and kept)."""
+        cache = DynamicCache(config=self.config)
+        if split:
+            for index, (keys, values) in enumerate(self._prefix(ids[:split])):
+                cache.update(keys, values, index)  # a copy: the kept tensors are never extended in place
+        return Segment(ids[split:], cache)
+
+    def _prefix(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if prefix in self._kept:
+            self._kept.move_to_end(prefix)
+            return self._kept[prefix]
+        cache = DynamicCache(config=self.config)
+        self.decoder.prefill([Segment(prefix, cache)])
+        kept = [(layer.keys, layer.values) for layer in cache.layers]
+        self._kept[prefix] = kept
+        if len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
+        return kept
