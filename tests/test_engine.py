@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 
-from guard.engine import Engine, QueueFull
+from guard.engine import TORCH_THREADS, Engine, QueueFull
 from guard.events import Emitted, Finished, GenerationRequest, Handle, PromptChecked
 from guard.policy import Action, Policy, Stage
+from guard.runtime import build_runtime
 from guard.sampling import SamplingParams
+from guard.settings import Settings
 from guard.textstream import TextStream
+from probes.model import load_model
 from probes.probe import LinearProbe
 from probes.render import render_messages
 
@@ -183,10 +189,6 @@ def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
 
 
 def test_decode_threads_default_to_one_on_int8(tiny_lm, tiny_model_dir, tmp_path):
-    import torch
-
-    from probes.model import load_model
-
     quantised = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
     assert Engine(quantised, (), ()).threads == 1
     assert Engine(tiny_lm, (), ()).threads == torch.get_num_threads()
@@ -265,3 +267,21 @@ def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(tiny_l
     for (text_a, done_a, events_a), (text_b, done_b, events_b) in zip(alone, together, strict=True):
         assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
         assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)
+
+
+def test_the_server_loads_with_one_thread_and_decodes_with_torchs_default(tiny_model_dir, tmp_path):
+    """A thread that ran torch with two OpenMP threads keeps a worker that slows every other thread's
+    parallel regions (guard.runtime): the loading thread stays at one, the engine still gets torch's default."""
+    (tmp_path / "none.json").write_text(json.dumps({"policies": []}))
+    settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path, policy_file=tmp_path / "none.json")
+    seen = {}
+
+    def load() -> None:
+        seen["runtime"] = build_runtime(settings)
+        seen["loader_threads"] = torch.get_num_threads()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    loader.join()
+    assert seen["loader_threads"] == 1
+    assert seen["runtime"].engine.threads == TORCH_THREADS
