@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,29 @@ def pool(hidden: torch.Tensor, start: int, end: int, pooling: str) -> torch.Tens
     return hidden[end - 1]
 
 
+def token_states(
+    lm: LoadedModel,
+    dataset: Dataset,
+    layers: Sequence[int],
+    *,
+    max_text_tokens: int = 256,
+    batch_tokens: int = 2048,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Per row, unpooled: ``(row index, [text tokens, n_layers, d_model])`` (float32), batched as ``extract`` does.
+
+    For methods that score tokens rather than a pooled row (``tests/bench/bench_window_pooling.py``);
+    the mean over a row's tokens is its ``mean``-pooled feature.
+    """
+    encoded = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
+    prefixes: dict[tuple[int, ...], DynamicCache] = {}
+    for batch in _batches(encoded, batch_tokens):
+        rows = [encoded[i] for i in batch]
+        hidden, offset = _batch_states(lm, rows, layers, prefixes)
+        for j, (i, row) in enumerate(zip(batch, rows, strict=True)):
+            span = [hidden[layer][j, row.start - offset : row.end - offset] for layer in layers]
+            yield i, torch.stack(span, 1).numpy()
+
+
 def _run_batch(
     lm: LoadedModel,
     rows: list[Encoded],
@@ -84,6 +107,18 @@ def _run_batch(
     pooling: str,
     prefixes: dict[tuple[int, ...], DynamicCache],
 ) -> np.ndarray:
+    hidden, offset = _batch_states(lm, rows, layers, prefixes)
+    out = np.empty((len(rows), len(layers), lm.hidden_size), dtype=np.float32)
+    for j, layer in enumerate(layers):
+        for i, row in enumerate(rows):
+            out[i, j] = pool(hidden[layer][i], row.start - offset, row.end - offset, pooling).numpy()
+    return out
+
+
+def _batch_states(
+    lm: LoadedModel, rows: list[Encoded], layers: Sequence[int], prefixes: dict[tuple[int, ...], DynamicCache]
+) -> tuple[dict[int, torch.Tensor], int]:
+    """``{layer: [batch, position, d_model]}`` (float32) after the batch's shared prefix, and the prefix's length."""
     shared = _shared_prefix(rows)
     cache = None
     if shared:
@@ -101,12 +136,7 @@ def _run_batch(
         mask[i, offset : len(row.ids)] = 1
     with torch.inference_mode(), capture(lm.model, layers, layer_path=lm.layer_path) as store:
         lm.model.base_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
-    out = np.empty((len(rows), len(layers), lm.hidden_size), dtype=np.float32)
-    for j, layer in enumerate(layers):
-        hidden = store[layer].float()  # [batch, pos, d_model]
-        for i, row in enumerate(rows):
-            out[i, j] = pool(hidden[i], row.start - offset, row.end - offset, pooling).numpy()
-    return out
+    return {layer: store[layer].float() for layer in layers}, offset
 
 
 def _shared_prefix(rows: list[Encoded]) -> tuple[int, ...]:

@@ -83,7 +83,7 @@ def evaluate_folds(
             "heldout": fold.heldout,
             "n": len(labels),
             "positives": sum(labels),
-            "probe": _summary(
+            "probe": summarise(
                 labels,
                 probe.predict_proba(x(fold.test)[:, [candidates.index(k) for k in probe.layers]]),
                 probe.threshold,
@@ -99,12 +99,13 @@ def evaluate_folds(
                 traffic_fpr=probe.manifest["traffic_fpr"],
                 embed=embed if baseline == "minilm" else None,
             )
-            row[baseline] = _summary(labels, fitted.scores(fold.test), fitted.threshold, fold.test)
+            row[baseline] = summarise(labels, fitted.scores(fold.test), fitted.threshold, fold.test)
         results.append(row)
     return results
 
 
-def _summary(labels: Sequence[int], scores: np.ndarray, threshold: float, test: Dataset) -> dict:
+def summarise(labels: Sequence[int], scores: np.ndarray, threshold: float, test: Dataset) -> dict:
+    """A held-out set's AUROC, AUPRC, TPR and FPR at ``threshold``, and the FPR on its ordinary-traffic rows."""
     m = binary_metrics(labels, scores, threshold)
     traffic = [s for s, r in zip(scores, test.rows, strict=True) if r.source == TRAFFIC and r.label == 0]
     return {

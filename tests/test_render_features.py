@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from probes.data import Dataset, Row
-from probes.features import extract
+from probes.features import extract, token_states
 from probes.hooks import capture
 from probes.render import encode_row
 
@@ -92,3 +92,16 @@ def test_int8_path_quantises_every_linear_and_is_another_model_for_probes(tiny_m
     np.testing.assert_allclose(exact, approx, rtol=0.1, atol=0.1)
     with pytest.raises(ValueError, match="float32, bfloat16, int8"):
         load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int4")
+
+
+def test_token_states_pool_to_the_extracted_features(tiny_lm):
+    """Unpooled per-token states, batched like extraction: their mean and last token are the pooled features."""
+    data = Dataset(tuple(Row(t, 0) for t in ["Hi", "A much longer sentence about bread and the sea.", "Short one"]))
+    states = dict(token_states(tiny_lm, data, [0, 2], batch_tokens=64))
+    assert sorted(states) == [0, 1, 2]
+    for pooling, pooled in (("mean", lambda s: s.mean(0)), ("last", lambda s: s[-1])):
+        features = extract(tiny_lm, data, [0, 2], pooling=pooling, progress=False)
+        for i, row in enumerate(data.rows):
+            encoded = encode_row(tiny_lm.tokenizer, row.text)
+            assert states[i].shape == (encoded.end - encoded.start, 2, tiny_lm.hidden_size)
+            np.testing.assert_allclose(pooled(states[i]), features[i], atol=1e-6)

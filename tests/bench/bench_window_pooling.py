@@ -1,0 +1,102 @@
+"""Benchmark: max over a sliding window of per-token probe scores against mean pooling, leave-one-dataset-out.
+
+A linear probe on mean-pooled features scores a row as the mean of its tokens' logits (plus the bias).
+Scoring the same probe by the highest mean over any ``k`` consecutive tokens instead reacts to a short
+violating passage inside a long benign text, at the price of more false positives on long benign
+texts. Both are measured on the folds of ``guard benchmark-policies`` (``probes.lodo``), with the
+shipped method (mean-pooled layers 9, 15 and 21): per fold the probe is trained on mean-pooled
+features once, each scorer gets its own threshold on the fold's dev split by the shipped rule (at most
+1% of dev negatives and 1.5% of dev ordinary traffic flagged), and the held-out source is scored.
+Prints per held-out source and the mean AUROC, TPR at threshold and FPR on held-out ordinary traffic
+per scorer, side by side, and writes JSON.
+
+    .venv/bin/python tests/bench/bench_window_pooling.py [--policy harmful_request] [--windows 4,8,16]
+        [--out tests/bench/results/window_pooling.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from probes.data import Dataset
+from probes.defaults import PRESET_CONFIG, recipe_splits
+from probes.features import token_states
+from probes.lodo import folds, summarise
+from probes.metrics import sigmoid
+from probes.model import load_model
+from probes.sources import default_data_dir
+from probes.train import dev_threshold, train_probe
+
+
+def window_max(logits: np.ndarray, window: int) -> float:
+    """The highest mean of ``window`` consecutive values (the mean of all of them when there are fewer)."""
+    if len(logits) <= window:
+        return float(logits.mean())
+    sums = np.convolve(logits, np.ones(window), mode="valid")
+    return float(sums.max() / window)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default="harmful_request")
+    parser.add_argument("--windows", default="4,8,16")
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/window_pooling.json"))
+    args = parser.parse_args()
+    windows = [int(w) for w in args.windows.split(",")]
+    lm = load_model()
+    config = PRESET_CONFIG
+    train, dev, _ = recipe_splits(args.policy, default_data_dir())
+    dataset = Dataset(train.rows + dev.rows)
+    states = [np.zeros(0)] * len(dataset.rows)
+    for i, tokens in token_states(lm, dataset, config.layers, max_text_tokens=config.max_text_tokens):
+        states[i] = tokens.reshape(len(tokens), -1)  # [tokens, layers * d_model]
+    bounds = np.cumsum([0] + [len(s) for s in states])
+    flat = np.concatenate(states)
+    pooled = np.stack([s.mean(0) for s in states]).reshape(len(states), len(config.layers), -1)
+    index = {row.key: i for i, row in enumerate(dataset.rows)}
+    scorers = ["mean", *(f"window_{w}" for w in windows)]
+    results = []
+    for fold in folds(dataset):
+
+        def rows(data: Dataset) -> list[int]:
+            return [index[r.key] for r in data.rows]
+
+        features = (pooled[rows(fold.train)], pooled[rows(fold.dev)])
+        probe = train_probe(lm, fold.train, fold.dev, args.policy, config, features=features, progress=False)
+        weight, bias = probe.probe.folded()
+        token_logits = flat @ weight.reshape(-1)
+        per_row = [token_logits[bounds[i] : bounds[i + 1]] for i in range(len(states))]
+        every = {"mean": sigmoid(np.array([z.mean() for z in per_row]) + bias)}
+        for window in windows:
+            every[f"window_{window}"] = sigmoid(np.array([window_max(z, window) for z in per_row]) + bias)
+        row = {"heldout": fold.heldout, "n": len(fold.test.rows), "positives": sum(fold.test.labels)}
+        for scorer in scorers:
+            dev_scores, test_scores = every[scorer][rows(fold.dev)], every[scorer][rows(fold.test)]
+            threshold = dev_threshold(fold.dev, dev_scores, config.target_fpr, config.traffic_fpr)
+            row[scorer] = summarise(fold.test.labels, test_scores, threshold, fold.test)
+        results.append(row)
+        print(fold.heldout, json.dumps({s: {k: v for k, v in row[s].items() if v is not None} for s in scorers}))
+    means = {
+        scorer: {
+            key: float(np.mean(values))
+            if (values := [r[scorer][key] for r in results if r[scorer][key] is not None])
+            else None
+            for key in ("auroc", "tpr_at_threshold", "traffic_fpr")
+        }
+        for scorer in scorers
+    }
+    print(f"\n| scorer ({args.policy}) | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |")
+    print("|---|---|---|---|")
+    for scorer, m in means.items():
+        print(f"| {scorer} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in m.values()) + " |")
+    report = {"policy": args.policy, "layers": list(config.layers), "folds": results, "means": means}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
