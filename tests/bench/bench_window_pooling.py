@@ -1,14 +1,15 @@
-"""Benchmark: max over a sliding window of per-token probe scores against mean pooling, leave-one-dataset-out.
+"""Benchmark: other ways to score a row than the shipped mean pooling, leave-one-dataset-out.
 
 A linear probe on mean-pooled features scores a row as the mean of its tokens' logits (plus the bias).
-Scoring the same probe by the highest mean over any ``k`` consecutive tokens instead reacts to a short
-violating passage inside a long benign text, at the price of more false positives on long benign
-texts. Both are measured on the folds of ``guard benchmark-policies`` (``probes.lodo``), with the
-shipped method (mean-pooled layers 9, 15 and 21): per fold the probe is trained on mean-pooled
-features once, each scorer gets its own threshold on the fold's dev split by the shipped rule (at most
-1% of dev negatives and 1.5% of dev ordinary traffic flagged), and the held-out source is scored.
-Prints per held-out source and the mean AUROC, TPR at threshold and FPR on held-out ordinary traffic
-per scorer, side by side, and writes JSON.
+Scoring the same probe by the highest mean over any ``k`` consecutive tokens instead (``window_k``)
+reacts to a short violating passage inside a long benign text, at the price of more false positives
+on long benign texts. ``last`` is a probe trained on the last token's features, and
+``mean_last_ensemble`` averages its logit with the mean-pooled probe's. All are measured on the
+folds of ``guard benchmark-policies`` (``probes.lodo``) with the shipped layers (9, 15 and 21): per
+fold each probe is trained once, each scorer gets its own threshold on the fold's dev split by the
+shipped rule (at most 1% of dev negatives and 1.5% of dev ordinary traffic flagged), and the
+held-out source is scored. Prints per held-out source and the mean AUROC, TPR at threshold and FPR
+on held-out ordinary traffic per scorer, side by side, and writes JSON.
 
     .venv/bin/python tests/bench/bench_window_pooling.py [--policy harmful_request] [--windows 4,8,16]
         [--out tests/bench/results/window_pooling.json]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ def main() -> None:
     windows = [int(w) for w in args.windows.split(",")]
     lm = load_model()
     config = PRESET_CONFIG
+    last_config = replace(config, pooling="last")
     train, dev, _ = recipe_splits(args.policy, default_data_dir())
     dataset = Dataset(train.rows + dev.rows)
     states = [np.zeros(0)] * len(dataset.rows)
@@ -57,8 +60,9 @@ def main() -> None:
     bounds = np.cumsum([0] + [len(s) for s in states])
     flat = np.concatenate(states)
     pooled = np.stack([s.mean(0) for s in states]).reshape(len(states), len(config.layers), -1)
+    last = np.stack([s[-1] for s in states]).reshape(len(states), len(config.layers), -1)
     index = {row.key: i for i, row in enumerate(dataset.rows)}
-    scorers = ["mean", *(f"window_{w}" for w in windows)]
+    scorers = ["mean", *(f"window_{w}" for w in windows), "last", "mean_last_ensemble"]
     results = []
     for fold in folds(dataset):
 
@@ -70,9 +74,16 @@ def main() -> None:
         weight, bias = probe.probe.folded()
         token_logits = flat @ weight.reshape(-1)
         per_row = [token_logits[bounds[i] : bounds[i + 1]] for i in range(len(states))]
-        every = {"mean": sigmoid(np.array([z.mean() for z in per_row]) + bias)}
+        mean_logits = np.array([z.mean() for z in per_row]) + bias
+        every = {"mean": sigmoid(mean_logits)}
         for window in windows:
             every[f"window_{window}"] = sigmoid(np.array([window_max(z, window) for z in per_row]) + bias)
+        on_last = (last[rows(fold.train)], last[rows(fold.dev)])
+        by_last = train_probe(lm, fold.train, fold.dev, args.policy, last_config, features=on_last, progress=False)
+        last_weight, last_bias = by_last.probe.folded()
+        last_logits = last.reshape(len(states), -1) @ last_weight.reshape(-1) + last_bias
+        every["last"] = sigmoid(last_logits)
+        every["mean_last_ensemble"] = sigmoid((mean_logits + last_logits) / 2)
         row = {"heldout": fold.heldout, "n": len(fold.test.rows), "positives": sum(fold.test.labels)}
         for scorer in scorers:
             dev_scores, test_scores = every[scorer][rows(fold.dev)], every[scorer][rows(fold.test)]
