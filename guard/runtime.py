@@ -54,7 +54,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         probes,
         max_batch=settings.max_batch,
         max_waiting=settings.max_waiting,
-        threads=1,
+        threads=settings.threads or None,
         fast_decode=settings.fast_decode,
     )
     return Runtime(engine, source)
