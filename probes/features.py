@@ -54,13 +54,12 @@ def extract(
         path = cache_dir / "features" / f"{key}.npy"
         if path.is_file():
             return np.load(path, allow_pickle=False)
-    encoded = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
-    features = np.zeros((len(encoded), len(layers), lm.hidden_size), dtype=np.float32)
-    batches = _batches(encoded, batch_tokens)
-    prefixes: dict[tuple[int, ...], DynamicCache] = {}
-    with tqdm(total=len(encoded), desc="extracting", unit="text", disable=not progress) as bar:
-        for batch in batches:
-            features[batch] = _run_batch(lm, [encoded[i] for i in batch], layers, pooling, prefixes)
+    features = np.zeros((len(dataset.rows), len(layers), lm.hidden_size), dtype=np.float32)
+    with tqdm(total=len(dataset.rows), desc="extracting", unit="text", disable=not progress) as bar:
+        for batch, rows, hidden, offset in _batched_states(lm, dataset, layers, max_text_tokens, batch_tokens):
+            for j, layer in enumerate(layers):
+                for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
+                    features[i, j] = pool(hidden[layer][k], row.start - offset, row.end - offset, pooling).numpy()
             bar.update(len(batch))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,29 +89,21 @@ def token_states(
     For methods that score tokens rather than a pooled row (``tests/bench/bench_window_pooling.py``);
     the mean over a row's tokens is its ``mean``-pooled feature.
     """
+    for batch, rows, hidden, offset in _batched_states(lm, dataset, layers, max_text_tokens, batch_tokens):
+        for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
+            span = [hidden[layer][k, row.start - offset : row.end - offset] for layer in layers]
+            yield i, torch.stack(span, 1).numpy()
+
+
+def _batched_states(
+    lm: LoadedModel, dataset: Dataset, layers: Sequence[int], max_text_tokens: int, batch_tokens: int
+) -> Iterator[tuple[list[int], list[Encoded], dict[int, torch.Tensor], int]]:
+    """Per batch of rows of similar length: their indices, encodings, hidden states and shared prefix length."""
     encoded = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
     prefixes: dict[tuple[int, ...], DynamicCache] = {}
     for batch in _batches(encoded, batch_tokens):
         rows = [encoded[i] for i in batch]
-        hidden, offset = _batch_states(lm, rows, layers, prefixes)
-        for j, (i, row) in enumerate(zip(batch, rows, strict=True)):
-            span = [hidden[layer][j, row.start - offset : row.end - offset] for layer in layers]
-            yield i, torch.stack(span, 1).numpy()
-
-
-def _run_batch(
-    lm: LoadedModel,
-    rows: list[Encoded],
-    layers: Sequence[int],
-    pooling: str,
-    prefixes: dict[tuple[int, ...], DynamicCache],
-) -> np.ndarray:
-    hidden, offset = _batch_states(lm, rows, layers, prefixes)
-    out = np.empty((len(rows), len(layers), lm.hidden_size), dtype=np.float32)
-    for j, layer in enumerate(layers):
-        for i, row in enumerate(rows):
-            out[i, j] = pool(hidden[layer][i], row.start - offset, row.end - offset, pooling).numpy()
-    return out
+        yield batch, rows, *_batch_states(lm, rows, layers, prefixes)
 
 
 def _batch_states(
