@@ -305,6 +305,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="decode Llama-family models with the lean step, else through transformers (GUARD_FAST_DECODE, default on)",
     )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="run the lean step through torch.compile, compiled at start-up (GUARD_COMPILE, default on)",
+    )
     p.set_defaults(run=_serve)
 
 

@@ -20,6 +20,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -114,8 +115,11 @@ class Engine:
 
     # -- the public side (any thread) ------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="guard-engine", daemon=True)
+        """Start the engine thread; returns when it can decode (a compiled step has been compiled by then)."""
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="guard-engine", daemon=True)
         self._thread.start()
+        ready.result()  # raises what warming up raised
 
     def stop(self) -> None:
         with self._wake:
@@ -168,8 +172,15 @@ class Engine:
         self.probes = self.probes.replace(self.policies, policy, probe)
 
     # -- the engine thread -----------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, ready: Future[None]) -> None:
         torch.set_num_threads(self.threads)  # per thread: the engine thread does not inherit a caller's choice
+        try:
+            if self.decoder is not None and self.decoder.compiled:
+                self.decoder.warm_up()  # here: compiled code is specialised to this thread's thread count
+        except Exception as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
         # every layer is hooked (a reloaded probe may read or ablate another layer than its predecessor),
         # none when there is no policy: then the model runs exactly as without guard
         layers = range(len(decoder_layers(self.lm.model, self.lm.layer_path))) if self.policies else ()

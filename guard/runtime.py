@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from guard.engine import Engine
@@ -30,12 +31,16 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
     # its OpenMP worker, and with more such workers than cores every later parallel region wakes its
     # workers slowly. Loaded with two threads, the engine thread's two-thread decode step at eight rows
     # took 100 ms instead of 80 on float32, 37.7 instead of 23.9 on int8; int8 loads ~1 s slower.
+    compiled = settings.compile and settings.fast_decode
+    if compiled:  # the compiled kernels persist with the converted model, not in /tmp
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
     lm = load_model(
         settings.model,
         cache_dir=settings.cache_dir,
         threads=1,
         layer_path=settings.layer_path or None,
         dtype=settings.dtype,
+        compiled=compiled,
     )
     registry = open_registry(settings.redis_url or None, settings.registry_dir())
     # with Redis, a local last-known-good copy; without, the local registry is its own last-known-good

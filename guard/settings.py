@@ -21,6 +21,7 @@ class Settings:
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
     dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
     fast_decode: bool = True  # decode Llama-family models with the lean step (probes.decoder), else transformers
+    compile: bool = True  # run the lean step through torch.compile (serving; compiled once at start-up)
     # -- serving --
     host: str = "127.0.0.1"
     port: int = 8000

@@ -20,7 +20,11 @@ channel, which gives each output the same int8 weights as the separate product i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+import types
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +46,7 @@ class Segment:
 
 
 class DecodeStep(nn.Module):
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         super().__init__()
         if not supports(model):
             covered = ", ".join(sorted(SUPPORTED))
@@ -58,6 +62,10 @@ class DecodeStep(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             self.qkv.append(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]))
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
+        self.register_buffer("handle", _register(self), persistent=False)
+        self._pass: tuple[Attend, OnLayer | None] | None = None
+        self.compiled = compiled
+        self._run = _compile(self) if compiled else self._layers
 
     def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
         """The fused products' input ranges from their parts' (int8 smoothing, ``probes.quantize``)."""
@@ -89,7 +97,8 @@ class DecodeStep(nn.Module):
             past.values = torch.cat([past.values, value], dim=2)
             return _attention(query, past.keys, past.values, groups, self.scaling[index])
 
-        return self._logits(self._layers(ids, positions, attend, on_layer))
+        with self._passing(attend, on_layer):
+            return self._logits(self._run(ids, positions))
 
     def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor:
         """Logits ``[segments, vocab]`` for the token after each segment's last one; every ``cache`` grows by its ids.
@@ -118,13 +127,36 @@ class DecodeStep(nn.Module):
                 out[a:b] = own.transpose(0, 2)
             return out
 
-        hidden = self._layers(ids, positions, attend, on_layer)
+        with self._passing(attend, on_layer):
+            hidden = self._run(ids, positions)
         return self._logits(hidden[torch.tensor(ends) - 1])
 
-    def _layers(
-        self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend, on_layer: OnLayer | None
-    ) -> torch.Tensor:
-        """Every decoder layer over ``ids`` ``[rows, 1]``, one token a row; ``attend`` extends the cache and attends."""
+    def warm_up(self) -> None:
+        """Compile now rather than on the first requests: the pass for several rows, then for one.
+
+        Compiled code is specialised to the calling thread's torch thread count: warm up in the thread
+        that will decode.
+        """
+        cache = DynamicCache(config=self.model[0].config)
+        with torch.inference_mode():
+            self.prefill([Segment((0, 1), cache)])
+            self(torch.tensor([[1]]), torch.tensor([[2]]), cache)
+
+    @contextmanager
+    def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
+        """This pass's attention and layer callback, for the ``guard::attend``/``guard::layer_out`` operators."""
+        self._pass = (attend, on_layer)
+        try:
+            yield
+        finally:
+            self._pass = None
+
+    def _layers(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Every decoder layer over ``ids`` ``[rows, 1]``, one token a row.
+
+        Attention (which extends the cache) and the layer callback are the current pass's, reached
+        through operators the compiler keeps opaque: everything between them compiles.
+        """
         model = self.model[0]
         rows = ids.shape[0]
         hidden = model.model.embed_tokens(ids)
@@ -137,13 +169,11 @@ class DecodeStep(nn.Module):
             qkv = self.qkv[index](x).view(rows, 1, -1, head_dim).transpose(1, 2)
             qk = _rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)
             query, key = qk[:, : self.heads], qk[:, self.heads :]
-            out = attend(index, query, key, qkv[:, self.heads + self.kv_heads :])
+            out = torch.ops.guard.attend(query, key, qkv[:, self.heads + self.kv_heads :], self.handle, index)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
             x = self._norm(hidden, layer.post_attention_layernorm)
             gate, up = self.gate_up[index](x).chunk(2, dim=-1)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-            if on_layer is not None:
-                hidden = on_layer(index, hidden)
+            hidden = torch.ops.guard.layer_out(hidden + mlp.down_proj(mlp.act_fn(gate) * up), self.handle, index)
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -154,6 +184,58 @@ class DecodeStep(nn.Module):
         if hidden.dtype == torch.float32:  # one kernel; transformers' RMSNorm computes the same in six
             return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, self.eps)
         return norm(hidden)  # lower precision: keep transformers' rounding order
+
+
+# The operators through which a (compiled) pass calls back into Python. Their arguments may be buffers
+# the compiled code reuses once it has read them, so what outlives the call (the cache's new keys, the
+# hidden state the callback keeps) is a copy, and so is what they return (contiguous, as declared).
+_LIBRARY = torch.library.Library("guard", "FRAGMENT")
+_LIBRARY.define("attend(Tensor query, Tensor key, Tensor value, Tensor handle, int layer) -> Tensor")
+_LIBRARY.define("layer_out(Tensor hidden, Tensor handle, int layer) -> Tensor")
+_STEPS: weakref.WeakValueDictionary[int, DecodeStep] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor, layer: int
+) -> torch.Tensor:
+    attend, _ = _STEPS[int(handle)]._pass
+    return _copy(attend(layer, query, key.clone(), value.clone()))
+
+
+def _layer_out(hidden: torch.Tensor, handle: torch.Tensor, layer: int) -> torch.Tensor:
+    _, on_layer = _STEPS[int(handle)]._pass
+    return _copy(hidden if on_layer is None else on_layer(layer, _copy(hidden)))
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+_LIBRARY.impl("attend", _attend, "CPU")
+_LIBRARY.impl("layer_out", _layer_out, "CPU")
+torch.library.register_fake("guard::attend", lambda query, *_: query.new_empty(query.shape), lib=_LIBRARY)
+torch.library.register_fake("guard::layer_out", lambda hidden, *_: hidden.new_empty(hidden.shape), lib=_LIBRARY)
+
+
+def _register(step: DecodeStep) -> torch.Tensor:
+    key = next(_HANDLES)
+    _STEPS[key] = step
+    return torch.tensor(key)
+
+
+def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``step._layers`` through ``torch.compile``, one graph for one row and one for any other count.
+
+    The compiler keeps its compiled variants per code object, and a model's are useless to another (they
+    are guarded by the modules' identity): each step compiles its own copy of the code, so several
+    models in one process do not exhaust the compiler's limit of variants. bfloat16 chains are rounded
+    after each operation, as eagerly.
+    """
+    code = DecodeStep._layers.__code__.replace()
+    layers = types.FunctionType(code, DecodeStep._layers.__globals__, "_layers")
+    options = {"emulate_precision_casts": True}
+    return torch.compile(types.MethodType(layers, step), dynamic=True, fullgraph=True, options=options)
 
 
 def _rows_by_start(mask: torch.Tensor | None) -> list[tuple[int, torch.Tensor | None]]:

@@ -76,6 +76,7 @@ def load_model(
     threads: int | None = None,
     layer_path: str | None = None,
     dtype: str = "float32",
+    compiled: bool = False,
 ) -> LoadedModel:
     """Load ``spec``: ``None`` or ``"smollm2-135m-instruct"`` for the default model, else a local HF directory.
 
@@ -83,7 +84,8 @@ def load_model(
     the numeric path (one of ``NUMERIC_PATHS``). ``bfloat16`` keeps the fingerprint of the float32
     weights, so float32 probes serve on it unchanged (their scores shift slightly); ``int8`` gets a
     fingerprint of its own, so it serves probes trained on int8 features (``guard train --dtype int8``).
-    Both effects are measured by ``tests/bench/bench_fastpath.py``.
+    Both effects are measured by ``tests/bench/bench_fastpath.py``. ``compiled``: the lean decode step
+    runs through ``torch.compile`` (``probes.decoder``).
     """
     if dtype not in NUMERIC_PATHS:
         raise ValueError(f"dtype must be one of {', '.join(NUMERIC_PATHS)}, got {dtype!r}")
@@ -110,7 +112,7 @@ def load_model(
     fingerprint = _cached_fingerprint(model, path, cache_dir)
     if dtype == "bfloat16":
         model.to(torch.bfloat16)
-    decoder = DecodeStep(model) if layer_path is None and supports(model) else None
+    decoder = DecodeStep(model, compiled) if layer_path is None and supports(model) else None
     if dtype == "int8":
         ranges = input_ranges(model, tokenizer)
         if decoder is not None:

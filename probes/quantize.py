@@ -21,9 +21,10 @@ Two choices keep int8 hidden states close to float32 and the same wherever a tok
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from collections.abc import Mapping
-from functools import cache
 
 import torch
 from torch import nn
@@ -61,11 +62,15 @@ class RowInt8Linear(nn.Module):
         self.inner = _quantized(linear.weight.detach() * smooth)
         self.register_buffer("inverse", (1.0 / smooth).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("handle", _register(self.inner), persistent=False)
+        self.register_buffer("frame", torch.zeros((1, self.in_features), dtype=linear.weight.dtype), persistent=False)
+        self.frame[0, :2] = torch.tensor([1.0, -1.0])  # the row that pins the quantisation range to [-1, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features) * self.inverse
-        magnitude = rows.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny)
-        out = self.inner(torch.cat([rows / magnitude, _frame(self.in_features, x.dtype)]))[:-1] * magnitude
+        magnitude = rows.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        framed = torch.cat([rows / magnitude, self.frame])
+        out = torch.ops.guard.int8_linear(framed, self.handle, self.out_features)[:-1] * magnitude
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
@@ -104,6 +109,34 @@ def quantize_int8(model: nn.Module, ranges: Mapping[nn.Module, torch.Tensor] | N
                 setattr(parent, name, RowInt8Linear(child, ranges.get(child)))
 
 
+# ``guard::int8_linear``: torch's int8 product as an operator ``torch.compile`` can call. The packed int8
+# weights are a TorchScript object, which the compiler cannot trace; the operator takes a tensor handle
+# instead and finds them here (entries leave with their module).
+_LIBRARY = torch.library.Library("guard", "FRAGMENT")
+_LIBRARY.define("int8_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
+_PACKED: dict[int, object] = {}
+_HANDLES = itertools.count()
+
+
+def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[int(handle)], True)
+
+
+def _int8_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+_LIBRARY.impl("int8_linear", _int8_linear, "CPU")
+torch.library.register_fake("guard::int8_linear", _int8_linear_shape, lib=_LIBRARY)
+
+
+def _register(inner: QuantizedLinear) -> torch.Tensor:
+    key = next(_HANDLES)
+    _PACKED[key] = inner._packed_params._packed_params
+    weakref.finalize(inner, _PACKED.pop, key, None)
+    return torch.tensor(key)
+
+
 def _smoothing(input_range: torch.Tensor) -> torch.Tensor:
     return input_range.clamp_min(_FLOOR) ** SMOOTHING
 
@@ -118,11 +151,3 @@ def _quantized(weight: torch.Tensor) -> QuantizedLinear:
         plain.weight = nn.Parameter(weight.float(), requires_grad=False)
         plain.qconfig = per_channel_dynamic_qconfig
         return QuantizedLinear.from_float(plain)
-
-
-@cache
-def _frame(features: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[1, features]``: +1, -1, then zeros (read-only: shared by every call)."""
-    frame = torch.zeros((1, features), dtype=dtype)
-    frame[0, 0], frame[0, 1] = 1.0, -1.0
-    return frame

@@ -80,6 +80,12 @@ def tiny_lm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> L
 
 
 @pytest.fixture(scope="session")
+def tiny_compiled_lm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The tiny model with its lean step run through torch.compile (as ``guard serve`` runs it)."""
+    return load_model(str(tiny_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), compiled=True)
+
+
+@pytest.fixture(scope="session")
 def real_lm() -> LoadedModel:
     """The default SmolLM2-135M-Instruct (converted once into the user cache, as in production)."""
     return load_model()
@@ -89,6 +95,18 @@ def real_lm() -> LoadedModel:
 def real_int8_lm() -> LoadedModel:
     """The default model on the int8 numeric path."""
     return load_model(dtype="int8")
+
+
+@pytest.fixture(scope="session")
+def real_compiled_lm() -> LoadedModel:
+    """The default model, its lean step compiled (what ``guard serve`` runs by default)."""
+    return load_model(compiled=True)
+
+
+@pytest.fixture(scope="session")
+def real_int8_compiled_lm() -> LoadedModel:
+    """The default model on the int8 numeric path, its lean step compiled."""
+    return load_model(dtype="int8", compiled=True)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ class Server:
             )
         self.wait("/readyz" if ready else "/healthz")
 
-    def wait(self, path: str, timeout: float = 180) -> None:
+    def wait(self, path: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

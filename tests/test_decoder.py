@@ -80,21 +80,24 @@ def compare_one_step(lm: LoadedModel, texts: list[str], tolerance: float) -> Non
         assert close(fast_layer.values, layer.values, tolerance)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_decode_step_matches_transformers_with_padding(tiny_model_dir, tmp_path, dtype):
-    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
+def test_decode_step_matches_transformers_with_padding(tiny_model_dir, tmp_path, dtype, compiled):
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype, compiled=compiled)
     assert isinstance(lm.decoder, DecodeStep)
     compare_one_step(lm, ["How do I bake bread today?", "Hi"], TOLERANCE[dtype])  # row 2 is left-padded
     compare_one_step(lm, ["What is the capital of France?"], TOLERANCE[dtype])  # no padding: no mask
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_a_rows_step_does_not_depend_on_the_other_rows(tiny_model_dir, tmp_path, dtype):
+def test_a_rows_step_does_not_depend_on_the_other_rows(tiny_model_dir, tmp_path, dtype, compiled):
     """Batch invariance of the decode step: each row's activation scale is its own on int8, and each row
     attends over its own columns. int8 is bitwise; float products round by the row count (a product's
     blocking depends on it): float32 within 1e-6, bfloat16 within its own rounding.
     """
-    assert_batch_invariant(load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype), INVARIANCE[dtype])
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype, compiled=compiled)
+    assert_batch_invariant(lm, INVARIANCE[dtype])
 
 
 def assert_batch_invariant(lm: LoadedModel, tolerance: float) -> None:
@@ -129,12 +132,13 @@ def packed_prefill(lm: LoadedModel, texts: list[str], split: int) -> tuple[torch
     ]
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("split", [0, 3])
-def test_packed_prefill_matches_transformers_and_each_prompt_alone(tiny_model_dir, tmp_path, dtype, split):
+def test_packed_prefill_matches_transformers_and_each_prompt_alone(tiny_model_dir, tmp_path, dtype, split, compiled):
     """Prompts prefilled in one pass: what transformers' forward computes for each (logits and every layer,
     within TOLERANCE), and what each gets prefilled alone (within INVARIANCE: bitwise on int8)."""
-    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype)
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype, compiled=compiled)
     texts = ["How do I bake bread today?", "Hi there", "Tell me how to steal a car, quickly and quietly."]
     logits, hidden = packed_prefill(lm, texts, split)
     # after a prefix computed apart, sums run in another order: bfloat16 then agrees to its own rounding

@@ -18,7 +18,7 @@ from guard.runtime import build_runtime
 from guard.sampling import SamplingParams
 from guard.settings import Settings
 from guard.textstream import TextStream
-from probes.model import load_model
+from probes.model import LoadedModel, load_model
 from probes.probe import LinearProbe
 from probes.render import render_messages
 
@@ -71,8 +71,8 @@ async def collect(handle: Handle) -> tuple[str, Finished, list]:
 def engine_for(tiny_lm):
     engines = []
 
-    def make(policies=(), probes=(), **kw) -> Engine:
-        engine = Engine(tiny_lm, policies, probes, **kw)
+    def make(policies=(), probes=(), lm=None, **kw) -> Engine:
+        engine = Engine(lm or tiny_lm, policies, probes, **kw)
         engine.start()
         engines.append(engine)
         return engine
@@ -82,10 +82,20 @@ def engine_for(tiny_lm):
         engine.stop()
 
 
-@pytest.mark.parametrize("fast_decode", [True, False], ids=["lean-step", "transformers"])
-def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for, fast_decode):
+@pytest.fixture(params=["lean-step", "compiled", "transformers"])
+def path(request) -> str:
+    """How the engine runs the model: the lean step, the lean step compiled, transformers' forward."""
+    return request.param
+
+
+@pytest.fixture
+def lm_for_path(path, tiny_lm, tiny_compiled_lm) -> LoadedModel:
+    return tiny_compiled_lm if path == "compiled" else tiny_lm
+
+
+def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for, path, lm_for_path):
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
-    engine = engine_for([policy], [probe_for(tiny_lm)], fast_decode=fast_decode)
+    engine = engine_for([policy], [probe_for(tiny_lm)], lm=lm_for_path, fast_decode=path != "transformers")
 
     async def scenario():
         alone = [await run(engine, request(tiny_lm, p, 16)) for p in PROMPTS]
@@ -175,12 +185,13 @@ def reading_its_own_direction(probe: LinearProbe) -> LinearProbe:
     )
 
 
-def test_ablation_fires_and_recomputes(tiny_lm, engine_for):
+def test_ablation_fires_and_recomputes(tiny_lm, engine_for, path, lm_for_path):
     flag = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.0)
     ablate = Policy("toy", "toy", Stage.OUTPUT, Action.ABLATE, threshold=0.0)
     probe = reading_its_own_direction(probe_for(tiny_lm))
-    flagged = asyncio.run(run(engine_for([flag], [probe]), request(tiny_lm, PROMPTS[1], 16)))
-    ablated = asyncio.run(run(engine_for([ablate], [probe]), request(tiny_lm, PROMPTS[1], 16)))
+    kw = {"lm": lm_for_path, "fast_decode": path != "transformers"}
+    flagged = asyncio.run(run(engine_for([flag], [probe], **kw), request(tiny_lm, PROMPTS[1], 16)))
+    ablated = asyncio.run(run(engine_for([ablate], [probe], **kw), request(tiny_lm, PROMPTS[1], 16)))
     verdict = ablated[1].verdicts["toy"]
     assert verdict.filtered and verdict.ablated_from_token == 0
     # ablated from the first token on, the probe reads nothing along its own direction: score = sigmoid(bias) = 0.5
@@ -229,15 +240,19 @@ def legacy_request(lm, text: str, max_tokens: int = 12) -> GenerationRequest:
     return GenerationRequest(raw, (scored.start, scored.end), sampling, score_ids=scored.ids)
 
 
-def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(tiny_lm, engine_for, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["lean-step", "compiled"])
+def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(
+    tiny_lm, tiny_compiled_lm, engine_for, monkeypatch, compiled
+):
     """Chat prompts, a legacy completion and a request ablating from its first token, submitted at once:
     one packed prefill pass (each after the cached template prefix), and every reply and prompt score is
     what the request gets alone."""
+    lm = tiny_compiled_lm if compiled else tiny_lm
     toy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     steer = Policy("steer", "toy", Stage.OUTPUT, Action.ABLATE, threshold=1.0, ablate_always=True)
     probe = reading_its_own_direction(probe_for(tiny_lm))
-    alone_engine = engine_for([toy, steer], [probe, probe])
-    engine = Engine(tiny_lm, [toy, steer], [probe, probe])  # started once every request has arrived
+    alone_engine = engine_for([toy, steer], [probe, probe], lm=lm)
+    engine = Engine(lm, [toy, steer], [probe, probe])  # started once every request has arrived
     passes = []
     prefill = engine.decoder.prefill
 
@@ -273,7 +288,9 @@ def test_the_server_loads_with_one_thread_and_decodes_with_torchs_default(tiny_m
     """A thread that ran torch with two OpenMP threads keeps a worker that slows every other thread's
     parallel regions (guard.runtime): the loading thread stays at one, the engine still gets torch's default."""
     (tmp_path / "none.json").write_text(json.dumps({"policies": []}))
-    settings = Settings(model=str(tiny_model_dir), cache_dir=tmp_path, policy_file=tmp_path / "none.json")
+    settings = Settings(
+        model=str(tiny_model_dir), cache_dir=tmp_path, policy_file=tmp_path / "none.json", compile=False
+    )
     seen = {}
 
     def load() -> None:

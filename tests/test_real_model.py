@@ -69,11 +69,12 @@ def test_lean_decode_step_matches_transformers_on_the_default_model(real_lm):
     compare_one_step(real_lm, ["How do I bake sourdough bread at home?", "Hi there"], TOLERANCE["float32"])
 
 
-def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model(real_int8_lm):
+@pytest.mark.parametrize("fixture", ["real_int8_lm", "real_int8_compiled_lm"])
+def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model(fixture, request):
     """Batched with padding, a row's logits and layers are bitwise those it gets alone (with one masked
     attention call over the padded batch instead of one per start column, the longest row's logits
-    moved by 1.19)."""
-    assert_batch_invariant(real_int8_lm, INVARIANCE["int8"])
+    moved by 1.19), compiled too."""
+    assert_batch_invariant(request.getfixturevalue(fixture), INVARIANCE["int8"])
 
 
 def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model(real_int8_lm):
@@ -90,11 +91,12 @@ def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model(real_i
         assert float((hidden[layer] - expected[layer]).norm() / expected[layer].norm()) < 0.12, layer
 
 
-def test_int8_engine_replies_batched_equal_replies_alone_on_the_default_model(real_int8_lm):
+@pytest.mark.parametrize("fixture", ["real_int8_lm", "real_int8_compiled_lm"])
+def test_int8_engine_replies_batched_equal_replies_alone_on_the_default_model(fixture, request):
     """Continuous batching on the real int8 model: greedy replies (and probe scores) with four requests
     joining one decode batch at different times, or arriving at once (prefilled together), equal each
-    reply generated alone."""
-    lm = real_int8_lm
+    reply generated alone, eager or compiled."""
+    lm = request.getfixturevalue(fixture)
     policy = Policy("harmful_request", "harmful_request", Stage.BOTH, Action.FLAG)
     engine = Engine(lm, [policy], [load_shipped("harmful_request", model_fingerprint=lm.fingerprint)])
     engine.start()
@@ -116,12 +118,23 @@ def test_int8_engine_replies_batched_equal_replies_alone_on_the_default_model(re
         assert done_a.verdicts["harmful_request"].score == done_b.verdicts["harmful_request"].score
 
 
-@pytest.mark.parametrize(("fixture", "tolerance"), [("real_lm", 1e-5), ("real_int8_lm", 0.02)])
-def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture, tolerance, request):
+@pytest.mark.parametrize(
+    ("fixture", "tolerance", "mean_tolerance"),
+    [
+        ("real_lm", 1e-5, 1e-5),
+        ("real_compiled_lm", 1e-5, 1e-5),
+        ("real_int8_lm", 0.02, 0.005),
+        ("real_int8_compiled_lm", 0.15, 0.02),
+    ],
+)
+def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture, tolerance, mean_tolerance, request):
     """The server prefills a prompt after its template prefix, where feature extraction splits it too, so the
     prompt-stage scores are the shipped probes applied to the features they were trained on: equal on float32
-    (to the verdict's 6 decimals), within int8's rounding on int8 (measured at most 0.008 over 26 prompts and
-    the five policies; a prefill in one piece through transformers was 0.039 off)."""
+    (to the verdict's 6 decimals), compiled or not; within int8's rounding on int8 (measured at most 0.008
+    over these 28 prompts and the five policies; a prefill in one piece through transformers was 0.039 off).
+    Compiled int8 fuses float operations and rounds them differently, which moves some int8 roundings: on
+    400 dev rows per policy its scores were 0.003-0.013 apart on average, up to 0.14, at the same AUROC
+    (README, Serving)."""
     lm = request.getfixturevalue(fixture)
     names = ["harmful_request", "hate", "self_harm", "weapons", "medical_advice"]  # the prompt-stage policies
     probes = [load_shipped(name, model_fingerprint=lm.fingerprint) for name in names]
@@ -141,7 +154,10 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
         served = asyncio.run(together())
     finally:
         engine.stop()
-    for j, (name, probe) in enumerate(zip(names, probes, strict=True)):
+    gaps = []
+    for name, probe in zip(names, probes, strict=True):
         trained = probe.predict_proba(features)
         for i, (_, _, events) in enumerate(served):
-            assert events[0].verdicts[name].score == pytest.approx(trained[i], abs=tolerance), (name, texts[i], j)
+            gaps.append(abs(events[0].verdicts[name].score - trained[i]))
+            assert gaps[-1] <= tolerance, (name, texts[i])
+    assert np.mean(gaps) <= mean_tolerance

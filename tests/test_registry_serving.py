@@ -55,7 +55,12 @@ def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
     servers = []
 
     def start(name: str, redis_up: bool = True, extra_env: dict | None = None) -> Server:
-        env = {"GUARD_CACHE_DIR": str(tmp_path / f"cache-{name}"), "GUARD_RELOAD_INTERVAL": "1", **(extra_env or {})}
+        env = {
+            "GUARD_CACHE_DIR": str(tmp_path / f"cache-{name}"),
+            "GUARD_RELOAD_INTERVAL": "1",
+            "GUARD_COMPILE": "0",
+            **(extra_env or {}),
+        }
         server = Server(
             "--model",
             str(tiny_model_dir),
@@ -120,7 +125,7 @@ def test_redis_outage_and_restart(cluster, redis_server, tiny_lm, tiny_model_dir
         str(tmp_path / "policies.json"),
         "--redis-url",
         redis_server.url,
-        env={"GUARD_CACHE_DIR": str(tmp_path / "cache-a"), "GUARD_RELOAD_INTERVAL": "1"},
+        env={"GUARD_CACHE_DIR": str(tmp_path / "cache-a"), "GUARD_RELOAD_INTERVAL": "1", "GUARD_COMPILE": "0"},
         log=tmp_path / "c.log",
     )
     try:
@@ -184,7 +189,7 @@ def test_signed_mode_refuses_unsigned_pushes(cluster, tiny_lm, tmp_path, redis_s
 
 
 def test_local_directory_registry_without_redis(tmp_path, tiny_lm, tiny_model_dir):
-    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_RELOAD_INTERVAL": "0.5"}
+    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_RELOAD_INTERVAL": "0.5", "GUARD_COMPILE": "0"}
     push = [sys.executable, "-m", "guard.cli", "registry", "push"]
     for seed in (1, 2):
         probe_dir = probe_for(tiny_lm, seed=seed).with_threshold(0.5).save(tmp_path / f"toy{seed}")

@@ -26,7 +26,7 @@ def setup(tmp_path_factory, tiny_lm, tiny_model_dir):
             {"policies": [{"name": "toy", "probe": str(directory / "probe"), "stage": "both", "action": "flag"}]}
         )
     )
-    env = {"GUARD_CACHE_DIR": str(directory / "cache")}
+    env = {"GUARD_CACHE_DIR": str(directory / "cache"), "GUARD_COMPILE": "0"}  # compiled: tests/test_server_real
     return directory, policy_file, env
 
 

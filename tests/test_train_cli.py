@@ -149,6 +149,10 @@ def test_settings_from_env(monkeypatch, tmp_path):
     assert (served.max_batch, served.queue_timeout, served.threads, served.api_keys) == (2, 1.5, 3, "")
     assert served.fast_decode
     assert not settings.override_from(_parser().parse_args(["serve", "--no-fast-decode"])).fast_decode
+    assert served.compile and not settings.override_from(_parser().parse_args(["serve", "--no-compile"])).compile
+    monkeypatch.setenv("GUARD_COMPILE", "0")
+    assert Settings.from_env().compile is False
+    monkeypatch.delenv("GUARD_COMPILE")
     monkeypatch.setenv("GUARD_FAST_DECODE", "off")
     assert Settings.from_env().fast_decode is False
     monkeypatch.setenv("GUARD_FAST_DECODE", "maybe")

@@ -66,12 +66,12 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
 
     try:
         runtime = await asyncio.to_thread(factory, settings, refused)
+        await asyncio.to_thread(runtime.engine.start)  # compiling the decode step takes a while
     except Exception as exc:  # reported by /readyz; the process stays up for its logs and probes
         log.exception("loading the model or the probes failed")
         app.state.load_error = str(exc)
         return
     engine = runtime.engine
-    engine.start()
 
     def changed(policy: str, version: str) -> None:
         metrics.reloads.labels(policy).inc()

@@ -12,10 +12,11 @@ since the two numeric paths may end some replies at different lengths.
 
 Every (concurrency, server) cell is measured ``--rounds`` times, the servers' order alternating per
 round; the report gives each metric's median over rounds. ``--dtype`` picks the numeric path of both
-servers (float32, bfloat16 or int8).
+servers (float32, bfloat16 or int8). Both run the lean step compiled, as ``guard serve`` does by default;
+``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``).
 
     .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype int8]
-        [--out tests/bench/results/serving.json]
+        [--eager-too] [--out tests/bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
     parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
+    parser.add_argument("--eager-too", action="store_true", help="also a guarded server with --no-compile")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -162,9 +164,11 @@ def main() -> None:
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
     flags = ("--max-batch", str(max(levels)), "--dtype", args.dtype)
     flags += ("--threads", args.threads) if args.threads else ()
+    (work / "guarded_eager.json").write_text(json.dumps({"policies": guarded_policies}))
     servers = {
-        name: Server("--policy-file", str(work / f"{name}.json"), *flags, log=work / f"{name}.log")
-        for name in ("unguarded", "guarded")
+        name: Server("--policy-file", str(work / f"{name}.json"), *flags, *extra, log=work / f"{name}.log")
+        for name, extra in [("unguarded", ()), ("guarded", ()), ("guarded_eager", ("--no-compile",))]
+        if args.eager_too or name != "guarded_eager"
     }
     runs: dict[tuple[int, str], list[dict]] = {(c, name): [] for c in levels for name in servers}
     replies: dict[tuple[int, str], list[str]] = {}  # the first round's replies
@@ -190,11 +194,14 @@ def main() -> None:
             row[name]["same_reply_as_alone"] = same / len(alone)
         speed = {name: row[name]["aggregate_tokens_per_s"] for name in servers}
         row["guarded_vs_unguarded"] = speed["guarded"] / speed["unguarded"]
+        if "guarded_eager" in speed:
+            row["guarded_vs_guarded_eager"] = speed["guarded"] / speed["guarded_eager"]
         table[str(clients)] = row
     llama_run = llama_cpp_single(args.tokens, prompts)
     llama = llama_run["tokens_per_s"] if llama_run else None
     report = {
         "dtype": args.dtype,
+        "compiled": True,
         "threads": args.threads or "default",
         "tokens_per_request": args.tokens,
         "requests_per_level": args.requests,
@@ -219,6 +226,13 @@ def main() -> None:
             f" | {row['guarded_vs_unguarded']:.2f} | {guarded['ttft_p95_s']:.2f}"
             f" ({guarded['ttft_p95_after_first_wave_s']:.2f}) | {guarded['same_reply_as_alone']:.2f} |"
         )
+        if "guarded_eager" in row:
+            eager = row["guarded_eager"]
+            print(
+                f"|   guarded, not compiled | | {eager['aggregate_tokens_per_s']:.1f}"
+                f" | {row['guarded_vs_guarded_eager']:.2f} (compiled / not) | {eager['ttft_p95_s']:.2f}"
+                f" ({eager['ttft_p95_after_first_wave_s']:.2f}) | {eager['same_reply_as_alone']:.2f} |"
+            )
     if llama:
         print(f"llama.cpp single stream: {llama:.1f} tok/s ({llama_run['completion_tokens']} completion tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
