@@ -138,9 +138,15 @@ class DecodeStep(nn.Module):
         that will decode.
         """
         cache = DynamicCache(config=self.model[0].config)
-        with torch.inference_mode():
-            self.prefill([Segment((0, 1), cache)])
-            self(torch.tensor([[1]]), torch.tensor([[2]]), cache)
+        try:
+            with torch.inference_mode():
+                self.prefill([Segment((0, 1), cache)])
+                self(torch.tensor([[1]]), torch.tensor([[2]]), cache)
+        except Exception as exc:  # most often: no C++ compiler on this machine
+            raise RuntimeError(
+                f"compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                "install a C++ compiler (g++) or serve without compiling (GUARD_COMPILE=0, --no-compile)"
+            ) from exc
 
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:

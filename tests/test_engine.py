@@ -302,3 +302,22 @@ def test_the_server_loads_with_one_thread_and_decodes_with_torchs_default(tiny_m
     loader.join()
     assert seen["loader_threads"] == 1
     assert seen["runtime"].engine.threads == TORCH_THREADS
+
+
+def test_a_compiled_step_compiles_once_for_one_row_and_once_for_more(tiny_compiled_lm, engine_for):
+    """Warmed up at start, the compiled step serves prefills and batches of any size without compiling again
+    (a new variant mid-serving would stall every stream for seconds and round differently)."""
+    engine = engine_for(
+        [Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_compiled_lm)], lm=tiny_compiled_lm
+    )
+    code = engine.decoder._run._torchdynamo_orig_callable.__func__.__code__
+    variants = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+    async def scenario():
+        await run(engine, request(tiny_compiled_lm, PROMPTS[0], 8))
+        await asyncio.gather(
+            *(run(engine, request(tiny_compiled_lm, p, 12), delay=0.02 * i) for i, p in enumerate(PROMPTS))
+        )
+
+    asyncio.run(scenario())
+    assert variants == 2 and len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2

@@ -60,17 +60,18 @@ def test_default_render_is_valid_and_hardened():
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8000"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert {"/opt/guard/cache/registry-last-known-good", "/tmp"} <= mounts  # guard's only writes
+    assert {"/opt/guard/cache/registry-last-known-good", "/opt/guard/cache/inductor", "/tmp"} <= mounts  # its writes
     assert one(docs, "Service")["spec"]["ports"][0]["targetPort"] == "http"
 
 
 def test_environment_is_what_guard_reads():
     """Every GUARD_* variable the chart sets is a Settings field (or the registry key) and parses."""
-    values = {"guard": {"threads": 4, "dtype": "bfloat16", "maxBatch": 16, "reloadInterval": 2.5}}
+    values = {"guard": {"threads": 4, "dtype": "bfloat16", "maxBatch": 16, "reloadInterval": 2.5, "compile": False}}
     env = guard_container(render(values))["env"]
     plain = {e["name"]: e["value"] for e in env if "value" in e and e["name"].startswith("GUARD_")}
     settings = Settings.from_env(plain)
     assert (settings.threads, settings.dtype, settings.max_batch, settings.reload_interval) == (4, "bfloat16", 16, 2.5)
+    assert settings.compile is False
     assert settings.host == "0.0.0.0" and settings.port == 8000
     known = {f"GUARD_{name.upper()}" for name in Settings.__dataclass_fields__} | {"GUARD_REGISTRY_KEY"}
     assert {e["name"] for e in env if e["name"].startswith("GUARD_")} <= known
@@ -147,6 +148,7 @@ def test_monitoring_objects_are_the_deploy_files():
     "values",
     [
         {"guard": {"dtype": "int4"}},
+        {"guard": {"compile": "yes"}},
         {"guard": {"port": 0}},
         {"secrets": {"redisUrl": "localhost:6379"}},
         {"app": {"containers": [{"image": "no-name"}]}},

@@ -50,6 +50,7 @@ env:
   - {name: GUARD_PORT, value: {{ .Values.guard.port | quote }}}
   - {name: GUARD_THREADS, value: {{ .Values.guard.threads | quote }}}
   - {name: GUARD_DTYPE, value: {{ .Values.guard.dtype | quote }}}
+  - {name: GUARD_COMPILE, value: {{ .Values.guard.compile | quote }}}
   - {name: GUARD_MAX_BATCH, value: {{ .Values.guard.maxBatch | quote }}}
   - {name: GUARD_MAX_WAITING, value: {{ .Values.guard.maxWaiting | quote }}}
   - {name: GUARD_DEFAULT_MAX_TOKENS, value: {{ .Values.guard.defaultMaxTokens | quote }}}
@@ -82,6 +83,7 @@ securityContext: {{- toYaml .Values.securityContext | nindent 2 }}
 volumeMounts:
   - {name: state, mountPath: /opt/guard/cache/registry-last-known-good, subPath: registry-last-known-good}
   - {name: state, mountPath: /tmp, subPath: tmp}
+  - {name: state, mountPath: /opt/guard/cache/inductor, subPath: inductor}
   {{- if .Values.policies }}
   - {name: policies, mountPath: /etc/guard, readOnly: true}
   {{- end }}
