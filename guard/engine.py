@@ -96,8 +96,6 @@ class Engine:
         self.lm = lm
         self.decoder = lm.decoder if fast_decode else None  # None: decode through transformers' forward
         self.threads = threads or default_threads(lm)
-        # prefill is compute-bound and leaves no stream waiting on the other core: torch's default there
-        self.prefill_threads = threads or TORCH_THREADS
         self.policies = tuple(policies)
         self.probes = ProbeSet.build(policies, probes)
         self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
@@ -228,7 +226,6 @@ class Engine:
             seqs = self._take(self.max_batch - len(self._active))
             if not seqs:
                 return
-            torch.set_num_threads(self.prefill_threads)
             try:
                 if self.decoder is not None:
                     self._prefill_packed(seqs)
@@ -240,8 +237,6 @@ class Engine:
                     if seq not in self._active:
                         seq.handle.put(Failed("prefill failed"))
                 raise
-            finally:
-                torch.set_num_threads(self.threads)
 
     def _take(self, free: int) -> list[_Sequence]:
         """Up to ``free`` waiting requests, at most ``PREFILL_TOKENS`` prompt tokens in all (at least one request)."""
@@ -501,8 +496,7 @@ def default_threads(lm: LoadedModel) -> int:
     streams (169.6 against 165.0 tokens/s, same session), the other core serving HTTP, and cost batch
     invariance (12% of greedy replies at eight streams differed from the reply alone). Otherwise
     torch's default, the physical cores (float32, eight rows in-process: 80 ms a step with two, 100 ms
-    with one). Prefill always runs on torch's default: on int8, compiled, eight chat prompts took 68 ms
-    with two threads against 93 with one, bitwise the same.
+    with one).
     """
     return 1 if lm.numeric == "int8" else TORCH_THREADS
 
