@@ -12,7 +12,10 @@ thread count, the four ways measured side by side in each round:
 
 Prints the median milliseconds over ``--rounds`` and the ratios, and writes JSON.
 
-    .venv/bin/python tests/bench/bench_prefill.py [--dtype int8] [--threads 1] [--rounds 5]
+``--compiled`` runs the lean step through ``torch.compile``, compiled as the server compiles it (on the
+engine's decode threads), whatever ``--threads`` the prefill then runs on.
+
+    .venv/bin/python tests/bench/bench_prefill.py [--dtype int8] [--threads 1] [--compiled] [--rounds 5]
         [--out tests/bench/results/prefill.json]
 """
 
@@ -45,10 +48,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--threads", type=int, help="torch threads (default: the engine's for the path)")
+    parser.add_argument("--compiled", action="store_true", help="the lean step through torch.compile")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/prefill.json"))
     args = parser.parse_args()
-    lm = load_model(dtype=args.dtype)
+    lm = load_model(dtype=args.dtype, compiled=args.compiled)
+    torch.set_num_threads(default_threads(lm))
+    if args.compiled:
+        lm.decoder.warm_up()
     torch.set_num_threads(args.threads or default_threads(lm))
     assert lm.decoder is not None, "the lean step covers Llama-family models"
     config = lm.model.config
@@ -88,6 +95,7 @@ def main() -> None:
     ms = {name: statistics.median(values) for name, values in times.items()}
     report = {
         "dtype": args.dtype,
+        "compiled": args.compiled,
         "threads": torch.get_num_threads(),
         "prompts": len(encoded),
         "prompt_tokens": [len(e.ids) for e in encoded],
