@@ -321,3 +321,14 @@ def test_a_compiled_step_compiles_once_for_one_row_and_once_for_more(tiny_compil
 
     asyncio.run(scenario())
     assert variants == 2 and len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2
+
+
+def test_a_failed_compile_fails_start_instead_of_hanging(tiny_model_dir, tmp_path, monkeypatch):
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, compiled=True)
+
+    def no_compiler(*args, **kw):
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(lm.decoder, "_run", no_compiler)
+    with pytest.raises(RuntimeError, match="GUARD_COMPILE=0"):
+        Engine(lm, (), ()).start()
