@@ -26,9 +26,7 @@ gives each output the same int8 weights as the separate product it replaces.
 
 from __future__ import annotations
 
-import itertools
 import types
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
+
+from probes import handles
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,7 +68,7 @@ class DecodeStep(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             self.qkv.append(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]))
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
-        self.register_buffer("handle", _register(self), persistent=False)
+        self.register_buffer("handle", handles.handle(self), persistent=False)
         self._pass: tuple[Attend, OnLayer | None] | None = None
         self.compiled = compiled
         self._run = _compile(self) if compiled else self._layers
@@ -126,7 +126,9 @@ class DecodeStep(nn.Module):
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(query)  # [tokens, heads, 1, head_dim]: a segment's are [1, heads, n, head_dim]
             for segment, (a, b), mask in zip(segments, bounds, masks, strict=True):
-                keys, values = segment.cache.update(key[a:b].transpose(0, 2), value[a:b].transpose(0, 2), index)
+                # an empty cache keeps what it is given: a copy, not a view of the pass's buffers
+                new_keys, new_values = key[a:b].transpose(0, 2).clone(), value[a:b].transpose(0, 2).clone()
+                keys, values = segment.cache.update(new_keys, new_values, index)
                 own = F.scaled_dot_product_attention(
                     query[a:b].transpose(0, 2), keys, values, attn_mask=mask, scale=self.scaling[index], enable_gqa=True
                 )
@@ -199,24 +201,23 @@ class DecodeStep(nn.Module):
 
 
 # The operators through which a (compiled) pass calls back into Python. Their arguments may be buffers
-# the compiled code reuses once it has read them, so what outlives the call (the cache's new keys, the
-# hidden state the callback keeps) is a copy, and so is what they return (contiguous, as declared).
+# the compiled code reuses once it has read them, so what outlives the call is a copy: the cache's new
+# keys and values (decoding concatenates them onto the cache, prefill clones them) and the hidden state
+# the callback keeps; so is what they return (contiguous, as declared).
 _LIBRARY = torch.library.Library("guard", "FRAGMENT")
 _LIBRARY.define("attend(Tensor query, Tensor key, Tensor value, Tensor handle, int layer) -> Tensor")
 _LIBRARY.define("layer_out(Tensor hidden, Tensor handle, int layer) -> Tensor")
-_STEPS: weakref.WeakValueDictionary[int, DecodeStep] = weakref.WeakValueDictionary()
-_HANDLES = itertools.count()
 
 
 def _attend(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor, layer: int
 ) -> torch.Tensor:
-    attend, _ = _STEPS[int(handle)]._pass
-    return _copy(attend(layer, query, key.clone(), value.clone()))
+    attend, _ = handles.resolve(handle)._pass
+    return _copy(attend(layer, query, key, value))
 
 
 def _layer_out(hidden: torch.Tensor, handle: torch.Tensor, layer: int) -> torch.Tensor:
-    _, on_layer = _STEPS[int(handle)]._pass
+    _, on_layer = handles.resolve(handle)._pass
     return _copy(hidden if on_layer is None else on_layer(layer, _copy(hidden)))
 
 
@@ -228,12 +229,6 @@ _LIBRARY.impl("attend", _attend, "CPU")
 _LIBRARY.impl("layer_out", _layer_out, "CPU")
 torch.library.register_fake("guard::attend", lambda query, *_: query.new_empty(query.shape), lib=_LIBRARY)
 torch.library.register_fake("guard::layer_out", lambda hidden, *_: hidden.new_empty(hidden.shape), lib=_LIBRARY)
-
-
-def _register(step: DecodeStep) -> torch.Tensor:
-    key = next(_HANDLES)
-    _STEPS[key] = step
-    return torch.tensor(key)
 
 
 def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -21,9 +21,7 @@ Two choices keep int8 hidden states close to float32 and the same wherever a tok
 
 from __future__ import annotations
 
-import itertools
 import warnings
-import weakref
 from collections.abc import Mapping
 
 import torch
@@ -32,6 +30,7 @@ from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from probes import handles
 from probes.render import render_messages
 
 SMOOTHING = 0.7  # s = range ** SMOOTHING; 0.5-0.8 measured alike, 0 is no smoothing
@@ -62,7 +61,7 @@ class RowInt8Linear(nn.Module):
         self.inner = _quantized(linear.weight.detach() * smooth)
         self.register_buffer("inverse", (1.0 / smooth).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("handle", _register(self.inner), persistent=False)
+        self.register_buffer("handle", handles.handle(self.inner), persistent=False)
         self.register_buffer("frame", torch.zeros((1, self.in_features), dtype=linear.weight.dtype), persistent=False)
         self.frame[0, :2] = torch.tensor([1.0, -1.0])  # the row that pins the quantisation range to [-1, 1]
 
@@ -88,15 +87,15 @@ def input_ranges(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
         ranges[module] = seen if module not in ranges else torch.maximum(ranges[module], seen)
 
     linears = [m for m in model.modules() if type(m) is nn.Linear]
-    handles = [m.register_forward_pre_hook(record) for m in linears]
+    hooked = [m.register_forward_pre_hook(record) for m in linears]
     try:
         with torch.inference_mode():
             for text in CALIBRATION:
                 encoded = render_messages(tokenizer, [{"role": "user", "content": text}], span_message=0)
                 model(input_ids=torch.tensor([encoded.ids]))
     finally:
-        for handle in handles:
-            handle.remove()
+        for hook in hooked:
+            hook.remove()
     return ranges
 
 
@@ -110,16 +109,14 @@ def quantize_int8(model: nn.Module, ranges: Mapping[nn.Module, torch.Tensor] | N
 
 
 # ``guard::int8_linear``: torch's int8 product as an operator ``torch.compile`` can call. The packed int8
-# weights are a TorchScript object, which the compiler cannot trace; the operator takes a tensor handle
-# instead and finds them here (entries leave with their module).
+# weights are a TorchScript object, which the compiler cannot trace: the operator reaches them through
+# a handle to their module (``probes.handles``).
 _LIBRARY = torch.library.Library("guard", "FRAGMENT")
 _LIBRARY.define("int8_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
-_PACKED: dict[int, object] = {}
-_HANDLES = itertools.count()
 
 
 def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _PACKED[int(handle)], True)
+    return torch.ops.quantized.linear_dynamic(x, handles.resolve(handle)._packed_params._packed_params, True)
 
 
 def _int8_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -128,13 +125,6 @@ def _int8_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int)
 
 _LIBRARY.impl("int8_linear", _int8_linear, "CPU")
 torch.library.register_fake("guard::int8_linear", _int8_linear_shape, lib=_LIBRARY)
-
-
-def _register(inner: QuantizedLinear) -> torch.Tensor:
-    key = next(_HANDLES)
-    _PACKED[key] = inner._packed_params._packed_params
-    weakref.finalize(inner, _PACKED.pop, key, None)
-    return torch.tensor(key)
 
 
 def _smoothing(input_range: torch.Tensor) -> torch.Tensor:

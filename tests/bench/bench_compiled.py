@@ -27,6 +27,7 @@ from prompts import BENIGN, SHIPPED
 from sklearn.metrics import roc_auc_score
 from transformers import DynamicCache
 
+from guard.batch import BatchCache
 from guard.prefill import PrefixCache
 from probes.data import Dataset
 from probes.decoder import Segment
@@ -42,17 +43,16 @@ def step_ms(lm: LoadedModel, rows: int, steps: int) -> float:
     """Median ms of a decode step of ``rows`` rows (the first benign prompt each), after a packed prefill."""
     ids = render_messages(lm.tokenizer, [{"role": "user", "content": BENIGN[0]}], span_message=0).ids
     caches = [DynamicCache(config=lm.model.config) for _ in range(rows)]
+    batch = BatchCache(lm.model.config)
     with torch.inference_mode():
         logits = lm.decoder.prefill([Segment(tuple(ids), cache) for cache in caches])
-        cache = caches[0]
-        for layer, part in enumerate(cache.layers):
-            part.keys = torch.cat([c.layers[layer].keys for c in caches])
-            part.values = torch.cat([c.layers[layer].values for c in caches])
+        for cache in caches:
+            batch.add(cache, len(ids))
         token, position = logits.argmax(-1)[:, None], torch.full((rows, 1), len(ids))
         times = []
         for _ in range(steps):
             started = time.perf_counter()
-            logits = lm.decoder(token, position, cache)
+            logits = lm.decoder(token, position, batch.cache)
             times.append(time.perf_counter() - started)
             token, position = logits.argmax(-1)[:, None], position + 1
     return statistics.median(times) * 1000
