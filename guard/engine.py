@@ -66,7 +66,6 @@ class _Sequence:
     active: torch.Tensor  # [n_policies] bool: this request's policies
     ablating: torch.Tensor  # [n_ablations] float: directions ablated for this row
     sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
-    last: torch.Tensor  # [n_policies] the latest token's contributions
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
     pending: int = -1  # sampled, not yet checked nor emitted
@@ -146,7 +145,6 @@ class Engine:
             active,
             ablating,
             sums=torch.zeros(n),
-            last=torch.zeros(n),
             score=torch.zeros(n),
             crossed=torch.zeros(n, dtype=torch.bool),
         )
@@ -397,33 +395,29 @@ class Engine:
 
     def _check_token(self, seq: _Sequence, contribution: torch.Tensor) -> str:
         """Score the pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``."""
-        before = seq.sums.clone(), seq.last.clone(), seq.score.clone()
-        seq.sums += contribution
-        seq.last = contribution
-        count = seq.completion_tokens + 1
+        sums = seq.sums + contribution
         bank = seq.probes.bank
-        scores = bank.scores(torch.where(seq.probes.mean_pooled, seq.sums / count, seq.last))
+        scores = bank.scores(torch.where(seq.probes.mean_pooled, sums / (seq.completion_tokens + 1), contribution))
         crossed = seq.active & self.on_output & (scores > bank.thresholds)
-        seq.score, seq.crossed = scores, seq.crossed | crossed
-        for i in crossed.nonzero().flatten().tolist():
-            seq.detected_at.setdefault(self.policies[i].name, seq.completion_tokens)
-        for i, policy in enumerate(self.policies):
-            if not crossed[i]:
-                continue
-            if policy.action is Action.BLOCK:
-                self._finish(seq, "content_filter", message=policy.message)
-                return "blocked"
-        fired = [
-            p
-            for i, p in enumerate(self.policies)
-            if crossed[i] and p.action is Action.ABLATE and p.name not in seq.ablated_from
-        ]
-        if fired:
+        if not bool(crossed.any()):  # nearly every token: no policy to look at
+            seq.sums, seq.score = sums, scores
+            return "emit"
+        seq.crossed = seq.crossed | crossed
+        hits = [self.policies[i] for i in crossed.nonzero().flatten().tolist()]
+        for policy in hits:
+            seq.detected_at.setdefault(policy.name, seq.completion_tokens)
+        blocking = [p for p in hits if p.action is Action.BLOCK]
+        if blocking:
+            seq.sums, seq.score = sums, scores
+            self._finish(seq, "content_filter", message=blocking[0].message)
+            return "blocked"
+        fired = [p for p in hits if p.action is Action.ABLATE and p.name not in seq.ablated_from]
+        if fired:  # the token is recomputed under ablation: its scores do not count
             for policy in fired:
                 seq.ablated_from[policy.name] = seq.completion_tokens
                 seq.ablating[self.ablate_index[policy.name]] = 1.0
-            seq.sums, seq.last, seq.score = before
             return "rework"
+        seq.sums, seq.score = sums, scores
         return "emit"
 
     def _emit(self, seq: _Sequence, next_logits: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from guard.engine import TORCH_THREADS, Engine, QueueFull
 from guard.events import Emitted, Finished, GenerationRequest, Handle, PromptChecked
 from guard.policy import Action, Policy, Stage
 from guard.runtime import build_runtime
-from guard.sampling import SamplingParams
+from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
 from guard.textstream import TextStream
 from probes.model import LoadedModel, load_model
@@ -230,6 +230,16 @@ def test_text_stream_holds_back_possible_stop_strings(tiny_lm):
     assert stream.stopped and out == "How do I bake " and "bread" not in out
     plain = TextStream(tok)
     assert "".join(plain.push(i) for i in ids) + plain.flush() == tok.decode(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_sampling_takes_the_first_maximum_as_torch_does(dtype):
+    greedy = SamplingParams(temperature=0)
+    logits = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[1, [7, 4000]] = logits[1].max() + 1  # a tie: the first one wins
+    with torch.inference_mode():
+        assert [sample(row, greedy, None) for row in logits] == logits.argmax(-1).tolist()
+    assert sample(logits[1], greedy, None) == 7
 
 
 def legacy_request(lm, text: str, max_tokens: int = 12) -> GenerationRequest:
