@@ -232,6 +232,25 @@ def test_text_stream_holds_back_possible_stop_strings(tiny_lm):
     assert "".join(plain.push(i) for i in ids) + plain.flush() == tok.decode(ids)
 
 
+MIXED = "Crème brûlée, 東京 and 🦀🎉 — twice: crème brûlée, 東京, 🦀🎉!\n\tdone. " * 3
+
+
+def streamed(tokenizer, ids: list[int]) -> tuple[list[str], str]:
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    return pieces, "".join(pieces) + stream.flush()
+
+
+def test_text_stream_decodes_a_window_yet_gives_the_whole_decode(tiny_lm):
+    tok = tiny_lm.tokenizer
+    ids = tok(MIXED)["input_ids"]
+    ids = [*ids[:20], tok.eos_token_id, *ids[20:]]  # a special token inside: skipped, as in decode
+    pieces, whole = streamed(tok, ids)
+    assert whole == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in piece for piece in pieces)  # a character split over tokens waits for its end
+    assert "".join(streamed(tok, ids[:-1])[0]) != ""  # text is released as it comes, not only at the end
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_sampling_takes_the_first_maximum_as_torch_does(dtype):
     greedy = SamplingParams(temperature=0)

@@ -161,3 +161,13 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
             gaps.append(abs(events[0].verdicts[name].score - trained[i]))
             assert gaps[-1] <= tolerance, (name, texts[i])
     assert np.mean(gaps) <= mean_tolerance
+
+
+def test_text_stream_gives_the_whole_decode_on_the_default_tokenizer(real_lm):
+    from test_engine import MIXED, streamed
+
+    tok = real_lm.tokenizer
+    ids = tok(MIXED * 10)["input_ids"]
+    pieces, whole = streamed(tok, ids)
+    assert whole == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in piece for piece in pieces)
