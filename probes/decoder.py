@@ -27,6 +27,7 @@ gives each output the same int8 weights as the separate product it replaces.
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from probes import handles
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SUPPORTED = frozenset({"llama"})
+ROOM = 64  # spare columns, at least, of a decode cache layer's buffer when it is (re)allocated
+IN_PLACE_FROM = 128  # cached columns from which a decode step appends in place (``DecodeStep._append``)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class DecodeStep(nn.Module):
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
         self.register_buffer("handle", handles.handle(self), persistent=False)
         self._pass: tuple[Attend, OnLayer | None] | None = None
+        self._kv_room: weakref.WeakKeyDictionary[object, _Room] = weakref.WeakKeyDictionary()  # per cache layer
         self.compiled = compiled
         self._run = _compile(self) if compiled else self._layers
 
@@ -99,8 +103,7 @@ class DecodeStep(nn.Module):
 
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             past = cache.layers[index]
-            past.keys = torch.cat([past.keys, key], dim=2)
-            past.values = torch.cat([past.values, value], dim=2)
+            self._append(past, key, value)
             return _attention(query, past.keys, past.values, groups, self.scaling[index])
 
         with self._passing(attend, on_layer):
@@ -155,6 +158,29 @@ class DecodeStep(nn.Module):
                 f"compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
                 "install a C++ compiler (g++) or serve without compiling (GUARD_COMPILE=0, --no-compile)"
             ) from exc
+
+    def _append(self, past: object, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Add a step's keys and values ``[rows, kv_heads, 1, head_dim]`` to a cache layer, in place when there is room.
+
+        Concatenating copies the whole cache at every step: at eight rows of 1,024 columns, 382 MB a
+        step on the default model. From ``IN_PLACE_FROM`` columns on, the layer's tensors are instead
+        views of buffers with spare columns, which later steps fill in place (``_Room``). When the
+        buffers are full, or the layer's tensors are no longer the views handed out (a row joined or left
+        the batch, which replaced them), the columns are copied into new buffers.
+
+        Below that, concatenating is as fast or faster: the fresh copy is still in the processor's cache
+        when attention reads it (int8, compiled, eight rows at 40 columns: appends and attention took 7.6
+        ms a step concatenated, 8.5 ms in place). Whole steps, eight rows, concatenated against in place
+        (``tests/bench/bench_kv_cache.py``): 27.1 / 27.5 ms at 40 columns, 44.7 / 40.3 at 300, 93.3 /
+        69.6 at 1,000, 182.6 / 132.5 at 2,000; the logits are bitwise the same.
+        """
+        if past.keys.shape[2] < IN_PLACE_FROM:
+            past.keys, past.values = torch.cat([past.keys, key], dim=2), torch.cat([past.values, value], dim=2)
+            return
+        room = self._kv_room.get(past)
+        if room is None or room.keys is not past.keys or room.values is not past.values or room.free < key.shape[2]:
+            room = self._kv_room[past] = _Room(past.keys, past.values)
+        past.keys, past.values = room.append(key, value)
 
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
@@ -313,6 +339,30 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
             linear.bias = nn.Parameter(fused.bias[start:end], requires_grad=False)
         start = end
     return fused
+
+
+class _Room:
+    """A cache layer's keys and values as views of buffers with ``ROOM`` (or half as many again) spare columns."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.length = keys.shape[2]
+        shape = (*keys.shape[:2], self.length + max(ROOM, self.length // 2), keys.shape[3])
+        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
+        self.keys = self.key_buffer.narrow(2, 0, self.length).copy_(keys)
+        self.values = self.value_buffer.narrow(2, 0, self.length).copy_(values)
+
+    @property
+    def free(self) -> int:
+        return self.key_buffer.shape[2] - self.length
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        added = keys.shape[2]
+        self.key_buffer.narrow(2, self.length, added).copy_(keys)
+        self.value_buffer.narrow(2, self.length, added).copy_(values)
+        self.length += added
+        self.keys = self.key_buffer.narrow(2, 0, self.length)
+        self.values = self.value_buffer.narrow(2, 0, self.length)
+        return self.keys, self.values
 
 
 def _causal(new: int, past: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from guard.batch import BatchCache
 from guard.prefill import PrefixCache
+from probes import decoder
 from probes.decoder import DecodeStep
 from probes.hooks import capture
 from probes.model import LoadedModel, load_model
@@ -108,6 +109,44 @@ def assert_batch_invariant(lm: LoadedModel, tolerance: float) -> None:
         assert close(logits[row], alone_logits[0], tolerance)
         for layer in alone_hidden:
             assert close(hidden[layer][row], alone_hidden[layer][0], tolerance), layer
+
+
+def decode_with_joins(lm: LoadedModel, steps: int = 12) -> tuple[list[torch.Tensor], BatchCache]:
+    """Greedy steps over a batch that loses its middle row after step 4 and gains a row after step 7."""
+    texts = ["How do I bake bread today?", "Hi", "Tell me how to steal a car, quickly and quietly."]
+    batch, ids, positions = prefilled(lm, texts)
+    seen = []
+    with torch.inference_mode():
+        for step in range(steps):
+            mask = batch.step_mask()
+            logits = lm.decoder(ids, positions, batch.cache, None if bool(mask.all()) else mask)
+            batch.advance()
+            seen.append(logits)
+            ids, positions = logits.argmax(-1, keepdim=True), positions + 1
+            if step == 4:
+                batch.keep([0, 2])
+                ids, positions = ids[[0, 2]], positions[[0, 2]]
+            if step == 7:
+                joining, next_id, position = prefilled(lm, ["What is the capital of France?"])
+                batch.add(joining.cache, joining.width)
+                ids, positions = torch.cat([ids, next_id]), torch.cat([positions, position])
+    return seen, batch
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_appending_in_place_decodes_bitwise_as_concatenating(tiny_model_dir, tmp_path, monkeypatch, compiled):
+    """The cache grown in place (views of buffers with spare columns, reallocated when full or when rows
+    leave or join) gives bitwise the logits and cache that concatenating at every step gives."""
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8", compiled=compiled)
+    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 10**9)
+    concatenated, concatenated_batch = decode_with_joins(lm)
+    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 4)  # every step, from the first
+    monkeypatch.setattr(decoder, "ROOM", 2)  # full every other step
+    in_place, batch = decode_with_joins(lm)
+    assert not batch.cache.layers[0].keys.is_contiguous()  # a view of a buffer with room: appended in place
+    assert all(torch.equal(a, b) for a, b in zip(in_place, concatenated, strict=True))
+    for layer, expected in zip(batch.cache.layers, concatenated_batch.cache.layers, strict=True):
+        assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)
 
 
 def packed_prefill(lm: LoadedModel, texts: list[str], split: int) -> tuple[torch.Tensor, list[dict[int, torch.Tensor]]]:
