@@ -129,9 +129,8 @@ class DecodeStep(nn.Module):
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(query)  # [tokens, heads, 1, head_dim]: a segment's are [1, heads, n, head_dim]
             for segment, (a, b), mask in zip(segments, bounds, masks, strict=True):
-                # an empty cache keeps what it is given: a copy, not a view of the pass's buffers
-                new_keys, new_values = key[a:b].transpose(0, 2).clone(), value[a:b].transpose(0, 2).clone()
-                keys, values = segment.cache.update(new_keys, new_values, index)
+                # views of the pass's buffers: the cache concatenates them, a copy (even when it is empty)
+                keys, values = segment.cache.update(key[a:b].transpose(0, 2), value[a:b].transpose(0, 2), index)
                 own = F.scaled_dot_product_attention(
                     query[a:b].transpose(0, 2), keys, values, attn_mask=mask, scale=self.scaling[index], enable_gqa=True
                 )
@@ -228,8 +227,8 @@ class DecodeStep(nn.Module):
 
 # The operators through which a (compiled) pass calls back into Python. Their arguments may be buffers
 # the compiled code reuses once it has read them, so what outlives the call is a copy: the cache's new
-# keys and values (decoding concatenates them onto the cache, prefill clones them) and the hidden state
-# the callback keeps; so is what they return (contiguous, as declared).
+# keys and values (a decode step copies them into its buffers or concatenates, a prefill's cache
+# concatenates) and the hidden state the callback keeps; so is what they return (contiguous, as declared).
 _LIBRARY = torch.library.Library("guard", "FRAGMENT")
 _LIBRARY.define("attend(Tensor query, Tensor key, Tensor value, Tensor handle, int layer) -> Tensor")
 _LIBRARY.define("layer_out(Tensor hidden, Tensor handle, int layer) -> Tensor")
