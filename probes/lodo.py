@@ -124,7 +124,7 @@ def _cached(embed, texts: list[str]):
 
 
 _TITLES = {"probe": "probe", "tfidf": "TF-IDF", "minilm": "MiniLM"}
-_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")
+TABLE_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")  # what a table gives per held-out source
 
 
 def markdown(tables: dict[str, list[dict]]) -> str:
@@ -140,14 +140,15 @@ def markdown(tables: dict[str, list[dict]]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in rows:
-            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in _COLUMNS]
+            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in TABLE_COLUMNS]
             lines.append(f"| {r['heldout']} | {r['n']} ({r['positives']}) | {' | '.join(cells)} |")
-        means = [" / ".join(_fmt(_mean(rows, m, key)) for m in models) for key in _COLUMNS]
+        means = [" / ".join(_fmt(mean_metric(rows, m, key)) for m in models) for key in TABLE_COLUMNS]
         lines += [f"| **mean** | | {' | '.join(means)} |", ""]
     return "\n".join(lines)
 
 
-def _mean(rows: list[dict], model: str, key: str) -> float | None:
+def mean_metric(rows: list[dict], model: str, key: str) -> float | None:
+    """``key`` of ``model`` averaged over the folds that have it (None where no fold does)."""
     values = [r[model][key] for r in rows if r[model][key] is not None]
     return float(np.mean(values)) if values else None
 

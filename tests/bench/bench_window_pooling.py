@@ -27,7 +27,7 @@ import numpy as np
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_splits
 from probes.features import token_states
-from probes.lodo import folds, summarise
+from probes.lodo import TABLE_COLUMNS, folds, mean_metric, summarise
 from probes.metrics import sigmoid
 from probes.model import load_model
 from probes.sources import default_data_dir
@@ -91,15 +91,7 @@ def main() -> None:
             row[scorer] = summarise(fold.test.labels, test_scores, threshold, fold.test)
         results.append(row)
         print(fold.heldout, json.dumps({s: {k: v for k, v in row[s].items() if v is not None} for s in scorers}))
-    means = {
-        scorer: {
-            key: float(np.mean(values))
-            if (values := [r[scorer][key] for r in results if r[scorer][key] is not None])
-            else None
-            for key in ("auroc", "tpr_at_threshold", "traffic_fpr")
-        }
-        for scorer in scorers
-    }
+    means = {scorer: {key: mean_metric(results, scorer, key) for key in TABLE_COLUMNS} for scorer in scorers}
     print(f"\n| scorer ({args.policy}) | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |")
     print("|---|---|---|---|")
     for scorer, m in means.items():
