@@ -147,6 +147,14 @@ def markdown(tables: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def compare_means(results: list[dict], methods: Sequence[str], title: str) -> tuple[dict[str, dict], str]:
+    """Each method's metrics averaged over the folds, and a markdown table of them, a row a method."""
+    means = {m: {key: mean_metric(results, m, key) for key in TABLE_COLUMNS} for m in methods}
+    lines = [f"| {title} | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |", "|---|---|---|---|"]
+    lines += [f"| {m} | " + " | ".join(_fmt(v) for v in values.values()) + " |" for m, values in means.items()]
+    return means, "\n".join(lines)
+
+
 def mean_metric(rows: list[dict], model: str, key: str) -> float | None:
     """``key`` of ``model`` averaged over the folds that have it (None where no fold does)."""
     values = [r[model][key] for r in rows if r[model][key] is not None]

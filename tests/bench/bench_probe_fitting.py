@@ -35,7 +35,7 @@ from sklearn.linear_model import LogisticRegression
 from guard.settings import Settings
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_features
-from probes.lodo import TABLE_COLUMNS, Fold, folds, mean_metric, summarise
+from probes.lodo import Fold, compare_means, folds, summarise
 from probes.metrics import sigmoid
 from probes.model import LoadedModel, load_model
 from probes.train import _best, _dev_quality, dev_threshold, train_probe
@@ -107,11 +107,8 @@ def main() -> None:
         results.append(row)
         shown = {f: {k: v for k, v in row[f].items() if v is not None} for f in FITS}
         print(fold.heldout, json.dumps(shown), flush=True)
-    means = {name: {key: mean_metric(results, name, key) for key in TABLE_COLUMNS} for name in FITS}
-    print(f"\n| fit ({args.policy}) | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |")
-    print("|---|---|---|---|")
-    for name, m in means.items():
-        print(f"| {name} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in m.values()) + " |")
+    means, table = compare_means(results, FITS, f"fit ({args.policy})")
+    print("\n" + table)
     report = {"policy": args.policy, "layers": list(PRESET_CONFIG.layers), "folds": results, "means": means}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

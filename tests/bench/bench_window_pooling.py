@@ -27,7 +27,7 @@ import numpy as np
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_splits
 from probes.features import token_states
-from probes.lodo import TABLE_COLUMNS, folds, mean_metric, summarise
+from probes.lodo import compare_means, folds, summarise
 from probes.metrics import sigmoid
 from probes.model import load_model
 from probes.sources import default_data_dir
@@ -91,11 +91,8 @@ def main() -> None:
             row[scorer] = summarise(fold.test.labels, test_scores, threshold, fold.test)
         results.append(row)
         print(fold.heldout, json.dumps({s: {k: v for k, v in row[s].items() if v is not None} for s in scorers}))
-    means = {scorer: {key: mean_metric(results, scorer, key) for key in TABLE_COLUMNS} for scorer in scorers}
-    print(f"\n| scorer ({args.policy}) | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |")
-    print("|---|---|---|---|")
-    for scorer, m in means.items():
-        print(f"| {scorer} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in m.values()) + " |")
+    means, table = compare_means(results, scorers, f"scorer ({args.policy})")
+    print("\n" + table)
     report = {"policy": args.policy, "layers": list(config.layers), "folds": results, "means": means}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
