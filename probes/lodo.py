@@ -124,7 +124,7 @@ def _cached(embed, texts: list[str]):
 
 
 _TITLES = {"probe": "probe", "tfidf": "TF-IDF", "minilm": "MiniLM"}
-TABLE_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")  # what a table gives per held-out source
+_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")
 
 
 def markdown(tables: dict[str, list[dict]]) -> str:
@@ -140,23 +140,22 @@ def markdown(tables: dict[str, list[dict]]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in rows:
-            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in TABLE_COLUMNS]
+            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in _COLUMNS]
             lines.append(f"| {r['heldout']} | {r['n']} ({r['positives']}) | {' | '.join(cells)} |")
-        means = [" / ".join(_fmt(mean_metric(rows, m, key)) for m in models) for key in TABLE_COLUMNS]
+        means = [" / ".join(_fmt(_mean(rows, m, key)) for m in models) for key in _COLUMNS]
         lines += [f"| **mean** | | {' | '.join(means)} |", ""]
     return "\n".join(lines)
 
 
 def compare_means(results: list[dict], methods: Sequence[str], title: str) -> tuple[dict[str, dict], str]:
     """Each method's metrics averaged over the folds, and a markdown table of them, a row a method."""
-    means = {m: {key: mean_metric(results, m, key) for key in TABLE_COLUMNS} for m in methods}
+    means = {m: {key: _mean(results, m, key) for key in _COLUMNS} for m in methods}
     lines = [f"| {title} | mean AUROC | mean TPR at threshold | mean FPR on held-out traffic |", "|---|---|---|---|"]
     lines += [f"| {m} | " + " | ".join(_fmt(v) for v in values.values()) + " |" for m, values in means.items()]
     return means, "\n".join(lines)
 
 
-def mean_metric(rows: list[dict], model: str, key: str) -> float | None:
-    """``key`` of ``model`` averaged over the folds that have it (None where no fold does)."""
+def _mean(rows: list[dict], model: str, key: str) -> float | None:
     values = [r[model][key] for r in rows if r[model][key] is not None]
     return float(np.mean(values)) if values else None
 

@@ -1,5 +1,5 @@
 from probes.data import Dataset, Row
-from probes.lodo import TRAFFIC, folds, markdown
+from probes.lodo import TRAFFIC, compare_means, folds, markdown
 
 
 def rows(source: str, n: int, label: int) -> list[Row]:
@@ -29,3 +29,12 @@ def test_markdown_table():
     )
     assert "| a | 10 (4) | 0.900 / 0.900 / 0.900 | 0.500 / 0.500 / 0.500 | n/a / n/a / n/a |" in table
     assert "**mean**" in table
+
+
+def test_method_means_skip_folds_without_the_metric():
+    def fold(auroc, fpr):
+        return {"fit": {"auroc": auroc, "tpr_at_threshold": 0.5, "traffic_fpr": fpr}}
+
+    means, table = compare_means([fold(0.9, None), fold(None, 0.02), fold(0.7, 0.04)], ["fit"], "fit (p)")
+    assert means["fit"]["auroc"] == 0.8 and means["fit"]["traffic_fpr"] == 0.03
+    assert "| fit | 0.800 | 0.500 | 0.030 |" in table.splitlines()
