@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ from probes.model import LoadedModel
 from probes.probe import LinearProbe
 
 log = logging.getLogger(__name__)
+Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefill" or "decode_step"
 # torch's default intra-op threads, read at import: a thread's own setting may differ (the server
 # loads the model with one thread, guard.runtime)
 TORCH_THREADS = torch.get_num_threads()
@@ -72,6 +74,7 @@ class _Sequence:
     previous: int = -1  # the token fed before ``pending`` (its logits chose ``pending``)
     position: int = 0  # position id of ``pending``
     completion_tokens: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
     ablated_from: dict[str, int] = field(default_factory=dict)
     detected_at: dict[str, int] = field(default_factory=dict)
 
@@ -111,6 +114,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # where the engine thread reports how long requests waited, prefills and decode steps took (the
+        # metrics set it): what a first token's time is made of
+        self.timing: Timing | None = None
 
     # -- the public side (any thread) ------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +201,9 @@ class Engine:
                 try:
                     self._admit()
                     if self._active:
+                        started = time.perf_counter()
                         self._step()
+                        self._report("decode_step", time.perf_counter() - started)
                 except Exception as exc:  # a bug must not kill the server: fail the running requests, go on
                     log.exception("generation step failed")
                     for seq in self._active:
@@ -203,6 +211,11 @@ class Engine:
                     self._active, self._batch = [], BatchCache(self.lm.model.config)
         for seq in [*self._active, *self._waiting]:
             seq.handle.put(Failed("the server is shutting down"))
+
+    def _report(self, phase: str, *seconds: float) -> None:
+        if self.timing is not None:
+            for value in seconds:
+                self.timing(phase, value)
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
@@ -224,12 +237,15 @@ class Engine:
             seqs = self._take(self.max_batch - len(self._active))
             if not seqs:
                 return
+            started = time.perf_counter()
+            self._report("queue_wait", *(started - seq.submitted for seq in seqs))
             try:
                 if self.decoder is not None:
                     self._prefill_packed(seqs)
                 else:
                     for seq in seqs:
                         self._prefill(seq)
+                self._report("prefill", time.perf_counter() - started)
             except Exception:
                 for seq in seqs:  # not in the batch: nobody else answers them (one already blocked ignores it)
                     if seq not in self._active:

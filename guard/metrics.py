@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -14,7 +15,11 @@ from prometheus_client.core import GaugeMetricFamily
 from guard.events import Finished, Verdict
 from guard.policy import Policy
 
+if TYPE_CHECKING:
+    from guard.engine import Engine
+
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_PHASE = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 10)
 _SCORE = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -36,6 +41,14 @@ class Metrics:
             "guard_time_to_first_token_seconds",
             "Time from request to the first emitted token.",
             buckets=_LATENCY,
+            registry=r,
+        )
+        self.engine_phases = Histogram(
+            "guard_engine_phase_duration_seconds",
+            "Generation loop: a request's wait for a batch slot (queue_wait), a packed prefill (prefill), "
+            "a decode step of the whole batch (decode_step).",
+            ["phase"],
+            buckets=_PHASE,
             registry=r,
         )
         self.tokens = Counter("guard_generated_tokens", "Completion tokens emitted.", registry=r)
@@ -62,9 +75,13 @@ class Metrics:
             "guard_probe_versions_refused", "Registry versions refused.", ["probe", "reason"], registry=r
         )
 
-    def watch_engine(self, load: Callable[[], dict[str, int]]) -> None:
-        """Batch occupancy gauges read from the engine at scrape time."""
-        self.registry.register(_EngineCollector(load))
+    def watch_engine(self, engine: Engine) -> None:
+        """Batch occupancy gauges read from the engine at scrape time; its phases' durations as it reports them."""
+        self.registry.register(_EngineCollector(engine.load))
+        engine.timing = self.engine_phase
+
+    def engine_phase(self, phase: str, seconds: float) -> None:
+        self.engine_phases.labels(phase).observe(seconds)
 
     def probe_versions(self, policies: Sequence[Policy], versions: dict[str, str]) -> None:
         self.probe_info.clear()

@@ -110,6 +110,23 @@ def test_batched_equals_alone_including_a_late_join(tiny_lm, engine_for, path, l
         assert done_a.verdicts["toy"].score == pytest.approx(done_b.verdicts["toy"].score, abs=1e-4)
 
 
+def test_the_engine_reports_queue_wait_prefill_and_decode_step_times(tiny_lm, engine_for):
+    engine = engine_for()
+    reported: list[tuple[str, float]] = []
+    engine.timing = lambda phase, seconds: reported.append((phase, seconds))
+
+    async def two() -> list:
+        return await asyncio.gather(*(run(engine, request(tiny_lm, text, 6)) for text in PROMPTS[:2]))
+
+    done = [finished for _, finished, _ in asyncio.run(two())]
+    engine.stop()  # the last step reports after its events are out: let the engine thread finish it
+    phases = [phase for phase, _ in reported]
+    assert phases.count("queue_wait") == 2 and 1 <= phases.count("prefill") <= 2  # packed when they arrive together
+    # a step checks one token of every row (the first one included): at least as many steps as the longest reply
+    assert phases.count("decode_step") >= max(d.completion_tokens for d in done)
+    assert all(seconds >= 0 for _, seconds in reported)
+
+
 def test_lean_decode_step_generates_what_transformers_generates(tiny_lm, engine_for):
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     lean = engine_for([policy], [probe_for(tiny_lm)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -273,4 +274,7 @@ def test_metrics_exposed(server, client):
     ):
         assert name in text, name
     assert 'guard_probe_score_count{policy="hate",stage="prompt"}' in text
+    for phase in ("queue_wait", "prefill", "decode_step"):  # what the first token's time is made of
+        count = re.search(rf'guard_engine_phase_duration_seconds_count{{phase="{phase}"}} (\S+)', text)
+        assert count and float(count.group(1)) >= 1, phase
     assert 'guard_finish_reason_total{reason="content_filter"}' in text  # prompt and output blocks

@@ -85,7 +85,7 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         context_window(settings, engine), settings.default_max_tokens, settings.queue_timeout, settings.request_timeout
     )
     app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
-    metrics.watch_engine(engine.load)
+    metrics.watch_engine(engine)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
     metrics.probe_versions(engine.policies, engine.versions())
     metrics.ready.set(1)
