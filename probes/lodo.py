@@ -21,7 +21,7 @@ from probes.data import Dataset, Row, split
 from probes.layers import normalise_layer
 from probes.metrics import binary_metrics
 from probes.model import LoadedModel
-from probes.train import TrainConfig, train_probe
+from probes.train import TrainConfig, dev_threshold, train_probe
 
 TRAFFIC = TrainConfig.traffic_source
 
@@ -115,6 +115,16 @@ def summarise(labels: Sequence[int], scores: np.ndarray, threshold: float, test:
         "fpr_at_threshold": m["fpr_at_threshold"],
         "traffic_fpr": float(np.mean(np.asarray(traffic) > threshold)) if traffic else None,
     }
+
+
+def scored_fold(fold: Fold, scores: dict[str, tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> dict:
+    """A fold's row for ways of scoring it, ``{name: (dev scores, test scores)}``: each is thresholded on dev
+    by ``config``'s rule (the shipped one: its target FPR and traffic FPR) and summarised on the held-out set."""
+    row = {"heldout": fold.heldout, "n": len(fold.test.rows), "positives": sum(fold.test.labels)}
+    for name, (dev, test) in scores.items():
+        threshold = dev_threshold(fold.dev, dev, config.target_fpr, config.traffic_fpr, config.traffic_source)
+        row[name] = summarise(fold.test.labels, test, threshold, fold.test)
+    return row
 
 
 def _cached(embed, texts: list[str]):

@@ -1,5 +1,8 @@
+import numpy as np
+
 from probes.data import Dataset, Row
-from probes.lodo import TRAFFIC, compare_means, folds, markdown
+from probes.lodo import TRAFFIC, compare_means, folds, markdown, scored_fold
+from probes.train import TrainConfig
 
 
 def rows(source: str, n: int, label: int) -> list[Row]:
@@ -38,3 +41,15 @@ def test_method_means_skip_folds_without_the_metric():
     means, table = compare_means([fold(0.9, None), fold(None, 0.02), fold(0.7, 0.04)], ["fit"], "fit (p)")
     assert means["fit"]["auroc"] == 0.8 and means["fit"]["traffic_fpr"] == 0.03
     assert "| fit | 0.800 | 0.500 | 0.030 |" in table.splitlines()
+
+
+def test_a_scored_fold_thresholds_each_way_on_dev_and_reports_held_out_traffic():
+    data = Dataset(tuple(rows("a", 40, 1) + rows("b", 40, 1) + rows("c", 40, 0) + rows(TRAFFIC, 200, 0)))
+    fold = {f.heldout: f for f in folds(data)}["a"]
+    dev_labels, test_labels = np.asarray(fold.dev.labels), np.asarray(fold.test.labels)
+    perfect = (dev_labels.astype(float), test_labels.astype(float))
+    inverted = (1.0 - dev_labels, 1.0 - test_labels)
+    row = scored_fold(fold, {"perfect": perfect, "inverted": inverted}, TrainConfig())
+    assert (row["heldout"], row["n"], row["positives"]) == ("a", len(fold.test.rows), 40)
+    assert row["perfect"]["auroc"] == 1.0 and row["perfect"]["traffic_fpr"] == 0.0
+    assert row["inverted"]["auroc"] == 0.0 and row["inverted"]["tpr_at_threshold"] == 0.0

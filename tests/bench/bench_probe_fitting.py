@@ -35,10 +35,10 @@ from sklearn.linear_model import LogisticRegression
 from guard.settings import Settings
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_features
-from probes.lodo import Fold, compare_means, folds, summarise
+from probes.lodo import Fold, compare_means, folds, scored_fold
 from probes.metrics import sigmoid
 from probes.model import LoadedModel, load_model
-from probes.train import _best, _dev_quality, dev_threshold, train_probe
+from probes.train import _best, _dev_quality, train_probe
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # pooled features [n, layers, d] -> logits [n]
 FITS = ("logistic", "source_balanced", "lda", "mass_mean")
@@ -98,12 +98,11 @@ def main() -> None:
         def x(data: Dataset) -> np.ndarray:
             return features[[index[r.key] for r in data.rows]]
 
-        row = {"heldout": fold.heldout, "n": len(fold.test.rows), "positives": sum(fold.test.labels)}
+        scores = {}
         for name in FITS:
             score = fit(name, lm, fold, x(fold.train), x(fold.dev))
-            dev_scores = sigmoid(score(x(fold.dev)))
-            threshold = dev_threshold(fold.dev, dev_scores, PRESET_CONFIG.target_fpr, PRESET_CONFIG.traffic_fpr)
-            row[name] = summarise(fold.test.labels, sigmoid(score(x(fold.test))), threshold, fold.test)
+            scores[name] = sigmoid(score(x(fold.dev))), sigmoid(score(x(fold.test)))
+        row = scored_fold(fold, scores, PRESET_CONFIG)
         results.append(row)
         shown = {f: {k: v for k, v in row[f].items() if v is not None} for f in FITS}
         print(fold.heldout, json.dumps(shown), flush=True)

@@ -27,11 +27,11 @@ import numpy as np
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_splits
 from probes.features import token_states
-from probes.lodo import compare_means, folds, summarise
+from probes.lodo import compare_means, folds, scored_fold
 from probes.metrics import sigmoid
 from probes.model import load_model
 from probes.sources import default_data_dir
-from probes.train import dev_threshold, train_probe
+from probes.train import train_probe
 
 
 def window_max(logits: np.ndarray, window: int) -> float:
@@ -84,11 +84,7 @@ def main() -> None:
         last_logits = last.reshape(len(states), -1) @ last_weight.reshape(-1) + last_bias
         every["last"] = sigmoid(last_logits)
         every["mean_last_ensemble"] = sigmoid((mean_logits + last_logits) / 2)
-        row = {"heldout": fold.heldout, "n": len(fold.test.rows), "positives": sum(fold.test.labels)}
-        for scorer in scorers:
-            dev_scores, test_scores = every[scorer][rows(fold.dev)], every[scorer][rows(fold.test)]
-            threshold = dev_threshold(fold.dev, dev_scores, config.target_fpr, config.traffic_fpr)
-            row[scorer] = summarise(fold.test.labels, test_scores, threshold, fold.test)
+        row = scored_fold(fold, {s: (every[s][rows(fold.dev)], every[s][rows(fold.test)]) for s in scorers}, config)
         results.append(row)
         print(fold.heldout, json.dumps({s: {k: v for k, v in row[s].items() if v is not None} for s in scorers}))
     means, table = compare_means(results, scorers, f"scorer ({args.policy})")
