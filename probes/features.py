@@ -56,7 +56,9 @@ def extract(
             return np.load(path, allow_pickle=False)
     features = np.zeros((len(dataset.rows), len(layers), lm.hidden_size), dtype=np.float32)
     with tqdm(total=len(dataset.rows), desc="extracting", unit="text", disable=not progress) as bar:
-        for batch, rows, hidden, offset in _batched_states(lm, dataset, layers, max_text_tokens, batch_tokens):
+        for batch, rows, hidden, offset in batched_states(
+            lm, _encode(lm, dataset, max_text_tokens), layers, batch_tokens
+        ):
             for j, layer in enumerate(layers):
                 for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
                     features[i, j] = pool(hidden[layer][k], row.start - offset, row.end - offset, pooling).numpy()
@@ -89,17 +91,23 @@ def token_states(
     For methods that score tokens rather than a pooled row (``tests/bench/bench_window_pooling.py``);
     the mean over a row's tokens is its ``mean``-pooled feature.
     """
-    for batch, rows, hidden, offset in _batched_states(lm, dataset, layers, max_text_tokens, batch_tokens):
+    for batch, rows, hidden, offset in batched_states(lm, _encode(lm, dataset, max_text_tokens), layers, batch_tokens):
         for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
             span = [hidden[layer][k, row.start - offset : row.end - offset] for layer in layers]
             yield i, torch.stack(span, 1).numpy()
 
 
-def _batched_states(
-    lm: LoadedModel, dataset: Dataset, layers: Sequence[int], max_text_tokens: int, batch_tokens: int
+def _encode(lm: LoadedModel, dataset: Dataset, max_text_tokens: int) -> list[Encoded]:
+    return [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
+
+
+def batched_states(
+    lm: LoadedModel, encoded: list[Encoded], layers: Sequence[int], batch_tokens: int = 2048
 ) -> Iterator[tuple[list[int], list[Encoded], dict[int, torch.Tensor], int]]:
-    """Per batch of rows of similar length: their indices, encodings, hidden states and shared prefix length."""
-    encoded = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
+    """Per batch of rows of similar length: their indices, encodings, hidden states and shared prefix length.
+
+    ``hidden[layer][k, p]`` is the state of ``rows[k].ids[offset + p]``; positions past a row's ids are padding.
+    """
     prefixes: dict[tuple[int, ...], DynamicCache] = {}
     for batch in _batches(encoded, batch_tokens):
         rows = [encoded[i] for i in batch]

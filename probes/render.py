@@ -56,13 +56,26 @@ def render_messages(
 
 
 def encode_row(
-    tokenizer: PreTrainedTokenizerBase, text: str, prompt: str | None = None, *, max_text_tokens: int = 256
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    prompt: str | None = None,
+    *,
+    max_text_tokens: int = 256,
+    generation_prompt: bool = False,
 ) -> Encoded:
-    """A user text (``prompt is None``) or an assistant reply to ``prompt``; the span is cut at ``max_text_tokens``."""
+    """A user text (``prompt is None``) or an assistant reply to ``prompt``; the span is cut at ``max_text_tokens``.
+
+    ``generation_prompt`` (user texts only): the ids go on after the text with the rest of the
+    template up to the assistant's turn, as the server's prefill does; otherwise they end with the text.
+    """
     if prompt is None:
-        encoded = render_messages(tokenizer, [{"role": "user", "content": text}], span_message=0)
+        messages = [{"role": "user", "content": text}]
+        encoded = render_messages(tokenizer, messages, span_message=0, add_generation_prompt=generation_prompt)
+    elif generation_prompt:
+        raise ValueError("generation_prompt applies to a user text, not to a reply")
     else:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
         encoded = render_messages(tokenizer, messages, span_message=1)
     end = min(encoded.end, encoded.start + max_text_tokens)
-    return Encoded(encoded.ids[:end], encoded.start, end)
+    tail = encoded.ids[encoded.end :] if generation_prompt else ()
+    return Encoded(encoded.ids[:end] + tail, encoded.start, end)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from probes.data import Dataset, Row
-from probes.features import extract, token_states
+from probes.features import batched_states, extract, token_states
 from probes.hooks import capture
-from probes.render import encode_row
+from probes.render import encode_row, render_messages
 
 TEXTS = [
     "How do I bake bread?",
@@ -27,6 +27,30 @@ def test_span_covers_exactly_the_text(tiny_lm):
 def test_span_truncation(tiny_lm):
     enc = encode_row(tiny_lm.tokenizer, "Write a poem about the sea and the wind.", max_text_tokens=3)
     assert enc.end - enc.start == 3 and len(enc.ids) == enc.end
+
+
+def test_generation_prompt_keeps_the_template_after_a_truncated_text(tiny_lm):
+    text = "Write a poem about the sea and the wind."
+    rendered = render_messages(
+        tiny_lm.tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
+    )
+    full = encode_row(tiny_lm.tokenizer, text, generation_prompt=True)
+    assert full == rendered and full.end < len(full.ids)
+    cut = encode_row(tiny_lm.tokenizer, text, max_text_tokens=3, generation_prompt=True)
+    assert cut.ids == full.ids[: full.start + 3] + full.ids[full.end :] and cut.end == cut.start + 3
+    with pytest.raises(ValueError, match="user text"):
+        encode_row(tiny_lm.tokenizer, "Sure.", "Tell me.", generation_prompt=True)
+
+
+def test_batched_states_past_the_text_equal_the_row_alone(tiny_lm):
+    encoded = [encode_row(tiny_lm.tokenizer, t, generation_prompt=True) for t in TEXTS]
+    for batch, rows, hidden, offset in batched_states(tiny_lm, encoded, [2]):
+        assert len(batch) > 1  # one batch for these few short rows
+        for k, row in enumerate(rows):
+            with torch.inference_mode(), capture(tiny_lm.model, [2]) as store:
+                tiny_lm.model(input_ids=torch.tensor([row.ids]))
+            tail = hidden[2][k, row.end - offset : len(row.ids) - offset]
+            torch.testing.assert_close(tail, store[2][0, row.end :].float(), rtol=1e-4, atol=1e-5)
 
 
 def test_batched_features_equal_unbatched_and_manual_mean(tiny_lm):

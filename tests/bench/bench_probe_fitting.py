@@ -23,19 +23,19 @@ and ``guard benchmark-policies`` fill.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from lodo_report import finish, print_fold
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.linear_model import LogisticRegression
 
 from guard.settings import Settings
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_features
-from probes.lodo import Fold, compare_means, folds, scored_fold
+from probes.lodo import Fold, folds, scored_fold
 from probes.metrics import sigmoid
 from probes.model import LoadedModel, load_model
 from probes.train import _best, _dev_quality, train_probe
@@ -104,13 +104,9 @@ def main() -> None:
             scores[name] = sigmoid(score(x(fold.dev))), sigmoid(score(x(fold.test)))
         row = scored_fold(fold, scores, PRESET_CONFIG)
         results.append(row)
-        shown = {f: {k: v for k, v in row[f].items() if v is not None} for f in FITS}
-        print(fold.heldout, json.dumps(shown), flush=True)
-    means, table = compare_means(results, FITS, f"fit ({args.policy})")
-    print("\n" + table)
-    report = {"policy": args.policy, "layers": list(PRESET_CONFIG.layers), "folds": results, "means": means}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print_fold(row, FITS)
+    report = {"policy": args.policy, "layers": list(PRESET_CONFIG.layers)}
+    finish(results, FITS, f"fit ({args.policy})", report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ on held-out ordinary traffic per scorer, side by side, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from lodo_report import finish, print_fold
 
 from probes.data import Dataset
 from probes.defaults import PRESET_CONFIG, recipe_splits
 from probes.features import token_states
-from probes.lodo import compare_means, folds, scored_fold
+from probes.lodo import folds, scored_fold
 from probes.metrics import sigmoid
 from probes.model import load_model
 from probes.sources import default_data_dir
@@ -86,12 +86,9 @@ def main() -> None:
         every["mean_last_ensemble"] = sigmoid((mean_logits + last_logits) / 2)
         row = scored_fold(fold, {s: (every[s][rows(fold.dev)], every[s][rows(fold.test)]) for s in scorers}, config)
         results.append(row)
-        print(fold.heldout, json.dumps({s: {k: v for k, v in row[s].items() if v is not None} for s in scorers}))
-    means, table = compare_means(results, scorers, f"scorer ({args.policy})")
-    print("\n" + table)
-    report = {"policy": args.policy, "layers": list(config.layers), "folds": results, "means": means}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print_fold(row, scorers)
+    report = {"policy": args.policy, "layers": list(config.layers)}
+    finish(results, scorers, f"scorer ({args.policy})", report, args.out)
 
 
 if __name__ == "__main__":
