@@ -300,7 +300,10 @@ def _attention(
     over more columns in another order (about 1e-6 apart), and on int8 a rounding boundary can turn
     that into a different reply. So each run of rows starting at the same column gets a call of its
     own, on views of the cache (gathering the rows copied their cache: compiled on int8, a step of eight
-    rows with different starts took 30-32 ms that way, 26-27 ms on views).
+    rows with different starts took 30-32 ms that way, 26-27 ms on views). Right padding, where every
+    row's columns start at 0 as they do alone, does not make one masked call exact either: eight rows
+    of 40 to 333 columns came out up to 1.8e-7 apart from the rows alone, and the call took 478 µs a
+    layer against 282 µs for the eight calls (one thread), as it attends over every row's padding.
     """
     if not runs:
         return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)

@@ -191,6 +191,7 @@ MEDICAL_ADVICE = Recipe(
             why="hard negatives: low-risk medical questions",
         ),
         Pick("medicheck_neg", 0, cap=800, why="non-medical Reddit questions in the same register"),
+        Pick("toxicchat", 0, _benign(), cap=800, why="ordinary traffic, which the threshold must not flag"),
         Pick("alpaca", 0, cap=300, why="benign instructions"),
     ),
 )
