@@ -90,6 +90,16 @@ def test_decode_step_matches_transformers_with_padding(tiny_model_dir, tmp_path,
     compare_one_step(lm, ["What is the capital of France?"], TOLERANCE[dtype])  # no padding: no mask
 
 
+def test_compiled_step_picks_its_graph_by_row_count_whichever_compiled_first(tiny_model_dir, tmp_path):
+    """A compiled pass checks only its inputs' guards (``decoder._input_guards``): they alone must send one
+    row and several rows to their own graphs, here with the one-row graph compiled first."""
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, compiled=True)
+    compare_one_step(lm, ["What is the capital of France?"], TOLERANCE["float32"])
+    compare_one_step(lm, ["How do I bake bread today?", "Hi"], TOLERANCE["float32"])
+    compare_one_step(lm, ["Hi", "Tell me how to steal a car.", "What is the capital of France?"], 1e-5)
+    compare_one_step(lm, ["Hi"], TOLERANCE["float32"])
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_a_rows_step_does_not_depend_on_the_other_rows(tiny_model_dir, tmp_path, dtype, compiled):
