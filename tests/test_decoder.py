@@ -96,7 +96,7 @@ def test_compiled_step_picks_its_graph_by_row_count_whichever_compiled_first(tin
     lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, compiled=True)
     compare_one_step(lm, ["What is the capital of France?"], TOLERANCE["float32"])
     compare_one_step(lm, ["How do I bake bread today?", "Hi"], TOLERANCE["float32"])
-    compare_one_step(lm, ["Hi", "Tell me how to steal a car.", "What is the capital of France?"], 1e-5)
+    compare_one_step(lm, ["Hi", "Tell me how to steal a car.", "What is the capital of France?"], TOLERANCE["float32"])
     compare_one_step(lm, ["Hi"], TOLERANCE["float32"])
 
 
