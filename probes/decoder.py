@@ -15,7 +15,10 @@ into one pass, each attending to its own tokens). ``compiled=True`` runs its lay
 row scaling, the activation) becomes a few fused kernels, while the int8 products, the attention and
 the per-layer callback stay Python-side operators (``guard::int8_linear``, ``guard::attend``,
 ``guard::layer_out``). On the default model on int8 that took a one-row decode step from 22.8 to
-14.1 ms, an eight-row one from 31.1 to 23.4 ms (``tests/bench/bench_compiled.py``).
+14.1 ms, an eight-row one from 31.1 to 23.4 ms (``tests/bench/bench_compiled.py``). Compiled on
+float32 activations (the float32 and int8 models), a decode step's attention is also one call of a
+C kernel for the whole batch (``probes.attention``) instead of torch's attention once per run of
+rows with the same first column (``tests/bench/bench_attention.py``).
 
 The ablation rework and training features run through transformers, and the per-layer callback
 takes the place of the forward hooks (``probes.hooks``) there. The fused float weights are the
@@ -38,6 +41,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from probes import handles
+from probes.attention import decode_attention
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,6 +79,8 @@ class DecodeStep(nn.Module):
         self._pass: tuple[Attend, OnLayer | None] | None = None
         self._kv_room: weakref.WeakKeyDictionary[object, _Room] = weakref.WeakKeyDictionary()  # per cache layer
         self.compiled = compiled
+        # decode attention through the C kernel: compiled, on float32 activations (float32 and int8 models)
+        self.native = compiled and model.dtype == torch.float32
         self._run = _compile(self) if compiled else self._layers
 
     def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
@@ -99,12 +105,12 @@ class DecodeStep(nn.Module):
         columns and the new one; ``None`` when no row has padding. ``on_layer(layer, hidden)`` sees
         each layer's output ``[rows, 1, d_model]`` and returns what the next layer reads.
         """
-        groups = _rows_by_start(mask)
+        attention = self._attention(mask, ids.shape[0])
 
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             past = cache.layers[index]
             self._append(past, key, value)
-            return _attention(query, past.keys, past.values, groups, self.scaling[index])
+            return attention(query, past.keys, past.values, self.scaling[index])
 
         with self._passing(attend, on_layer):
             return self._logits(self._run(ids, positions))
@@ -157,6 +163,19 @@ class DecodeStep(nn.Module):
                 f"compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
                 "install a C++ compiler (g++) or serve without compiling (GUARD_COMPILE=0, --no-compile)"
             ) from exc
+
+    def _attention(self, mask: torch.Tensor | None, rows: int) -> Callable[..., torch.Tensor]:
+        """A step's attention ``(query, keys, values, scale)``, each row over its own columns, as it would alone.
+
+        Compiled on float32 activations, the whole batch in one call of the C kernel
+        (``probes.attention``), given each row's first column; otherwise torch's, a call per run of rows
+        with the same first column (``_attention``).
+        """
+        if self.native:
+            starts = torch.zeros(rows, dtype=torch.int64) if mask is None else mask.shape[1] - mask.sum(1)
+            return lambda query, keys, values, scale: decode_attention(query, keys, values, starts, scale)
+        runs = _rows_by_start(mask)
+        return lambda query, keys, values, scale: _attention(query, keys, values, runs, scale)
 
     def _append(self, past: object, key: torch.Tensor, value: torch.Tensor) -> None:
         """Add a step's keys and values ``[rows, kv_heads, 1, head_dim]`` to a cache layer, in place when there is room.
