@@ -334,10 +334,9 @@ class Engine:
         self._set_rows(rows)
         logits = self._forward_step(ids, positions)
         self._batch.advance()
-        contributions = self._token_contributions(rows)  # [rows, P]
+        outcomes = self._check_tokens(rows)
         survivors, rework = [], []
-        for i, seq in enumerate(rows):
-            outcome = self._check_token(seq, contributions[i])
+        for i, (seq, outcome) in enumerate(zip(rows, outcomes, strict=True)):
             if outcome == "rework":
                 rework.append((i, seq))
             elif outcome == "emit" and self._emit(seq, logits[i]):
@@ -386,16 +385,6 @@ class Engine:
             return torch.zeros((end - start, 0))
         return bank.token_logits({layer: _tokens(self._hidden[layer])[start:end] for layer in bank.layers})
 
-    def _token_contributions(self, rows: list[_Sequence]) -> torch.Tensor:
-        """Per-token contributions ``[rows, P]`` of each row's newest token, one product per probe set and layer."""
-        out = torch.zeros((len(rows), len(self.policies)))
-        for probes, index in _groups(rows):
-            if len(probes.bank):
-                out[index] = probes.bank.token_logits(
-                    {layer: self._hidden[layer][index, -1] for layer in probes.bank.layers}
-                )
-        return out
-
     def _retire_before_step(self) -> None:
         keep = []
         for i, seq in enumerate(self._active):
@@ -409,15 +398,36 @@ class Engine:
             self._batch.keep(keep)
             self._active = [self._active[i] for i in keep]
 
-    def _check_token(self, seq: _Sequence, contribution: torch.Tensor) -> str:
-        """Score the pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``."""
-        sums = seq.sums + contribution
-        bank = seq.probes.bank
-        scores = bank.scores(torch.where(seq.probes.mean_pooled, sums / (seq.completion_tokens + 1), contribution))
-        crossed = seq.active & self.on_output & (scores > bank.thresholds)
-        if not bool(crossed.any()):  # nearly every token: no policy to look at
-            seq.sums, seq.score = sums, scores
-            return "emit"
+    def _check_tokens(self, rows: list[_Sequence]) -> list[str]:
+        """Score every row's pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``.
+
+        The rows of a probe set (all of them, but across a hot reload) are scored together: one matrix
+        product per probed layer, one set of operations for the scores. Only a row where a policy crossed
+        its threshold (nearly never) is then handled on its own (``_act``).
+        """
+        outcomes = ["emit"] * len(rows)
+        if not self.policies:
+            return outcomes
+        for probes, index in _groups(rows):
+            picked = slice(None) if len(index) == len(rows) else index  # one set: no copy of the rows
+            contributions = probes.bank.token_logits({k: self._hidden[k][picked, -1] for k in probes.bank.layers})
+            group = [rows[i] for i in index.tolist()]
+            sums = torch.stack([seq.sums for seq in group]) + contributions
+            tokens = torch.tensor([[seq.completion_tokens + 1.0] for seq in group])
+            scores = probes.bank.scores(torch.where(probes.mean_pooled, sums / tokens, contributions))
+            active = torch.stack([seq.active for seq in group]) & self.on_output
+            crossed = active & (scores > probes.bank.thresholds)
+            hits = crossed.any(1).tolist()
+            for j, (seq, row_sums, row_scores) in enumerate(zip(group, sums.unbind(), scores.unbind(), strict=True)):
+                if hits[j]:
+                    outcomes[int(index[j])] = self._act(seq, row_sums, row_scores, crossed[j])
+                else:
+                    seq.sums, seq.score = row_sums, row_scores
+        return outcomes
+
+    def _act(self, seq: _Sequence, sums: torch.Tensor, scores: torch.Tensor, crossed: torch.Tensor) -> str:
+        """A pending token crossed the ``crossed`` policies' thresholds: ``blocked``, ``rework`` (a newly fired
+        ablation) or ``emit``."""
         seq.crossed = seq.crossed | crossed
         hits = [self.policies[i] for i in crossed.nonzero().flatten().tolist()]
         for policy in hits:
