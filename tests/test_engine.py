@@ -216,6 +216,38 @@ def test_ablation_fires_and_recomputes(tiny_lm, engine_for, path, lm_for_path):
     assert flagged[1].verdicts["toy"].score != pytest.approx(0.5, abs=1e-2)
 
 
+def test_rows_of_two_probe_versions_in_one_step_are_scored_by_their_own(tiny_lm, engine_for, monkeypatch):
+    """After a hot reload the batch holds rows of two probe sets, which ``_check_tokens`` scores set by set:
+    each reply's output verdict is its own version's, with the score it gets alone."""
+    policy = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=1.0)  # scores every token, never crosses
+    old, new = probe_for(tiny_lm, seed=0), probe_for(tiny_lm, seed=2)
+    first, second = request(tiny_lm, PROMPTS[0], 40), request(tiny_lm, PROMPTS[1], 12)
+    alone_old = asyncio.run(run(engine_for([policy], [old]), first))[1]
+    alone_new = asyncio.run(run(engine_for([policy], [new]), second))[1]
+    engine = engine_for([policy], [old])
+    sets_a_step = []
+    check = engine._check_tokens
+    monkeypatch.setattr(
+        engine, "_check_tokens", lambda rows: sets_a_step.append(len({id(r.probes) for r in rows})) or check(rows)
+    )
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        events = engine.submit(first, loop).events()
+        seen = [await anext(events), await anext(events)]  # prompt verdicts, then a first token: it decodes
+        assert isinstance(seen[-1], Emitted)
+        engine.replace_probe("toy", new)
+        joined = asyncio.ensure_future(run(engine, second))
+        seen += [event async for event in events]
+        return seen[-1], (await joined)[1]
+
+    done_old, done_new = asyncio.run(scenario())
+    assert max(sets_a_step) == 2  # the two versions shared decode steps
+    assert done_old.verdicts["toy"].score == pytest.approx(alone_old.verdicts["toy"].score, abs=1e-5)
+    assert done_new.verdicts["toy"].score == pytest.approx(alone_new.verdicts["toy"].score, abs=1e-5)
+    assert done_old.verdicts["toy"].score != pytest.approx(alone_new.verdicts["toy"].score, abs=1e-3)
+
+
 def test_decode_threads_default_to_one_on_int8(tiny_lm, tiny_model_dir, tmp_path):
     quantised = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
     assert Engine(quantised, (), ()).threads == 1
