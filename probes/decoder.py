@@ -172,7 +172,7 @@ class DecodeStep(nn.Module):
         with the same first column (``_attention``).
         """
         if self.native:
-            starts = torch.zeros(rows, dtype=torch.int64) if mask is None else mask.shape[1] - mask.sum(1)
+            starts = torch.zeros(rows, dtype=torch.int64) if mask is None else _first_columns(mask)
             return lambda query, keys, values, scale: decode_attention(query, keys, values, starts, scale)
         runs = _rows_by_start(mask)
         return lambda query, keys, values, scale: _attention(query, keys, values, runs, scale)
@@ -304,6 +304,11 @@ def _input_guards(entries: Sequence[object]) -> list[bool]:
     return [entry.name in ("", "ids", "positions") for entry in entries]
 
 
+def _first_columns(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's first attended column ``[rows]`` under a left-padded ``mask`` ``[rows, columns]`` (1 = attend)."""
+    return mask.shape[1] - mask.sum(1)
+
+
 def _rows_by_start(mask: torch.Tensor | None) -> list[tuple[int, int, int]]:
     """Runs of consecutive rows with the same first attended column (left padding): ``[(start, first, end)]``.
 
@@ -311,7 +316,7 @@ def _rows_by_start(mask: torch.Tensor | None) -> list[tuple[int, int, int]]:
     """
     if mask is None:
         return []
-    starts = (mask.shape[1] - mask.sum(1)).tolist()
+    starts = _first_columns(mask).tolist()
     runs: list[tuple[int, int, int]] = []
     for row, start in enumerate(starts):
         if runs and runs[-1][0] == start and runs[-1][2] == row:
