@@ -134,7 +134,8 @@ def _cached(embed, texts: list[str]):
 
 
 _TITLES = {"probe": "probe", "tfidf": "TF-IDF", "minilm": "MiniLM"}
-_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")
+_COLUMNS = ("auroc", "tpr_at_threshold", "traffic_fpr")  # a method comparison's means
+_TABLE_COLUMNS = ("auroc", "auprc", "tpr_at_threshold", "fpr_at_threshold", "traffic_fpr")  # a policy's table
 
 
 def markdown(tables: dict[str, list[dict]]) -> str:
@@ -145,14 +146,14 @@ def markdown(tables: dict[str, list[dict]]) -> str:
         lines += [
             f"### `{name}`",
             "",
-            f"| held-out source | n (pos) | AUROC {' / '.join(_TITLES[m] for m in models)} | TPR at threshold | "
-            "FPR on held-out traffic |",
-            "|---|---|---|---|---|",
+            f"| held-out source | n (pos) | AUROC {' / '.join(_TITLES[m] for m in models)} | AUPRC | "
+            "TPR at threshold | FPR on held-out negatives | FPR on held-out traffic |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in _COLUMNS]
+            cells = [" / ".join(_fmt(r[m][key]) for m in models) for key in _TABLE_COLUMNS]
             lines.append(f"| {r['heldout']} | {r['n']} ({r['positives']}) | {' | '.join(cells)} |")
-        means = [" / ".join(_fmt(_mean(rows, m, key)) for m in models) for key in _COLUMNS]
+        means = [" / ".join(_fmt(_mean(rows, m, key)) for m in models) for key in _TABLE_COLUMNS]
         lines += [f"| **mean** | | {' | '.join(means)} |", ""]
     return "\n".join(lines)
 

@@ -26,11 +26,12 @@ def test_folds_hold_out_whole_sources_and_reserve_traffic():
 
 
 def test_markdown_table():
-    metrics = {"auroc": 0.9, "tpr_at_threshold": 0.5, "traffic_fpr": None}
+    metrics = {"auroc": 0.9, "auprc": 0.8, "tpr_at_threshold": 0.5, "fpr_at_threshold": 0.01, "traffic_fpr": None}
     table = markdown(
         {"p": [{"heldout": "a", "n": 10, "positives": 4, "probe": metrics, "tfidf": metrics, "minilm": metrics}]}
     )
-    assert "| a | 10 (4) | 0.900 / 0.900 / 0.900 | 0.500 / 0.500 / 0.500 | n/a / n/a / n/a |" in table
+    row = "| a | 10 (4) | 0.900 / 0.900 / 0.900 | 0.800 / 0.800 / 0.800 | 0.500 / 0.500 / 0.500 | 0.010 / 0.010 / 0.010"
+    assert row + " | n/a / n/a / n/a |" in table
     assert "**mean**" in table
 
 
