@@ -11,8 +11,9 @@ same ``max_tokens``, and its ratio is printed too; each side's completion-token 
 since the two numeric paths may end some replies at different lengths.
 
 Every (concurrency, server) cell is measured ``--rounds`` times, the servers' order alternating per
-round; the report gives each metric's median over rounds. ``--dtype`` picks the numeric path of both
-servers (float32, bfloat16 or int8). Both run the lean step compiled, as ``guard serve`` does by default;
+round; the report gives each metric's median over rounds, and guarded/unguarded per round (the
+spread between rounds is this VM's noise). ``--dtype`` picks the numeric path of both servers
+(float32, bfloat16 or int8). Both run the lean step compiled, as ``guard serve`` does by default;
 ``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``).
 
     .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype int8]
@@ -203,6 +204,10 @@ def main() -> None:
             row[name]["same_reply_as_alone"] = same / len(alone)
         speed = {name: row[name]["aggregate_tokens_per_s"] for name in servers}
         row["guarded_vs_unguarded"] = speed["guarded"] / speed["unguarded"]
+        row["guarded_vs_unguarded_by_round"] = [  # each round's pair, measured one after the other
+            g["aggregate_tokens_per_s"] / u["aggregate_tokens_per_s"]
+            for g, u in zip(runs[clients, "guarded"], runs[clients, "unguarded"], strict=True)
+        ]
         if "guarded_eager" in speed:
             row["guarded_vs_guarded_eager"] = speed["guarded"] / speed["guarded_eager"]
         table[str(clients)] = row
@@ -224,15 +229,17 @@ def main() -> None:
         report[f"guarded_{levels[-1]}_streams_vs_llama_cpp_single"] = most["guarded"]["aggregate_tokens_per_s"] / llama
     print(json.dumps(report, indent=2))
     print(
-        f"\n| streams | unguarded tok/s | guarded tok/s | ratio | guarded TTFT p95 s (after first wave)"
+        f"\n| streams | unguarded tok/s | guarded tok/s | ratio (by round) | guarded TTFT p95 s (after first wave)"
         f" | replies as alone |  ({args.dtype})"
     )
     print("|---|---|---|---|---|---|")
     for clients, row in table.items():
         unguarded, guarded = row["unguarded"], row["guarded"]
+        rounds = " ".join(f"{r:.2f}" for r in row["guarded_vs_unguarded_by_round"])
         print(
             f"| {clients} | {unguarded['aggregate_tokens_per_s']:.1f} | {guarded['aggregate_tokens_per_s']:.1f}"
-            f" | {row['guarded_vs_unguarded']:.2f} | {guarded['ttft_p95_s']:.2f}"
+            f" | {row['guarded_vs_unguarded']:.2f} ({rounds})"
+            f" | {guarded['ttft_p95_s']:.2f}"
             f" ({guarded['ttft_p95_after_first_wave_s']:.2f}) | {guarded['same_reply_as_alone']:.2f} |"
         )
         if "guarded_eager" in row:
