@@ -1,0 +1,89 @@
+"""Benchmark: the shipped prompt policies on ordinary traffic none of them saw, probe vs text baselines.
+
+ToxicChat's non-toxic prompts stand for ordinary user traffic. The recipes (``probes/presets.py``) take
+at most 1,200 of them, in a fixed hash order, so most are neither trained on nor used to choose a
+threshold by any shipped policy. Each shipped prompt policy's probe scores all of those unused prompts,
+as do TF-IDF and MiniLM baselines fitted on the policy's own train/dev rows with the probe's threshold
+rule: the false-positive rate at each one's threshold is what the shipped policy would flag of such
+traffic (issue target: at most 2%). The rate on the dev traffic rows the threshold was chosen on is
+printed next to it. Prints a markdown table and writes JSON.
+
+    .venv/bin/python tests/bench/bench_unseen_traffic.py [--dtype float32] [--no-baselines]
+        [--out tests/bench/results/unseen_traffic.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from prompts import SHIPPED
+
+from probes.baselines import BASELINES, fit_baseline, minilm_embedder
+from probes.data import Dataset
+from probes.defaults import load_shipped, recipe_splits
+from probes.evaluate import probe_scores
+from probes.lodo import TRAFFIC
+from probes.model import default_cache_dir, load_model
+from probes.sources import default_data_dir, read_source
+
+
+def unseen_traffic(data_dir: Path, splits: dict[str, tuple[Dataset, Dataset]]) -> Dataset:
+    """ToxicChat's non-toxic prompts that no policy's rows (train or dev) include."""
+    used = {row.key for train, dev in splits.values() for row in (*train.rows, *dev.rows)}
+    return Dataset(tuple(r for r in read_source(TRAFFIC, data_dir) if r.label == 0 and r.key not in used))
+
+
+def traffic_of(dev: Dataset) -> Dataset:
+    return Dataset(tuple(r for r in dev.rows if r.source == TRAFFIC and r.label == 0))
+
+
+def fpr(scores: np.ndarray, threshold: float) -> float:
+    return float(np.mean(scores > threshold)) if len(scores) else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", help="numeric path (int8 uses the int8 shipped probes)")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/unseen_traffic.json"))
+    args = parser.parse_args()
+    data_dir, cache_dir = default_data_dir(), default_cache_dir()
+    lm = load_model(dtype=args.dtype, cache_dir=cache_dir)
+    splits = {name: recipe_splits(name, data_dir)[:2] for name in SHIPPED}
+    unseen = unseen_traffic(data_dir, splits)
+    embed = None if args.no_baselines else minilm_embedder()
+    report: dict[str, dict] = {}
+    for name, (train, dev) in splits.items():
+        probe = load_shipped(name, model_fingerprint=lm.fingerprint)
+        seen = traffic_of(dev)
+        target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
+        row = {
+            "probe": {
+                "unseen_traffic_fpr": fpr(probe_scores(lm, probe, unseen, cache_dir=cache_dir), probe.threshold),
+                "dev_traffic_fpr": fpr(probe_scores(lm, probe, seen, progress=False), probe.threshold),
+            }
+        }
+        for baseline in () if args.no_baselines else BASELINES:
+            fitted = fit_baseline(baseline, train, dev, target, traffic_fpr=traffic, embed=embed)
+            row[baseline] = {
+                "unseen_traffic_fpr": fpr(fitted.scores(unseen), fitted.threshold),
+                "dev_traffic_fpr": fpr(fitted.scores(seen), fitted.threshold),
+            }
+        report[name] = {"unseen_traffic_rows": len(unseen.rows), "dev_traffic_rows": len(seen.rows), **row}
+    print(json.dumps(report, indent=2))
+    models = [m for m in ("probe", *BASELINES) if m in report[SHIPPED[0]]]
+    print(f"\n| policy | unseen traffic rows | FPR {' / '.join(models)} | dev traffic rows | dev FPR |  ({args.dtype})")
+    print("|---|---|---|---|---|")
+    for name, row in report.items():
+        unseen_fpr = " / ".join(f"{row[m]['unseen_traffic_fpr']:.3f}" for m in models)
+        dev_fpr = " / ".join(f"{row[m]['dev_traffic_fpr']:.3f}" for m in models)
+        print(f"| `{name}` | {row['unseen_traffic_rows']} | {unseen_fpr} | {row['dev_traffic_rows']} | {dev_fpr} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dtype": args.dtype, "policies": report}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
