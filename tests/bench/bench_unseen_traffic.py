@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from prompts import SHIPPED
 
-from probes.baselines import BASELINES, fit_baseline, minilm_embedder
+from probes.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
 from probes.data import Dataset
 from probes.defaults import load_shipped, recipe_splits
 from probes.evaluate import probe_scores
@@ -54,7 +54,8 @@ def main() -> None:
     lm = load_model(dtype=args.dtype, cache_dir=cache_dir)
     splits = {name: recipe_splits(name, data_dir)[:2] for name in SHIPPED}
     unseen = unseen_traffic(data_dir, splits)
-    embed = None if args.no_baselines else minilm_embedder()
+    everything = [*texts_of(unseen), *(t for train, dev in splits.values() for t in texts_of(train) + texts_of(dev))]
+    embed = None if args.no_baselines else cached(minilm_embedder(), list(dict.fromkeys(everything)))
     report: dict[str, dict] = {}
     for name, (train, dev) in splits.items():
         probe = load_shipped(name, model_fingerprint=lm.fingerprint)
