@@ -12,17 +12,18 @@ from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
 from guard.settings import Settings
-from probes.baselines import BASELINES
+from probes.catalog import SHIPPED_DIR, resolve_probe
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
-from probes.defaults import PRESET_LAYERS, SHIPPED_DIR, recipe_features, recipe_splits, resolve_probe, train_recipes
-from probes.evaluate import evaluate
+from probes.eval.baselines import BASELINES
+from probes.eval.defaults import PRESET_LAYERS, recipe_features, recipe_splits, train_recipes
+from probes.eval.evaluate import evaluate
+from probes.eval.presets import PRESETS, RECIPES
+from probes.eval.report import write_report
+from probes.eval.sources import SOURCES, read_source
 from probes.features import POOLINGS
-from probes.model import NUMERIC_PATHS, LoadedModel, load_model
-from probes.presets import PRESETS, RECIPES
+from probes.lm.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.probe import LinearProbe, ProbeError
 from probes.registry import RegistryError, open_registry, signing_key
-from probes.report import write_report
-from probes.sources import SOURCES, read_source
 from probes.train import TrainConfig, train_probe
 
 log = logging.getLogger("guard")
@@ -392,7 +393,7 @@ def _lodo_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _lodo(args: argparse.Namespace, settings: Settings) -> int:
-    from probes.lodo import evaluate_folds, markdown
+    from probes.eval.lodo import evaluate_folds, markdown
 
     lm = _model(settings)
     config = _method(args, PRESET_LAYERS)

@@ -42,10 +42,10 @@ from guard.prefill import PREFILL_TOKENS, PrefixCache
 from guard.sampling import sample
 from guard.scoring import ProbeSet
 from guard.textstream import TextStream
-from probes.decoder import Segment
-from probes.hooks import hooks, layer_output, replace_output
-from probes.layers import decoder_layers
-from probes.model import LoadedModel
+from probes.lm.hooks import hooks, layer_output, replace_output
+from probes.lm.layers import decoder_layers
+from probes.lm.model import LoadedModel
+from probes.lm.step import Segment
 from probes.probe import LinearProbe
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from guard.events import Finished, Verdict
 from guard.policy import Policy
@@ -68,8 +68,6 @@ class Metrics:
         )
         self.model_info = Gauge("guard_model_info", "The served model.", ["model", "fingerprint"], registry=r)
         self.ready = Gauge("guard_ready", "1 when the model and probes are loaded.", registry=r)
-        self.registry_up = Gauge("guard_registry_up", "1 while the probe registry answers.", registry=r)
-        self.registry_errors = Gauge("guard_registry_errors", "Registry errors since start (retried).", registry=r)
         self.reloads = Counter("guard_probe_reloads", "Probe versions switched to at run time.", ["policy"], registry=r)
         self.refused = Counter(
             "guard_probe_versions_refused", "Registry versions refused.", ["probe", "reason"], registry=r
@@ -89,9 +87,8 @@ class Metrics:
             self.probe_info.labels(policy.name, versions[policy.name], policy.action.value).set(1)
 
     def watch_registry(self, status: object) -> None:
-        """Registry health gauges read from the watcher's status at scrape time."""
-        self.registry_up.set_function(lambda: float(status.up))
-        self.registry_errors.set_function(lambda: float(status.errors))
+        """Registry health read from the watcher's status at scrape time: up, and errors since start (a count)."""
+        self.registry.register(_RegistryCollector(status))
 
     def prompt_checked(self, verdicts: dict[str, Verdict]) -> None:
         self._verdicts(verdicts, "prompt")
@@ -127,4 +124,15 @@ class _EngineCollector:
         )
         yield GaugeMetricFamily(
             "guard_queue_waiting_requests", "Requests waiting to join the batch.", value=load["waiting"]
+        )
+
+
+class _RegistryCollector:
+    def __init__(self, status: object) -> None:
+        self.status = status
+
+    def collect(self):
+        yield GaugeMetricFamily("guard_registry_up", "1 while the probe registry answers.", value=float(self.status.up))
+        yield CounterMetricFamily(
+            "guard_registry_errors", "Registry errors since start (each retried).", value=float(self.status.errors)
         )

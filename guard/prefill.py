@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache
 
-from probes.decoder import DecodeStep, Segment
+from probes.lm.step import DecodeStep, Segment
 
 PREFIXES = 16  # prefixes kept (least recently used dropped); a 30-token prefix of the default model is ~1.4 MB
 PREFILL_TOKENS = 1024  # prompt tokens packed into one pass (a longer prompt goes alone): bounds a decode step's wait

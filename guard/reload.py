@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from guard.policy import Policy
-from probes.defaults import resolve_probe
+from probes.catalog import resolve_probe
 from probes.probe import LinearProbe, ProbeError
 from probes.registry import CHANNEL, LocalRegistry, Registry, RegistryError
 

@@ -10,7 +10,7 @@ from guard.engine import Engine
 from guard.policy import load_policies
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
-from probes.model import load_model
+from probes.lm.model import load_model
 from probes.registry import LocalRegistry, open_registry, signing_key
 
 log = logging.getLogger(__name__)

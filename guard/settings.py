@@ -8,8 +8,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from guard.policy import DEFAULT_POLICY_FILE
-from probes.model import DEFAULT_MODEL, default_cache_dir
-from probes.sources import default_data_dir
+from probes.data import default_data_dir
+from probes.lm.model import DEFAULT_MODEL, default_cache_dir
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Settings:
     threads: int = 0  # torch intra-op threads; 0: torch's default (decoding on int8: 1, see engine.default_threads)
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
     dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
-    fast_decode: bool = True  # decode Llama-family models with the lean step (probes.decoder), else transformers
+    fast_decode: bool = True  # decode Llama-family models with the lean step (probes.lm.step), else transformers
     compile: bool = True  # run the lean step through torch.compile (serving; compiled once at start-up)
     # -- serving --
     host: str = "127.0.0.1"

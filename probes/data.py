@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ from pathlib import Path
 
 class DatasetError(ValueError):
     """A dataset file or row that cannot be used, with the place to fix it in the message."""
+
+
+def default_data_dir() -> Path:
+    """``GUARD_DATA_DIR``, else ``../shared/data`` next to the working directory."""
+    return Path(os.environ.get("GUARD_DATA_DIR", Path.cwd().parent / "shared" / "data"))
 
 
 @dataclass(frozen=True)

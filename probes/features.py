@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from probes.data import Dataset
-from probes.hooks import capture
-from probes.model import LoadedModel
-from probes.render import Encoded, encode_row
+from probes.lm.hooks import capture
+from probes.lm.model import LoadedModel
+from probes.lm.render import Encoded, encode_row
 
 POOLINGS = ("mean", "last")
 _CACHE_FORMAT = 1

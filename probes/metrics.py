@@ -8,10 +8,6 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
-
-
 def threshold_for_fpr(negative_scores: Sequence[float], target_fpr: float) -> float:
     """The lowest threshold at which at most ``target_fpr`` of negatives score strictly above it.
 

@@ -21,8 +21,6 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from probes.metrics import sigmoid
-
 ARRAYS_FILE = "probe.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -32,6 +30,10 @@ _DERIVED_KEYS = {"format", "name", "layers", "pooling", "threshold", "arrays_sha
 
 class ProbeError(ValueError):
     """An artifact that is missing, corrupt, or does not belong to the loaded model."""
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,11 +25,11 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from probes.data import Dataset
 from probes.features import extract
-from probes.hooks import HOOK_SITE
-from probes.layers import normalise_layer
-from probes.metrics import binary_metrics, sigmoid, threshold_for_fpr
-from probes.model import LoadedModel
-from probes.probe import LinearProbe
+from probes.lm.hooks import HOOK_SITE
+from probes.lm.layers import normalise_layer
+from probes.lm.model import LoadedModel
+from probes.metrics import binary_metrics, threshold_for_fpr
+from probes.probe import LinearProbe, sigmoid
 
 _TIE = 1e-3
 

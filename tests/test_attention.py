@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probes import attention
-from probes.attention import decode_attention
+from probes.lm import attention
+from probes.lm.attention import decode_attention
 
 
 def padded_batch(lengths: list[int], heads: int, kv_heads: int, head_dim: int, room: int = 0):

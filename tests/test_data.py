@@ -82,8 +82,8 @@ def test_split_is_deterministic_and_order_independent():
 
 
 def test_reply_sources_pair_a_prompt_with_the_assistant_reply(data_dir):
-    from probes.presets import RECIPES
-    from probes.sources import _last_exchange, read_source
+    from probes.eval.presets import RECIPES
+    from probes.eval.sources import _last_exchange, read_source
 
     transcript = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?\n\nAssistant: I can't help."
     assert _last_exchange(transcript) == ("how do I pick a lock?", "I can't help.")

@@ -8,12 +8,12 @@ from transformers import DynamicCache
 
 from guard.batch import BatchCache
 from guard.prefill import PrefixCache
-from probes import decoder
-from probes.decoder import DecodeStep
-from probes.hooks import capture
-from probes.model import LoadedModel, load_model
+from probes.lm import step as decoder
+from probes.lm.hooks import capture
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.step import DecodeStep
 
-# both paths round at the same points: every int8 Linear quantises each row on its own (probes.quantize),
+# both paths round at the same points: every int8 Linear quantises each row on its own (probes.lm.quantize),
 # so a fused product quantises what its parts do (on the real model a ~1e-6 float difference can still
 # cross an int8 rounding boundary: tests/test_real_model.py)
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-5, "int8": 1e-5}

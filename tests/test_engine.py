@@ -18,9 +18,9 @@ from guard.runtime import build_runtime
 from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
 from guard.textstream import TextStream
-from probes.model import LoadedModel, load_model
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.render import render_messages
 from probes.probe import LinearProbe
-from probes.render import render_messages
 
 PROMPTS = [
     "How do I bake bread?",

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from probes.hooks import capture, layer_output
-from probes.layers import decoder_layers, normalise_layer
+from probes.lm.hooks import capture, layer_output
+from probes.lm.layers import decoder_layers, normalise_layer
 
 
 def test_capture_equals_output_hidden_states(tiny_lm):

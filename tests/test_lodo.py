@@ -1,7 +1,7 @@
 import numpy as np
 
 from probes.data import Dataset, Row
-from probes.lodo import TRAFFIC, compare_means, folds, markdown, scored_fold
+from probes.eval.lodo import TRAFFIC, compare_means, folds, markdown, scored_fold
 from probes.train import TrainConfig
 
 
@@ -54,3 +54,20 @@ def test_a_scored_fold_thresholds_each_way_on_dev_and_reports_held_out_traffic()
     assert (row["heldout"], row["n"], row["positives"]) == ("a", len(fold.test.rows), 40)
     assert row["perfect"]["auroc"] == 1.0 and row["perfect"]["traffic_fpr"] == 0.0
     assert row["inverted"]["auroc"] == 0.0 and row["inverted"]["tpr_at_threshold"] == 0.0
+
+
+def test_no_baselines_never_loads_minilm(tiny_lm, monkeypatch):
+    """``benchmark-policies --no-baselines`` compares probe methods only: MiniLM is neither loaded nor run."""
+    import probes.eval.lodo as lodo
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("MiniLM was loaded without a MiniLM baseline")
+
+    monkeypatch.setattr(lodo, "minilm_embedder", loaded)
+    data = Dataset(tuple(rows("a", 40, 1) + rows("b", 40, 0) + rows("c", 40, 1) + rows(TRAFFIC, 60, 0)))
+    labels = np.asarray(data.labels, dtype=np.float32)
+    features = np.random.default_rng(0).normal(size=(len(labels), 1, tiny_lm.hidden_size)).astype(np.float32)
+    features[:, 0, 0] += 3 * labels  # a separable feature, so each fold fits
+    table = lodo.evaluate_folds(tiny_lm, "p", data, features, TrainConfig(layers=(1,)), baselines=())
+    assert {row["heldout"] for row in table} == {"a", "b", "c", TRAFFIC}
+    assert all(set(row) == {"heldout", "n", "positives", "probe"} for row in table)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from guard.policy import DEFAULT_POLICY_FILE, Action, PolicyError, Stage, load_policies
-from probes.defaults import resolve_probe
+from probes.catalog import resolve_probe
 
 
 def test_default_policy_file_uses_shipped_probes():
@@ -15,7 +15,7 @@ def test_default_policy_file_uses_shipped_probes():
 
 def test_every_shipped_policy_has_an_int8_twin():
     """`make presets` trains both sets; the int8 one is trained on its own model fingerprint."""
-    from probes.defaults import SHIPPED_DIR, shipped_names
+    from probes.catalog import SHIPPED_DIR, shipped_names
 
     names = shipped_names()
     assert "harmful_reply" in names and sorted(names) == sorted(p.name for p in (SHIPPED_DIR / "int8").iterdir())

@@ -59,7 +59,7 @@ def test_shipped_name_resolves_to_the_variant_of_the_serving_model(tmp_path, mon
     """Shipped policies exist per numeric path (float32 at the top, int8 under int8/): the fingerprint picks."""
     import dataclasses
 
-    import probes.defaults as defaults
+    import probes.eval.defaults as defaults
 
     monkeypatch.setattr(defaults, "SHIPPED_DIR", tmp_path)
     base = make_probe().save(tmp_path / "unit")

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from probes.quantize import RowInt8Linear, quantize_int8
+from probes.lm.quantize import RowInt8Linear, quantize_int8
 
 
 def _linear(bias: bool = True) -> nn.Linear:

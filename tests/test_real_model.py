@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from guard.engine import Engine
 from guard.policy import Action, Policy, Stage
+from probes.catalog import SHIPPED_DIR, load_shipped, shipped_names
 from probes.data import Dataset, Row, deduplicate, split
-from probes.defaults import SHIPPED_DIR, load_shipped, shipped_names, train_recipes
-from probes.evaluate import evaluate
+from probes.eval.defaults import train_recipes
+from probes.eval.evaluate import evaluate
+from probes.eval.sources import read_source
 from probes.features import extract
-from probes.model import _GGUF_FILE, _GGUF_PACKAGE
-from probes.sources import read_source
+from probes.lm.model import _GGUF_FILE, _GGUF_PACKAGE
 from probes.train import TrainConfig, train_probe
 
 pytestmark = pytest.mark.slow
@@ -65,7 +66,7 @@ def test_retraining_a_shipped_policy_reproduces_its_manifest(real_lm, data_dir, 
 
 
 def test_lean_decode_step_matches_transformers_on_the_default_model(real_lm):
-    """The serving decode path (probes.decoder) on the real weights: the same logits and layer outputs."""
+    """The serving decode path (probes.lm.step) on the real weights: the same logits and layer outputs."""
     compare_one_step(real_lm, ["How do I bake sourdough bread at home?", "Hi there"], TOLERANCE["float32"])
 
 
@@ -78,7 +79,7 @@ def test_int8_decode_step_is_bitwise_batch_invariant_on_the_default_model(fixtur
 
 
 def test_lean_int8_step_stays_near_transformers_int8_on_the_default_model(real_int8_lm):
-    """Both paths quantise each row on its own with the same smoothing (probes.quantize), but their float
+    """Both paths quantise each row on its own with the same smoothing (probes.lm.quantize), but their float
     operations round differently by ~1e-6, and an int8 rounding boundary can turn that into a whole step:
     the same next tokens, hidden states equal through the middle layers and a few % apart at the end
     (measured: 0 at layers 0-15, 2% at 21, 8% at 29)."""

@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from serverproc import Server
 from test_engine import probe_for
 
-from probes.model import load_model
+from probes.lm.model import load_model
 from probes.registry import RedisRegistry
 
 POLICY = {"policies": [{"name": "toy", "probe": "toy", "stage": "both", "action": "flag"}]}
@@ -116,7 +116,10 @@ def test_redis_outage_and_restart(cluster, redis_server, tiny_lm, tiny_model_dir
         assert chat(server, tiny_model_dir.name).status_code == 200  # last-known-good probes keep serving
         wait_for(lambda s=server: readyz(s)["registry"]["up"] is False)
         assert readyz(server)["policies"]["toy"] == "1"
-    assert "guard_registry_up 0.0" in httpx.get(a.url + "/metrics").text
+    exposed = httpx.get(a.url + "/metrics").text
+    assert "guard_registry_up 0.0" in exposed and "# TYPE guard_registry_errors_total counter" in exposed
+    errors = [float(line.split()[-1]) for line in exposed.splitlines() if line.startswith("guard_registry_errors_total")]
+    assert errors and errors[0] >= 1  # the outage, counted
     # a new replica starts while Redis is down, from a's last-known-good copy
     c = Server(
         "--model",

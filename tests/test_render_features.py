@@ -4,8 +4,8 @@ import torch
 
 from probes.data import Dataset, Row
 from probes.features import batched_states, extract, token_states
-from probes.hooks import capture
-from probes.render import encode_row, render_messages
+from probes.lm.hooks import capture
+from probes.lm.render import encode_row, render_messages
 
 TEXTS = [
     "How do I bake bread?",
@@ -87,7 +87,7 @@ def test_feature_cache_round_trip(tiny_lm, tmp_path):
 def test_bfloat16_path_keeps_the_fingerprint_and_its_own_cache(tiny_model_dir, tiny_lm, tmp_path):
     import torch
 
-    from probes.model import load_model
+    from probes.lm.model import load_model
 
     fast = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="bfloat16")
     assert fast.model.dtype == torch.bfloat16 and fast.fingerprint == tiny_lm.fingerprint
@@ -102,7 +102,7 @@ def test_bfloat16_path_keeps_the_fingerprint_and_its_own_cache(tiny_model_dir, t
 def test_int8_path_quantises_every_linear_and_is_another_model_for_probes(tiny_model_dir, tiny_lm, tmp_path):
     import torch
 
-    from probes.model import load_model
+    from probes.lm.model import load_model
 
     fast = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
     assert fast.fingerprint != tiny_lm.fingerprint and fast.numeric == "int8"

@@ -36,7 +36,7 @@ from guard.server.protocol import (
     Usage,
     encoder,
 )
-from probes.render import Encoded, render_messages
+from probes.lm.render import Encoded, render_messages
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"

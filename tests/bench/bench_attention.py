@@ -2,7 +2,7 @@
 
 A decode step's rows have different histories (left-padded in the server's batch). With torch's
 attention a row is bitwise what it is alone only when each run of rows with the same first column
-gets a call of its own (``probes.decoder._attention``). The kernel (``probes.attention``) takes the
+gets a call of its own (``probes.lm.step._attention``). The kernel (``probes.lm.attention``) takes the
 whole batch and each row's first column in one call, and a row is bitwise what it is alone too. This
 script times the compiled lean step (what ``guard serve`` runs) both ways, side by side in each
 round, for one row and for eight rows of different lengths, at several context lengths; prints the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from bench_kv_cache import steps  # this directory: the script's own
 
-from probes.model import LoadedModel, load_model
+from probes.lm.model import LoadedModel, load_model
 
 VARIANTS = {"torch": False, "kernel": True}  # DecodeStep.native
 

@@ -29,14 +29,14 @@ from transformers import DynamicCache
 
 from guard.batch import BatchCache
 from guard.prefill import PrefixCache
-from probes.data import Dataset
-from probes.decoder import Segment
-from probes.defaults import load_shipped, recipe_splits
-from probes.evaluate import probe_scores
-from probes.model import LoadedModel, load_model
+from probes.catalog import load_shipped
+from probes.data import Dataset, default_data_dir
+from probes.eval.defaults import recipe_splits
+from probes.eval.evaluate import probe_scores
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.render import encode_row, render_messages
+from probes.lm.step import Segment
 from probes.probe import LinearProbe
-from probes.render import encode_row, render_messages
-from probes.sources import default_data_dir
 
 
 def step_ms(lm: LoadedModel, rows: int, steps: int) -> float:

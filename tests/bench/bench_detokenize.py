@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from guard.textstream import TextStream
-from probes.model import load_model
+from probes.lm.model import load_model
 
 TEXT = "Photosynthesis turns sunlight, water and carbon dioxide into sugar; in Tokyo (東京) it is 🌿 too. "
 

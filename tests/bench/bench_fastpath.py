@@ -23,11 +23,12 @@ from bench_overhead import configurations, request, run_engine, tokens_per_s
 from prompts import BENIGN, SHIPPED
 from sklearn.metrics import roc_auc_score
 
-from probes.defaults import load_shipped, recipe_splits
-from probes.evaluate import probe_scores
-from probes.model import NUMERIC_PATHS, LoadedModel, load_model
-from probes.render import render_messages
-from probes.sources import default_data_dir
+from probes.catalog import load_shipped
+from probes.data import default_data_dir
+from probes.eval.defaults import recipe_splits
+from probes.eval.evaluate import probe_scores
+from probes.lm.model import NUMERIC_PATHS, LoadedModel, load_model
+from probes.lm.render import render_messages
 
 FAST = [path for path in NUMERIC_PATHS if path != "float32"]
 

@@ -1,8 +1,8 @@
 """Benchmark: the compiled decode step checking only its inputs' guards against checking every guard.
 
 torch.compile checks its guards at every call of a compiled function. For the lean step
-(``probes.decoder``) Dynamo guards some 4,000 facts about the model besides the step's inputs;
-``probes.decoder._input_guards`` keeps the inputs' and the global state's only. This script loads the
+(``probes.lm.step``) Dynamo guards some 4,000 facts about the model besides the step's inputs;
+``probes.lm.step._input_guards`` keeps the inputs' and the global state's only. This script loads the
 model twice, compiled both ways, and times their decode steps interleaved (one step of each in turn,
 so the machine's drift hits both alike) for one row and for eight rows of different lengths
 (left-padded, as in the server's batch), and checks that both give bitwise the same logits. Prints
@@ -25,10 +25,10 @@ from prompts import BENIGN
 from transformers import DynamicCache
 
 from guard.batch import BatchCache
-from probes import decoder
-from probes.decoder import Segment
-from probes.model import LoadedModel, load_model
-from probes.render import render_messages
+from probes.lm import step as decoder
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.render import render_messages
+from probes.lm.step import Segment
 
 
 def batch_of(lm: LoadedModel, texts: list[str]) -> tuple[BatchCache, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Benchmark: the decode step's cache appended in place against concatenated at every step, by context length.
 
 A decode step appends one column to every layer's keys and values. Concatenating copies the whole
-cache each time; from ``probes.decoder.IN_PLACE_FROM`` columns on, the step writes into buffers with
+cache each time; from ``probes.lm.step.IN_PLACE_FROM`` columns on, the step writes into buffers with
 spare columns instead (``DecodeStep._append``). This script times the compiled lean step (what
 ``guard serve`` runs) both ways, side by side in each round, at several context lengths, for one row
 and for eight rows of different lengths (left-padded, as in the server's batch), and checks that both
@@ -23,9 +23,9 @@ import torch
 from transformers import DynamicCache
 
 from guard.batch import BatchCache
-from probes import decoder
-from probes.decoder import Segment
-from probes.model import LoadedModel, load_model
+from probes.lm import step as decoder
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.step import Segment
 
 CONCATENATE = 10**9  # IN_PLACE_FROM that no cache reaches
 

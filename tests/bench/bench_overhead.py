@@ -30,13 +30,14 @@ from guard.events import Emitted, Finished, GenerationRequest
 from guard.interventions import Ablation
 from guard.policy import Action, Policy, Stage, load_policies
 from guard.sampling import SamplingParams
-from probes.baselines import fit_baseline
-from probes.data import Dataset, Row
-from probes.defaults import load_shipped, recipe_splits
-from probes.hooks import hooks, layer_output, replace_output
-from probes.model import LoadedModel, load_model
-from probes.render import render_messages
-from probes.sources import default_data_dir, read_source
+from probes.catalog import load_shipped
+from probes.data import Dataset, Row, default_data_dir
+from probes.eval.baselines import fit_baseline
+from probes.eval.defaults import recipe_splits
+from probes.eval.sources import read_source
+from probes.lm.hooks import hooks, layer_output, replace_output
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.render import render_messages
 
 
 def request(lm: LoadedModel, text: str, tokens: int, policies: frozenset[str] | None = None) -> GenerationRequest:
@@ -86,7 +87,7 @@ def tokens_per_s(results: list[dict]) -> float:
     return tokens / sum(r["decode_s"] for r in results)
 
 
-# guarded through transformers' own forward instead of the lean decode step (probes.decoder)
+# guarded through transformers' own forward instead of the lean decode step (probes.lm.step)
 REFERENCE_STEP = "guarded_transformers_step"
 
 

@@ -34,8 +34,8 @@ from transformers import DynamicCache
 
 from guard.engine import default_threads
 from guard.prefill import PrefixCache
-from probes.model import load_model
-from probes.render import render_messages
+from probes.lm.model import load_model
+from probes.lm.render import render_messages
 
 
 def timed(work: Callable[[], object]) -> float:

@@ -1,6 +1,6 @@
 """Benchmark: other ways to fit the probe than the shipped logistic regression, leave-one-dataset-out.
 
-On the folds of ``guard benchmark-policies`` (``probes.lodo``), with the shipped features (mean
+On the folds of ``guard benchmark-policies`` (``probes.eval.lodo``), with the shipped features (mean
 pooling, layers 9, 15 and 21, standardised on each fold's train split) and the shipped threshold rule
 (at most 1% of dev negatives and 1.5% of dev ordinary traffic flagged), four ways to fit the weights:
 
@@ -34,10 +34,10 @@ from sklearn.linear_model import LogisticRegression
 
 from guard.settings import Settings
 from probes.data import Dataset
-from probes.defaults import PRESET_CONFIG, recipe_features
-from probes.lodo import Fold, folds, scored_fold
-from probes.metrics import sigmoid
-from probes.model import LoadedModel, load_model
+from probes.eval.defaults import PRESET_CONFIG, recipe_features
+from probes.eval.lodo import Fold, folds, scored_fold
+from probes.lm.model import LoadedModel, load_model
+from probes.probe import sigmoid
 from probes.train import _best, _dev_quality, train_probe
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # pooled features [n, layers, d] -> logits [n]

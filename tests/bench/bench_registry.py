@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import RedisServer
 from serverproc import Server
 
-from probes.defaults import load_shipped
+from probes.catalog import load_shipped
 from probes.registry import RedisRegistry
 
 POLICIES = {"policies": [{"name": "harmful_request", "probe": "harmful_request", "stage": "prompt", "action": "block"}]}

@@ -10,7 +10,7 @@ one pass over a policy's rows, every layer's
 - ``tail_mean``: mean over the template tokens after the text;
 - ``tail_last``: the last of them (the state that predicts the reply's first token);
 
-and compares, on the folds of ``guard benchmark-policies`` (``probes.lodo``) with the shipped threshold
+and compares, on the folds of ``guard benchmark-policies`` (``probes.eval.lodo``) with the shipped threshold
 rule (at most 1% of dev negatives and 1.5% of dev ordinary traffic flagged), logistic probes on
 layers 9, 15 and 21 of each pooling, on the best single layer of a dev sweep, and on the text mean and
 the template tail concatenated. Prints per held-out source and the mean AUROC, TPR at threshold and
@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 
 from guard.settings import Settings
 from probes.data import Dataset
-from probes.defaults import PRESET_CONFIG, PRESET_LAYERS, recipe_splits
+from probes.eval.defaults import PRESET_CONFIG, PRESET_LAYERS, recipe_splits
+from probes.eval.lodo import Fold, folds, scored_fold
 from probes.features import batched_states
-from probes.lodo import Fold, folds, scored_fold
-from probes.metrics import sigmoid
-from probes.model import LoadedModel, load_model
-from probes.render import encode_row
+from probes.lm.model import LoadedModel, load_model
+from probes.lm.render import encode_row
+from probes.probe import sigmoid
 from probes.train import _best, _dev_quality, fit_linear
 
 POOLINGS = ("mean", "tail_mean", "tail_last")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from probes.data import deduplicate, split
-from probes.model import load_model
-from probes.sources import default_data_dir, read_source
+from probes.data import deduplicate, default_data_dir, split
+from probes.eval.sources import read_source
+from probes.lm.model import load_model
 from probes.train import TrainConfig, train_probe
 
 

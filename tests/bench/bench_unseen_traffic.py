@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from prompts import SHIPPED
 
-from probes.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
-from probes.data import Dataset
-from probes.defaults import load_shipped, recipe_splits
-from probes.evaluate import probe_scores
-from probes.lodo import TRAFFIC
-from probes.model import default_cache_dir, load_model
-from probes.sources import default_data_dir, read_source
+from probes.catalog import load_shipped
+from probes.data import Dataset, default_data_dir
+from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
+from probes.eval.defaults import recipe_splits
+from probes.eval.evaluate import probe_scores
+from probes.eval.lodo import TRAFFIC
+from probes.eval.sources import read_source
+from probes.lm.model import default_cache_dir, load_model
 
 
 def unseen_traffic(data_dir: Path, splits: dict[str, tuple[Dataset, Dataset]]) -> Dataset:

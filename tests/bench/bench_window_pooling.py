@@ -5,7 +5,7 @@ Scoring the same probe by the highest mean over any ``k`` consecutive tokens ins
 reacts to a short violating passage inside a long benign text, at the price of more false positives
 on long benign texts. ``last`` is a probe trained on the last token's features, and
 ``mean_last_ensemble`` averages its logit with the mean-pooled probe's. All are measured on the
-folds of ``guard benchmark-policies`` (``probes.lodo``) with the shipped layers (9, 15 and 21): per
+folds of ``guard benchmark-policies`` (``probes.eval.lodo``) with the shipped layers (9, 15 and 21): per
 fold each probe is trained once, each scorer gets its own threshold on the fold's dev split by the
 shipped rule (at most 1% of dev negatives and 1.5% of dev ordinary traffic flagged), and the
 held-out source is scored. Prints per held-out source and the mean AUROC, TPR at threshold and FPR
@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from lodo_report import finish, print_fold
 
-from probes.data import Dataset
-from probes.defaults import PRESET_CONFIG, recipe_splits
+from probes.data import Dataset, default_data_dir
+from probes.eval.defaults import PRESET_CONFIG, recipe_splits
+from probes.eval.lodo import folds, scored_fold
 from probes.features import token_states
-from probes.lodo import folds, scored_fold
-from probes.metrics import sigmoid
-from probes.model import load_model
-from probes.sources import default_data_dir
+from probes.lm.model import load_model
+from probes.probe import sigmoid
 from probes.train import train_probe
 
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from probes.lodo import compare_means
+from probes.eval.lodo import compare_means
 
 
 def print_fold(row: dict, methods: Sequence[str]) -> None:

@@ -1,7 +1,7 @@
 """Readers for the public safety datasets in the shared data pool (``../shared/data``, see its README).
 
 Each source yields rows labelled in its own terms (1 harmful / violating, 0 benign) with a category
-where the dataset has one; a policy recipe (``probes.presets``) decides what each row means for it.
+where the dataset has one; a policy recipe (``probes.eval.presets``) decides what each row means for it.
 The data is read in place and never copied into the repository.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,6 @@ from pathlib import Path
 from probes.data import Row
 
 SourceReader = Callable[[Path], list[Row]]
-
-
-def default_data_dir() -> Path:
-    """``GUARD_DATA_DIR``, else ``../shared/data`` next to the working directory."""
-    return Path(os.environ.get("GUARD_DATA_DIR", Path.cwd().parent / "shared" / "data"))
 
 
 def read_source(name: str, data_dir: Path) -> list[Row]:

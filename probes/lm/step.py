@@ -7,7 +7,7 @@ model's own weights in fewer operations: q/k/v are one product, gate/up another,
 is applied to queries and keys together. Measured on the default model (int8, one thread): 1.24-1.33
 times transformers' decode speed side by side (``tests/bench/bench_overhead.py``). It computes what
 transformers computes to 1e-5 on float paths, and on int8 too up to the rounding of its fused
-products (every Linear quantises each row on its own, ``probes.quantize``).
+products (every Linear quantises each row on its own, ``probes.lm.quantize``).
 
 It decodes (``forward``: one new token per sequence) and prefills (``prefill``: several prompts packed
 into one pass, each attending to its own tokens). ``compiled=True`` runs its layers through
@@ -17,11 +17,11 @@ the per-layer callback stay Python-side operators (``guard::int8_linear``, ``gua
 ``guard::layer_out``). On the default model on int8 that took a one-row decode step from 22.8 to
 14.1 ms, an eight-row one from 31.1 to 23.4 ms (``tests/bench/bench_compiled.py``). Compiled on
 float32 activations (the float32 and int8 models), a decode step's attention is also one call of a
-C kernel for the whole batch (``probes.attention``) instead of torch's attention once per run of
+C kernel for the whole batch (``probes.lm.attention``) instead of torch's attention once per run of
 rows with the same first column (``tests/bench/bench_attention.py``).
 
 The ablation rework and training features run through transformers, and the per-layer callback
-takes the place of the forward hooks (``probes.hooks``) there. The fused float weights are the
+takes the place of the forward hooks (``probes.lm.hooks``) there. The fused float weights are the
 originals' storage (the q/k/v and gate/up modules become views of them), so on the float paths
 nothing is duplicated; on int8 the fused products are quantised as well, per output channel, which
 gives each output the same int8 weights as the separate product it replaces.
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from probes import handles
-from probes.attention import decode_attention
+from probes.lm import ops
+from probes.lm.attention import decode_attention
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,8 +75,8 @@ class DecodeStep(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             self.qkv.append(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]))
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
-        self.register_buffer("handle", handles.handle(self), persistent=False)
-        self._pass: tuple[Attend, OnLayer | None] | None = None
+        self.register_buffer("handle", ops.handle(self), persistent=False)
+        self.callbacks: tuple[Attend, OnLayer | None] | None = None  # the current pass's (``probes.lm.ops``)
         self._kv_room: weakref.WeakKeyDictionary[object, _Room] = weakref.WeakKeyDictionary()  # per cache layer
         self.compiled = compiled
         # decode attention through the C kernel: compiled, on float32 activations (float32 and int8 models)
@@ -84,7 +84,7 @@ class DecodeStep(nn.Module):
         self._run = _compile(self) if compiled else self._layers
 
     def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
-        """The fused products' input ranges from their parts' (int8 smoothing, ``probes.quantize``)."""
+        """The fused products' input ranges from their parts' (int8 smoothing, ``probes.lm.quantize``)."""
         out = {}
         for index, layer in enumerate(self.model[0].model.layers):
             out[self.qkv[index]] = ranges[layer.self_attn.q_proj]
@@ -168,7 +168,7 @@ class DecodeStep(nn.Module):
         """A step's attention ``(query, keys, values, scale)``, each row over its own columns, as it would alone.
 
         Compiled on float32 activations, the whole batch in one call of the C kernel
-        (``probes.attention``), given each row's first column; otherwise torch's, a call per run of rows
+        (``probes.lm.attention``), given each row's first column; otherwise torch's, a call per run of rows
         with the same first column (``_attention``).
         """
         if self.native:
@@ -203,11 +203,11 @@ class DecodeStep(nn.Module):
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
         """This pass's attention and layer callback, for the ``guard::attend``/``guard::layer_out`` operators."""
-        self._pass = (attend, on_layer)
+        self.callbacks = (attend, on_layer)
         try:
             yield
         finally:
-            self._pass = None
+            self.callbacks = None
 
     def _layers(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Every decoder layer over ``ids`` ``[rows, 1]``, one token a row.
@@ -242,37 +242,6 @@ class DecodeStep(nn.Module):
         if hidden.dtype == torch.float32:  # one kernel; transformers' RMSNorm computes the same in six
             return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, self.eps)
         return norm(hidden)  # lower precision: keep transformers' rounding order
-
-
-# The operators through which a (compiled) pass calls back into Python. Their arguments may be buffers
-# the compiled code reuses once it has read them, so what outlives the call is a copy: the cache's new
-# keys and values (a decode step copies them into its buffers or concatenates, a prefill's cache
-# concatenates) and the hidden state the callback keeps; so is what they return (contiguous, as declared).
-_LIBRARY = torch.library.Library("guard", "FRAGMENT")
-_LIBRARY.define("attend(Tensor query, Tensor key, Tensor value, Tensor handle, int layer) -> Tensor")
-_LIBRARY.define("layer_out(Tensor hidden, Tensor handle, int layer) -> Tensor")
-
-
-def _attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, handle: torch.Tensor, layer: int
-) -> torch.Tensor:
-    attend, _ = handles.resolve(handle)._pass
-    return _copy(attend(layer, query, key, value))
-
-
-def _layer_out(hidden: torch.Tensor, handle: torch.Tensor, layer: int) -> torch.Tensor:
-    _, on_layer = handles.resolve(handle)._pass
-    return _copy(hidden if on_layer is None else on_layer(layer, _copy(hidden)))
-
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-_LIBRARY.impl("attend", _attend, "CPU")
-_LIBRARY.impl("layer_out", _layer_out, "CPU")
-torch.library.register_fake("guard::attend", lambda query, *_: query.new_empty(query.shape), lib=_LIBRARY)
-torch.library.register_fake("guard::layer_out", lambda hidden, *_: hidden.new_empty(hidden.shape), lib=_LIBRARY)
 
 
 def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -2,11 +2,11 @@
 
 A decode step's rows have different histories, so the batch cache is left-padded and each row must
 attend to its own columns only. ``torch``'s attention gives a row bitwise what it gets alone only
-when it is called on that row's columns (``probes.decoder._attention``: one call per run of rows with
+when it is called on that row's columns (``probes.lm.step._attention``: one call per run of rows with
 the same start), and at eight rows of different lengths those calls cost more than their arithmetic.
 This kernel takes the whole batch and each row's first column, and reads each row's own columns in
 a fixed order, so a row's result is bitwise its result alone (``attention.c``). It reads the cache
-through strides, so the cache may be views of larger buffers (``probes.decoder._Room``).
+through strides, so the cache may be views of larger buffers (``probes.lm.step._Room``).
 
 Float32 only. It is compiled with the system C compiler (``$CC``, else ``cc``), the one
 ``torch.compile`` needs too, into a temporary file that is loaded and removed: a fraction of a

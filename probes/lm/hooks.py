@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from probes.layers import decoder_layers
+from probes.lm.layers import decoder_layers
 
 HOOK_SITE = "blocks.{layer}.hook_resid_post"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from probes.data import Dataset, Row
-from probes.sources import read_source
+from probes.eval.sources import read_source
 
 SELF_HARM = re.compile(
     r"suicid|self[- ]?harm|kill(ing)? (my|your|them|him|her)sel|end (my|your|their|his|her) (own )?life|"
@@ -100,7 +100,8 @@ def _avoids(pattern: re.Pattern[str]) -> Callable[[Row], bool]:
     return lambda r: not pattern.search(r.text)
 
 
-def _benign(label: int = 0) -> Callable[[Row], bool]:
+def _labelled(label: int) -> Callable[[Row], bool]:
+    """Rows the source itself labels ``label`` (1 harmful, 0 benign)."""
     return lambda r: r.label == label
 
 
@@ -122,7 +123,7 @@ HARMFUL_REQUEST = Recipe(
             why="risky requests; 'treat chatbot as a human' is not harmful",
         ),
         Pick("ailuminate", 1, cap=600, why="hazard prompts incl. adversarial phrasing"),
-        Pick("toxicchat", 0, _benign(), cap=1200, why="real user traffic: what ordinary prompts look like"),
+        Pick("toxicchat", 0, _labelled(0), cap=1200, why="real user traffic: what ordinary prompts look like"),
         Pick("alpaca", 0, cap=1500, why="benign instructions"),
         Pick("medicheck_neg", 0, cap=300, why="ordinary Reddit questions"),
     ),
@@ -133,13 +134,13 @@ HATE = Recipe(
     name="hate",
     description="Hateful statements about protected groups, versus neutral, counter-speech and quoting statements.",
     picks=(
-        Pick("hatecheck", 1, _benign(1), cap=1200, why="29 functional tests of hate"),
-        Pick("hatecheck", 0, _benign(0), why="hard negatives: counter-speech, quotes, reclaimed slurs, negation"),
-        Pick("toxigen", 1, _benign(1), why="implicit hate"),
-        Pick("toxigen", 0, _benign(0), why="topic-matched neutral statements about the same groups"),
+        Pick("hatecheck", 1, _labelled(1), cap=1200, why="29 functional tests of hate"),
+        Pick("hatecheck", 0, _labelled(0), why="hard negatives: counter-speech, quotes, reclaimed slurs, negation"),
+        Pick("toxigen", 1, _labelled(1), why="implicit hate"),
+        Pick("toxigen", 0, _labelled(0), why="topic-matched neutral statements about the same groups"),
         Pick("davidson", 1, _category("hate"), cap=500, why="hate speech tweets"),
         Pick("davidson", 0, _category("neither"), cap=500, why="tweets that are neither hateful nor offensive"),
-        Pick("toxicchat", 0, _benign(), cap=400, why="ordinary user traffic"),
+        Pick("toxicchat", 0, _labelled(0), cap=400, why="ordinary user traffic"),
         Pick("alpaca", 0, cap=400, why="benign instructions"),
     ),
 )
@@ -191,7 +192,7 @@ MEDICAL_ADVICE = Recipe(
             why="hard negatives: low-risk medical questions",
         ),
         Pick("medicheck_neg", 0, cap=800, why="non-medical Reddit questions in the same register"),
-        Pick("toxicchat", 0, _benign(), cap=800, why="ordinary traffic, which the threshold must not flag"),
+        Pick("toxicchat", 0, _labelled(0), cap=800, why="ordinary traffic, which the threshold must not flag"),
         Pick("alpaca", 0, cap=300, why="benign instructions"),
     ),
 )
@@ -200,22 +201,22 @@ HARMFUL_REPLY = Recipe(
     name="harmful_reply",
     description="Assistant replies that give harmful help, versus refusals and safe answers (output stage).",
     picks=(
-        Pick("do_not_answer_responses", 1, _benign(1), why="replies human-labelled harmful"),
+        Pick("do_not_answer_responses", 1, _labelled(1), why="replies human-labelled harmful"),
         Pick(
             "hh_rlhf",
             1,
-            _benign(1),
+            _labelled(1),
             cap=1000,
             why="the more harmful reply of a pair (relative labels, noisy)",
         ),
         Pick(
             "do_not_answer_responses",
             0,
-            _benign(0),
+            _labelled(0),
             cap=1200,
             why="hard negatives: safe replies to the same risky questions",
         ),
-        Pick("hh_rlhf", 0, _benign(0), cap=1000, why="the more harmless reply of a pair"),
+        Pick("hh_rlhf", 0, _labelled(0), cap=1000, why="the more harmless reply of a pair"),
         Pick(
             "safety_tuned_llamas_replies",
             0,

@@ -30,8 +30,8 @@ from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from probes import handles
-from probes.render import render_messages
+from probes.lm import ops
+from probes.lm.render import render_messages
 
 SMOOTHING = 0.7  # s = range ** SMOOTHING; 0.5-0.8 measured alike, 0 is no smoothing
 _FLOOR = 1e-2  # ranges below this (dead channels) are not amplified
@@ -61,7 +61,7 @@ class RowInt8Linear(nn.Module):
         self.inner = _quantized(linear.weight.detach() * smooth)
         self.register_buffer("inverse", (1.0 / smooth).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("handle", handles.handle(self.inner), persistent=False)
+        self.register_buffer("handle", ops.handle(self.inner), persistent=False)
         self.register_buffer("frame", torch.zeros((1, self.in_features), dtype=linear.weight.dtype), persistent=False)
         self.frame[0, :2] = torch.tensor([1.0, -1.0])  # the row that pins the quantisation range to [-1, 1]
 
@@ -106,25 +106,6 @@ def quantize_int8(model: nn.Module, ranges: Mapping[nn.Module, torch.Tensor] | N
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, RowInt8Linear(child, ranges.get(child)))
-
-
-# ``guard::int8_linear``: torch's int8 product as an operator ``torch.compile`` can call. The packed int8
-# weights are a TorchScript object, which the compiler cannot trace: the operator reaches them through
-# a handle to their module (``probes.handles``).
-_LIBRARY = torch.library.Library("guard", "FRAGMENT")
-_LIBRARY.define("int8_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
-
-
-def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, handles.resolve(handle)._packed_params._packed_params, True)
-
-
-def _int8_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], out_features))
-
-
-_LIBRARY.impl("int8_linear", _int8_linear, "CPU")
-torch.library.register_fake("guard::int8_linear", _int8_linear_shape, lib=_LIBRARY)
 
 
 def _smoothing(input_range: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from probes.decoder import DecodeStep, supports
-from probes.layers import decoder_layers
-from probes.quantize import input_ranges, quantize_int8
+from probes.lm.layers import decoder_layers
+from probes.lm.quantize import input_ranges, quantize_int8
+from probes.lm.step import DecodeStep, supports
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Numeric paths: float32 (the reference), bfloat16 weights and activations, or int8 weights with
-# each token's activations quantised on its own in every Linear layer (probes.quantize; embeddings
+# each token's activations quantised on its own in every Linear layer (probes.lm.quantize; embeddings
 # and norms stay float32).
 NUMERIC_PATHS = ("float32", "bfloat16", "int8")
 INT8_PATH = "int8-rows-smoothed"  # enters the int8 fingerprint: a new int8 recipe makes old int8 probes refuse
@@ -80,12 +80,12 @@ def load_model(
 ) -> LoadedModel:
     """Load ``spec``: ``None`` or ``"smollm2-135m-instruct"`` for the default model, else a local HF directory.
 
-    ``layer_path`` overrides where the decoder layers are found (see ``probes.layers``). ``dtype`` is
+    ``layer_path`` overrides where the decoder layers are found (see ``probes.lm.layers``). ``dtype`` is
     the numeric path (one of ``NUMERIC_PATHS``). ``bfloat16`` keeps the fingerprint of the float32
     weights, so float32 probes serve on it unchanged (their scores shift slightly); ``int8`` gets a
     fingerprint of its own, so it serves probes trained on int8 features (``guard train --dtype int8``).
     Both effects are measured by ``tests/bench/bench_fastpath.py``. ``compiled``: the lean decode step
-    runs through ``torch.compile`` (``probes.decoder``).
+    runs through ``torch.compile`` (``probes.lm.step``).
     """
     if dtype not in NUMERIC_PATHS:
         raise ValueError(f"dtype must be one of {', '.join(NUMERIC_PATHS)}, got {dtype!r}")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.baselines import BASELINES, fit_baseline
 from probes.data import Dataset
+from probes.eval.baselines import BASELINES, fit_baseline
 from probes.features import extract
+from probes.lm.model import LoadedModel
 from probes.metrics import binary_metrics
-from probes.model import LoadedModel
 from probes.probe import LinearProbe
 
 

@@ -1,66 +1,30 @@
 """The default policies shipped inside the package, and training them reproducibly from the data pool.
 
-``guard train --preset default`` runs :func:`train_recipes` for every recipe in ``probes.presets``:
+``guard train --preset default`` runs :func:`train_recipes` for every recipe in ``probes.eval.presets``:
 the union of all policies' texts is extracted once (all layers, cached on disk), then each policy is
 split, swept and fitted on its own rows, and written to ``probes/shipped/<name>/``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from probes.catalog import SHIPPED_DIR
 from probes.data import Dataset, Row, deduplicate, split
-from probes.layers import normalise_layer
-from probes.model import LoadedModel
-from probes.presets import RECIPES
-from probes.probe import LinearProbe, ProbeError
+from probes.eval.presets import RECIPES
+from probes.lm.layers import normalise_layer
+from probes.lm.model import LoadedModel
 from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 DEV_FRACTION = 0.2
 # The shipped policies' method, chosen on the leave-one-dataset-out table (README "Default policies"):
 # mean-pooled layers 9, 15 and 21 concatenated beat the best layer of a sweep on unseen sources.
 PRESET_LAYERS = (9, 15, 21)
 PRESET_CONFIG = TrainConfig(layers=PRESET_LAYERS)
-
-
-def shipped_names() -> list[str]:
-    return (
-        sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []
-    )
-
-
-def resolve_probe(reference: str | Path, model_fingerprint: str | None = None) -> Path:
-    """A probe directory from a path, or from the name of a shipped default policy.
-
-    Shipped policies exist per numeric path with its own fingerprint (``shipped/<name>`` for float32
-    and bfloat16, ``shipped/int8/<name>``): the one trained on ``model_fingerprint`` wins.
-    """
-    path = Path(reference)
-    if (path / "manifest.json").is_file():
-        return path
-    found = [
-        candidate
-        for candidate in (SHIPPED_DIR / str(reference), *sorted(SHIPPED_DIR.glob(f"*/{reference}")))
-        if (candidate / "manifest.json").is_file()
-    ]
-    for candidate in found:
-        if json.loads((candidate / "manifest.json").read_text()).get("model_fingerprint") == model_fingerprint:
-            return candidate
-    if found:
-        return found[0]  # loading it with a fingerprint check then says which model it belongs to
-    raise ProbeError(
-        f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
-    )
-
-
-def load_shipped(name: str, *, model_fingerprint: str | None = None) -> LinearProbe:
-    return LinearProbe.load(resolve_probe(name, model_fingerprint), model_fingerprint=model_fingerprint)
 
 
 def recipe_splits(name: str, data_dir: Path) -> tuple[Dataset, Dataset, dict]:

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from probes.evaluate import Evaluation
+from probes.eval.evaluate import Evaluation
 from probes.probe import LinearProbe
 
 _COLUMNS = ("auroc", "auprc", "f1", "tpr_at_threshold", "fpr_at_threshold", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "n")

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from probes.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
 from probes.data import Dataset, Row, split
-from probes.layers import normalise_layer
+from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
+from probes.lm.layers import normalise_layer
+from probes.lm.model import LoadedModel
 from probes.metrics import binary_metrics
-from probes.model import LoadedModel
 from probes.train import TrainConfig, dev_threshold, train_probe
 
 TRAFFIC = TrainConfig.traffic_source
@@ -68,7 +68,8 @@ def evaluate_folds(
     # the layers ``features`` holds, in order: config.layers (as non-negative indices), else all of them
     layers = config.layers or range(features.shape[1])
     candidates = [normalise_layer(k, lm.num_layers) for k in layers]
-    embed = cached(minilm_embedder(), texts_of(dataset))  # folds reuse the same rows if "minilm" in baselines else None
+    # folds reuse the same rows: each is embedded once, and only when MiniLM is compared at all
+    embed = cached(minilm_embedder(), texts_of(dataset)) if "minilm" in baselines else None
     results = []
     for fold in folds(dataset):
 

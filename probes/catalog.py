@@ -1,0 +1,44 @@
+"""The probes shipped inside the package (``probes/shipped``): finding one by name for a model's fingerprint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from probes.probe import LinearProbe, ProbeError
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_names() -> list[str]:
+    return (
+        sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []
+    )
+
+
+def resolve_probe(reference: str | Path, model_fingerprint: str | None = None) -> Path:
+    """A probe directory from a path, or from the name of a shipped default policy.
+
+    Shipped policies exist per numeric path with its own fingerprint (``shipped/<name>`` for float32
+    and bfloat16, ``shipped/int8/<name>``): the one trained on ``model_fingerprint`` wins.
+    """
+    path = Path(reference)
+    if (path / "manifest.json").is_file():
+        return path
+    found = [
+        candidate
+        for candidate in (SHIPPED_DIR / str(reference), *sorted(SHIPPED_DIR.glob(f"*/{reference}")))
+        if (candidate / "manifest.json").is_file()
+    ]
+    for candidate in found:
+        if json.loads((candidate / "manifest.json").read_text()).get("model_fingerprint") == model_fingerprint:
+            return candidate
+    if found:
+        return found[0]  # loading it with a fingerprint check then says which model it belongs to
+    raise ProbeError(
+        f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
+    )
+
+
+def load_shipped(name: str, *, model_fingerprint: str | None = None) -> LinearProbe:
+    return LinearProbe.load(resolve_probe(name, model_fingerprint), model_fingerprint=model_fingerprint)
