@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from guard.batch import BatchCache
-from guard.prefill import PrefixCache
 from probes.lm import step as decoder
+from probes.lm.batch import BatchCache
 from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel, load_model
+from probes.lm.prefix import PrefixCache
 from probes.lm.step import DecodeStep
 
 # both paths round at the same points: every int8 Linear quantises each row on its own (probes.lm.quantize),

@@ -19,6 +19,7 @@ from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
 from guard.textstream import TextStream
 from probes.lm.model import LoadedModel, load_model
+from probes.lm.transformers_step import TransformersStep
 from probes.lm.render import render_messages
 from probes.probe import LinearProbe
 
@@ -131,7 +132,7 @@ def test_lean_decode_step_generates_what_transformers_generates(tiny_lm, engine_
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     lean = engine_for([policy], [probe_for(tiny_lm)])
     reference = engine_for([policy], [probe_for(tiny_lm)], fast_decode=False)
-    assert lean.decoder is not None and reference.decoder is None
+    assert lean.step is tiny_lm.decoder and isinstance(reference.step, TransformersStep)
 
     async def together(engine):
         return await asyncio.gather(
@@ -228,7 +229,9 @@ def test_rows_of_two_probe_versions_in_one_step_are_scored_by_their_own(tiny_lm,
     sets_a_step = []
     check = engine._check_tokens
     monkeypatch.setattr(
-        engine, "_check_tokens", lambda rows: sets_a_step.append(len({id(r.probes) for r in rows})) or check(rows)
+        engine,
+        "_check_tokens",
+        lambda rows, tap: sets_a_step.append(len({id(r.probes) for r in rows})) or check(rows, tap),
     )
 
     async def scenario():
@@ -332,13 +335,13 @@ def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(
     alone_engine = engine_for([toy, steer], [probe, probe], lm=lm)
     engine = Engine(lm, [toy, steer], [probe, probe])  # started once every request has arrived
     passes = []
-    prefill = engine.decoder.prefill
+    prefill = engine.step.prefill
 
     def recording(segments, on_layer=None):
         passes.append(len(segments))
         return prefill(segments, on_layer)
 
-    monkeypatch.setattr(engine.decoder, "prefill", recording)  # the decoder is the model's: shared by both engines
+    monkeypatch.setattr(engine.step, "prefill", recording)  # the step is the model's: shared by both engines
     requests = [request(tiny_lm, p, 10, policies=frozenset({"toy"})) for p in PROMPTS]
     requests += [legacy_request(tiny_lm, PROMPTS[2], 10), request(tiny_lm, PROMPTS[0], 10)]  # the last ablates
 
@@ -388,7 +391,7 @@ def test_a_compiled_step_compiles_once_for_one_row_and_once_for_more(tiny_compil
     engine = engine_for(
         [Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_compiled_lm)], lm=tiny_compiled_lm
     )
-    code = engine.decoder._run._torchdynamo_orig_callable.__func__.__code__
+    code = engine.step._run._torchdynamo_orig_callable.__func__.__code__
     variants = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
 
     async def scenario():

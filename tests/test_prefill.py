@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from guard.prefill import PrefixCache
+from probes.lm.prefix import PrefixCache
 
 
 def test_prefixes_are_kept_unchanged_and_the_least_recently_used_goes(tiny_lm):

@@ -59,19 +59,19 @@ def test_shipped_name_resolves_to_the_variant_of_the_serving_model(tmp_path, mon
     """Shipped policies exist per numeric path (float32 at the top, int8 under int8/): the fingerprint picks."""
     import dataclasses
 
-    import probes.eval.defaults as defaults
+    import probes.catalog as catalog
 
-    monkeypatch.setattr(defaults, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "SHIPPED_DIR", tmp_path)
     base = make_probe().save(tmp_path / "unit")
     quantised = dataclasses.replace(make_probe(seed=1), manifest={"model_fingerprint": "sha256:int8"})
     quantised.save(tmp_path / "int8" / "unit")
-    assert defaults.resolve_probe("unit", "sha256:int8") == tmp_path / "int8" / "unit"
-    assert defaults.resolve_probe("unit", "sha256:abc") == base == defaults.resolve_probe("unit")
-    assert defaults.load_shipped("unit", model_fingerprint="sha256:int8").threshold == quantised.threshold
+    assert catalog.resolve_probe("unit", "sha256:int8") == tmp_path / "int8" / "unit"
+    assert catalog.resolve_probe("unit", "sha256:abc") == base == catalog.resolve_probe("unit")
+    assert catalog.load_shipped("unit", model_fingerprint="sha256:int8").threshold == quantised.threshold
     with pytest.raises(ProbeError, match="retrain it on this model"):
-        defaults.load_shipped("unit", model_fingerprint="sha256:other")
+        catalog.load_shipped("unit", model_fingerprint="sha256:other")
     with pytest.raises(ProbeError, match="neither a probe directory nor a shipped policy"):
-        defaults.resolve_probe("missing")
+        catalog.resolve_probe("missing")
 
 
 def test_missing_files_and_bad_manifest(tmp_path):

@@ -118,7 +118,9 @@ def test_redis_outage_and_restart(cluster, redis_server, tiny_lm, tiny_model_dir
         assert readyz(server)["policies"]["toy"] == "1"
     exposed = httpx.get(a.url + "/metrics").text
     assert "guard_registry_up 0.0" in exposed and "# TYPE guard_registry_errors_total counter" in exposed
-    errors = [float(line.split()[-1]) for line in exposed.splitlines() if line.startswith("guard_registry_errors_total")]
+    errors = [
+        float(line.split()[-1]) for line in exposed.splitlines() if line.startswith("guard_registry_errors_total")
+    ]
     assert errors and errors[0] >= 1  # the outage, counted
     # a new replica starts while Redis is down, from a's last-known-good copy
     c = Server(

@@ -26,7 +26,8 @@ from transformers.utils import logging as hf_logging
 
 from probes.lm.layers import decoder_layers
 from probes.lm.quantize import input_ranges, quantize_int8
-from probes.lm.step import DecodeStep, supports
+from probes.lm.step import DecodeStep, Step, supports
+from probes.lm.transformers_step import TransformersStep
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class LoadedModel:
     layer_path: str | None = None
     numeric: str = "float32"  # one of NUMERIC_PATHS
     decoder: DecodeStep | None = None  # the lean decode step, for the architectures it covers
+
+    def step(self, fast: bool = True) -> Step:
+        """What decodes and prefills this model: the lean step where it covers the model (and ``fast``), else
+        transformers' forward behind the same interface and layer callback."""
+        if fast and self.decoder is not None:
+            return self.decoder
+        return TransformersStep(self.model, self.layer_path)
 
     @property
     def num_layers(self) -> int:

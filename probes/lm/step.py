@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,25 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SUPPORTED = frozenset({"llama"})
 ROOM = 64  # spare columns, at least, of a decode cache layer's buffer when it is (re)allocated
 IN_PLACE_FROM = 128  # cached columns from which a decode step appends in place (``DecodeStep._append``)
+
+
+class Step(Protocol):
+    """What the engine decodes and prefills with: ``DecodeStep``, or ``TransformersStep`` for other architectures."""
+
+    compiled: bool
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        mask: torch.Tensor | None = None,
+        on_layer: OnLayer | None = None,
+    ) -> torch.Tensor: ...
+
+    def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor: ...
+
+    def warm_up(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ from prompts import BENIGN, SHIPPED
 from sklearn.metrics import roc_auc_score
 from transformers import DynamicCache
 
-from guard.batch import BatchCache
-from guard.prefill import PrefixCache
 from probes.catalog import load_shipped
 from probes.data import Dataset, default_data_dir
 from probes.eval.defaults import recipe_splits
 from probes.eval.evaluate import probe_scores
+from probes.lm.batch import BatchCache
 from probes.lm.model import LoadedModel, load_model
+from probes.lm.prefix import PrefixCache
 from probes.lm.render import encode_row, render_messages
 from probes.lm.step import Segment
 from probes.probe import LinearProbe

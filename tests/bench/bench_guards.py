@@ -24,8 +24,8 @@ import torch
 from prompts import BENIGN
 from transformers import DynamicCache
 
-from guard.batch import BatchCache
 from probes.lm import step as decoder
+from probes.lm.batch import BatchCache
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import render_messages
 from probes.lm.step import Segment

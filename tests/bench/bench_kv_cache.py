@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from guard.batch import BatchCache
 from probes.lm import step as decoder
+from probes.lm.batch import BatchCache
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.step import Segment
 

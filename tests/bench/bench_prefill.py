@@ -33,8 +33,8 @@ from prompts import BENIGN
 from transformers import DynamicCache
 
 from guard.engine import default_threads
-from guard.prefill import PrefixCache
 from probes.lm.model import load_model
+from probes.lm.prefix import PrefixCache
 from probes.lm.render import render_messages
 
 

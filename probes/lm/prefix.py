@@ -1,4 +1,4 @@
-"""What the lean prefill needs beyond the model: prompt prefixes computed once, and how many prompts go in a pass.
+"""Prompt prefixes computed once, for any step's prefill (``probes.lm.step``, ``probes.lm.transformers_step``).
 
 Every chat prompt starts with the same tokens (the template's system prompt and the user's role
 marker), and a conversation's later turns repeat its earlier ones. The prefill of a prompt is always
@@ -15,15 +15,14 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache
 
-from probes.lm.step import DecodeStep, Segment
+from probes.lm.step import Segment, Step
 
 PREFIXES = 16  # prefixes kept (least recently used dropped); a 30-token prefix of the default model is ~1.4 MB
-PREFILL_TOKENS = 1024  # prompt tokens packed into one pass (a longer prompt goes alone): bounds a decode step's wait
 
 
 class PrefixCache:
-    def __init__(self, decoder: DecodeStep, config: object, capacity: int = PREFIXES) -> None:
-        self.decoder, self.config, self.capacity = decoder, config, capacity
+    def __init__(self, step: Step, config: object, capacity: int = PREFIXES) -> None:
+        self.step, self.config, self.capacity = step, config, capacity
         self._kept: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
     def segment(self, ids: tuple[int, ...], split: int) -> Segment:
@@ -39,7 +38,7 @@ class PrefixCache:
             self._kept.move_to_end(prefix)
             return self._kept[prefix]
         cache = DynamicCache(config=self.config)
-        self.decoder.prefill([Segment(prefix, cache)])
+        self.step.prefill([Segment(prefix, cache)])
         kept = [(layer.keys, layer.values) for layer in cache.layers]
         self._kept[prefix] = kept
         if len(self._kept) > self.capacity:

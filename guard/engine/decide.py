@@ -1,0 +1,73 @@
+"""From probe scores to what happens: one decision for the prompt stage and the output stage alike.
+
+A policy *crosses* when it is checked (the request's and the stage's) and its score exceeds its
+threshold. What a crossing does is the policy's action: ``block`` ends the reply with
+``content_filter``, ``ablate`` projects the policy's direction out from then on, ``flag`` only reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from guard.events import Verdict
+from guard.policy import Action, Policy
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per row and policy (``[..., n_policies]`` bool): what crossed, and which of those block or ablate."""
+
+    crossed: torch.Tensor
+    blocking: torch.Tensor
+    ablating: torch.Tensor
+
+
+class Decider:
+    """The policies' actions as masks, built once; ``decide`` is then a few tensor operations for a whole batch."""
+
+    def __init__(self, policies: Sequence[Policy]) -> None:
+        self.policies = tuple(policies)
+        self.blocks = torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool)
+        self.ablates = torch.tensor([p.action is Action.ABLATE for p in policies], dtype=torch.bool)
+        self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
+        self.on_output = torch.tensor([p.on_output for p in policies], dtype=torch.bool)
+
+    def decide(self, scores: torch.Tensor, thresholds: torch.Tensor, checked: torch.Tensor) -> Decision:
+        """``scores`` and ``checked`` ``[..., n_policies]``: the policies that cross, and what their actions are."""
+        crossed = checked & (scores > thresholds)
+        return Decision(crossed, crossed & self.blocks, crossed & self.ablates)
+
+    def message(self, blocking: torch.Tensor) -> str | None:
+        """The refusal text of the first blocking policy of one row, if any blocks."""
+        index = blocking.nonzero().flatten().tolist()
+        return self.policies[index[0]].message if index else None
+
+    def verdicts(
+        self,
+        scores: torch.Tensor,
+        checked: torch.Tensor,
+        crossed: torch.Tensor,
+        versions: Sequence[str],
+        detected_at: Mapping[str, int] | None = None,
+        ablated_from: Mapping[str, int] | None = None,
+    ) -> dict[str, Verdict]:
+        """One row's verdict for every checked policy; ``detected_at``, ``ablated_from``: token indices (output)."""
+        detected_at, ablated_from = detected_at or {}, ablated_from or {}
+        out = {}
+        for i, policy in enumerate(self.policies):
+            if not checked[i]:
+                continue
+            acted = bool(crossed[i]) and policy.action is not Action.FLAG
+            out[policy.name] = Verdict(
+                filtered=acted or policy.name in ablated_from,
+                detected=bool(crossed[i]),
+                score=round(float(scores[i]), 6),
+                probe_version=versions[i],
+                action=policy.action.value,
+                detected_at_token=detected_at.get(policy.name),
+                ablated_from_token=ablated_from.get(policy.name),
+            )
+        return out

@@ -1,0 +1,415 @@
+"""The generation loop: one thread owns the model and decodes every running request in one shared batch.
+
+The loop only schedules: it admits waiting requests, prefills them (where prompt-stage policies score
+the last user message), steps the batch, and finishes replies at token boundaries. Each decode step
+feeds every row's pending token, which yields both that token's hidden states and the logits for the
+next one: output-stage policies score the pending token *before* it is emitted, at the cost of a
+one-token delay and no extra pass. What a crossing does is decided in ``guard.engine.decide``:
+
+- ``block``: the token that crosses the threshold is never emitted; the reply ends with
+  ``content_filter``.
+- ``ablate``: the policy's direction is projected out for the rest of the generation, and the step
+  that produced the offending token is recomputed under ablation, so the token sent comes from the
+  ablated pass.
+- ``flag``: recorded in the verdicts, the text is untouched.
+
+Hidden states reach the loop by one route, the step's layer callback (``guard.engine.tap``), on every
+pass: prefill, decode step and the ablation rework alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import torch
+
+from guard.engine.batch import Batch
+from guard.engine.decide import Decider, Decision
+from guard.engine.reply import Reply
+from guard.engine.tap import LayerTap
+from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
+from guard.policy import Action, Policy
+from guard.sampling import sample
+from guard.scoring import ProbeSet
+from guard.textstream import TextStream
+from probes.lm.model import LoadedModel
+from probes.lm.prefix import PrefixCache
+from probes.lm.step import Segment
+from probes.probe import LinearProbe
+
+log = logging.getLogger(__name__)
+Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefill" or "decode_step"
+# torch's default intra-op threads, read at import: a thread's own setting may differ (the server
+# loads the model with one thread, guard.runtime)
+TORCH_THREADS = torch.get_num_threads()
+PREFILL_TOKENS = 1024  # prompt tokens packed into one pass (a longer prompt goes alone): bounds a decode step's wait
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts; the caller should retry later."""
+
+
+class Engine:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        policies: Sequence[Policy],
+        probes: Sequence[LinearProbe],
+        *,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+        threads: int | None = None,
+        fast_decode: bool = True,
+    ) -> None:
+        self.lm = lm
+        self.step = lm.step(fast_decode)
+        self.threads = threads or default_threads(lm)
+        self.policies = tuple(policies)
+        self.probes = ProbeSet.build(policies, probes)
+        self.decider = Decider(policies)
+        self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.eos_ids = _eos_ids(lm)
+        self._waiting: deque[Reply] = deque()
+        self._batch = Batch(lm.model.config)
+        self._prefixes = PrefixCache(self.step, lm.model.config)
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # where the engine thread reports how long requests waited, prefills and decode steps took (the
+        # metrics set it): what a first token's time is made of
+        self.timing: Timing | None = None
+
+    # -- the public side (any thread) ------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread; returns when it can decode (a compiled step has been compiled by then)."""
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="guard-engine", daemon=True)
+        self._thread.start()
+        ready.result()  # raises what warming up raised
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Handle:
+        handle = Handle(request, loop)
+        names = request.policies
+        active = torch.tensor([names is None or p.name in names for p in self.policies], dtype=torch.bool)
+        probes = self.probes
+        ablating = torch.zeros(probes.ablation.count)
+        for p in self.policies:
+            if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
+                ablating[self.ablate_index[p.name]] = 1.0
+        n = len(self.policies)
+        reply = Reply(
+            handle,
+            probes,
+            TextStream(self.lm.tokenizer, request.sampling.stop),
+            request.sampling.generator(),
+            active,
+            ablating,
+            sums=torch.zeros(n),
+            score=torch.zeros(n),
+            crossed=torch.zeros(n, dtype=torch.bool),
+        )
+        with self._wake:
+            self._sweep_waiting()  # a request that gave up waiting holds no place
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(reply)
+            self._wake.notify()
+        return handle
+
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._batch), "waiting": len(self._waiting)}
+
+    def versions(self) -> dict[str, str]:
+        """The probe version each policy's new requests use."""
+        return dict(zip(self.probes.bank.names, self.probes.bank.versions, strict=True))
+
+    def replace_probe(self, policy: str, probe: LinearProbe) -> None:
+        """Serve ``probe`` for ``policy`` from the next request on; requests in flight keep their version."""
+        self.probes = self.probes.replace(self.policies, policy, probe)
+
+    # -- the engine thread: scheduling -----------------------------------------------------------------
+    def _run(self, ready: Future[None]) -> None:
+        torch.set_num_threads(self.threads)  # per thread: the engine thread does not inherit a caller's choice
+        try:
+            if self.step.compiled:
+                self.step.warm_up()  # here: compiled code is specialised to this thread's thread count
+        except Exception as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._batch:
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    if self._batch:
+                        started = time.perf_counter()
+                        self._step()
+                        self._report("decode_step", time.perf_counter() - started)
+                except Exception as exc:  # a bug must not kill the server: fail the running requests, go on
+                    log.exception("generation step failed")
+                    for reply in self._batch.clear():
+                        reply.handle.put(Failed(f"generation failed: {exc}"))
+        for reply in [*self._batch.clear(), *self._waiting]:
+            reply.handle.put(Failed("the server is shutting down"))
+
+    def _report(self, phase: str, *seconds: float) -> None:
+        if self.timing is not None:
+            for value in seconds:
+                self.timing(phase, value)
+
+    def _sweep_waiting(self) -> None:
+        """Requests that gave up while waiting leave the queue (called with ``_wake`` held)."""
+        for gone in [r for r in self._waiting if r.handle.cancelled]:
+            self._waiting.remove(gone)
+            self._finish(gone, "cancelled")
+
+    def _admit(self) -> None:
+        while len(self._batch) < self.max_batch:
+            replies = self._take(self.max_batch - len(self._batch))
+            if not replies:
+                return
+            started = time.perf_counter()
+            self._report("queue_wait", *(started - reply.submitted for reply in replies))
+            try:
+                self._prefill(replies)
+                self._report("prefill", time.perf_counter() - started)
+            except Exception:
+                for reply in replies:  # not in the batch: nobody else answers them (one already blocked ignores it)
+                    if reply not in self._batch.replies:
+                        reply.handle.put(Failed("prefill failed"))
+                raise
+
+    def _take(self, free: int) -> list[Reply]:
+        """Up to ``free`` waiting requests, at most ``PREFILL_TOKENS`` prompt tokens in all (at least one request)."""
+        replies: list[Reply] = []
+        tokens = 0
+        with self._wake:
+            self._sweep_waiting()
+            while self._waiting and len(replies) < free:
+                size = len(self._waiting[0].request.prompt_ids) + len(self._waiting[0].request.score_ids or ())
+                if replies and tokens + size > PREFILL_TOKENS:
+                    break
+                replies.append(self._waiting.popleft())
+                tokens += size
+        return replies
+
+    def _step(self) -> None:
+        self._batch.drop(self._leaves_before_step)
+        if not self._batch:
+            return
+        rows = list(self._batch.replies)
+        ids = torch.tensor([[r.pending] for r in rows])
+        positions = torch.tensor([[r.position] for r in rows])
+        mask = self._batch.step_mask()
+        tap = self._tap(rows)
+        logits = self.step(ids, positions, self._batch.cache, None if bool(mask.all()) else mask, tap)
+        self._batch.advance()
+        outcomes = self._check_tokens(rows, tap)
+        kept, rework = [], []
+        for i, (reply, outcome) in enumerate(zip(rows, outcomes, strict=True)):
+            if outcome == "rework":
+                rework.append(i)
+            elif outcome == "emit" and self._emit(reply, logits[i]):
+                kept.append(i)
+        self._batch.keep(kept + rework)
+        for reply in [rows[i] for i in rework]:
+            self._recompute_under_ablation(reply)
+
+    def _leaves_before_step(self, reply: Reply) -> bool:
+        if reply.handle.cancelled:
+            self._finish(reply, "cancelled")
+        elif reply.pending in self.eos_ids:
+            self._finish(reply, "stop")
+        else:
+            return False
+        return True
+
+    # -- the engine thread: passes ---------------------------------------------------------------------
+    def _tap(self, rows: list[Reply], tokens: list[int] | None = None) -> LayerTap | None:
+        """The layer callback of a pass over ``rows`` (``tokens``: each one's consecutive rows in a packed
+        prefill, else one each); ``None`` without policies, when the model runs exactly as without guard."""
+        if not self.policies:
+            return None
+        ablations, keep = [], set()
+        for probes, index in _groups(rows):
+            keep.update(probes.bank.layers)
+            if probes.ablation.count:
+                mask = torch.zeros((len(rows), probes.ablation.count))
+                mask[index] = torch.stack([rows[i].ablating for i in index.tolist()])
+                if tokens is not None:
+                    mask = mask.repeat_interleave(torch.tensor(tokens), 0)
+                if bool(mask.any()):
+                    ablations.append((probes.ablation, mask))
+        return LayerTap(ablations, keep)
+
+    def _prefill(self, replies: list[Reply]) -> None:
+        """Several requests in one pass of the step, each after its cached prefix (``probes.lm.prefix``)."""
+        segments: list[Segment] = []
+        plans = []  # (reply, index of its scored segment, index of its generating segment, split)
+        for reply in replies:
+            request = reply.request
+            split = 0 if bool(reply.ablating.any()) else request.prompt_span[0]  # an ablated prefix is its own
+            scored = len(segments)
+            segments.append(self._prefixes.segment(request.score_ids or request.prompt_ids, split))
+            if request.score_ids is not None:  # a legacy completion generates from its raw text
+                segments.append(self._prefixes.segment(request.prompt_ids, 0))
+            plans.append((reply, scored, len(segments) - 1, split))
+        sizes = [len(segment.ids) for segment in segments]
+        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        tap = self._tap(replies, [starts[generating + 1] - starts[scored] for _, scored, generating, _ in plans])
+        logits = self.step.prefill(segments, tap)
+        for reply, scored, generating, split in plans:
+            start, end = (starts[scored] + index - split for index in reply.request.prompt_span)
+            # no policies, no tap: nothing to score
+            contributions = (
+                torch.zeros((end - start, 0)) if tap is None else _contributions(reply.probes, tap, slice(start, end))
+            )
+            self._check_prompt(reply, contributions, logits[generating], segments[generating])
+
+    def _recompute_under_ablation(self, reply: Reply) -> None:
+        """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch."""
+        cache, length = self._batch.take_out(reply, drop_last=2)
+        ids, positions = torch.tensor([[reply.previous]]), torch.tensor([[reply.position - 1]])
+        logits = self.step(ids, positions, cache, None, self._tap([reply]))
+        reply.pending = sample(logits[0], reply.request.sampling, reply.generator)
+        self._batch.join(reply, cache, length + 1)
+
+    # -- the engine thread: checks and replies ---------------------------------------------------------
+    def _check_prompt(self, reply: Reply, contributions: torch.Tensor, logits: torch.Tensor, segment: Segment) -> None:
+        """Prompt-stage verdicts from the span's per-token contributions; then block, or sample and join the batch."""
+        bank = reply.probes.bank
+        scores = bank.scores(torch.where(reply.probes.mean_pooled, contributions.mean(0), contributions[-1]))
+        checked = reply.active & self.decider.on_prompt
+        decision = self.decider.decide(scores, bank.thresholds, checked)
+        verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions)
+        message = self.decider.message(decision.blocking)
+        blocked = bool(decision.blocking.any())
+        reply.handle.put(PromptChecked(verdicts, blocked, message))
+        if blocked:
+            self._finish(reply, "content_filter")
+            return
+        ids = reply.request.prompt_ids
+        reply.previous, reply.position = ids[-1], len(ids)
+        reply.pending = sample(logits, reply.request.sampling, reply.generator)
+        self._batch.join(reply, segment.cache, len(ids))
+
+    def _check_tokens(self, rows: list[Reply], tap: LayerTap | None) -> list[str]:
+        """Score every row's pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``.
+
+        The rows of a probe set (all of them, but across a hot reload) are scored together: one matrix
+        product per probed layer, one set of operations for the scores. Only a row where a policy crossed
+        its threshold (nearly never) is then handled on its own (``_act``).
+        """
+        outcomes = ["emit"] * len(rows)
+        if tap is None:
+            return outcomes
+        for probes, index in _groups(rows):
+            members = index.tolist()
+            picked = slice(None) if len(members) == len(rows) else index  # one set: no copy of the rows
+            contributions = _contributions(probes, tap, picked)
+            group = [rows[i] for i in members]
+            sums = torch.stack([reply.sums for reply in group]) + contributions
+            tokens = torch.tensor([[reply.completion_tokens + 1.0] for reply in group])
+            scores = probes.bank.scores(torch.where(probes.mean_pooled, sums / tokens, contributions))
+            active = torch.stack([reply.active for reply in group]) & self.decider.on_output
+            decision = self.decider.decide(scores, probes.bank.thresholds, active)
+            hits = decision.crossed.any(1).tolist()
+            for j, reply in enumerate(group):
+                if hits[j]:
+                    outcomes[members[j]] = self._act(reply, sums[j], scores[j], decision, j)
+                else:
+                    reply.sums, reply.score = sums[j], scores[j]
+        return outcomes
+
+    def _act(self, reply: Reply, sums: torch.Tensor, scores: torch.Tensor, decision: Decision, row: int) -> str:
+        """Row ``row`` of ``decision`` crossed: ``blocked``, ``rework`` (a newly fired ablation) or ``emit``."""
+        crossed = decision.crossed[row]
+        reply.crossed = reply.crossed | crossed
+        for i in crossed.nonzero().flatten().tolist():
+            reply.detected_at.setdefault(self.policies[i].name, reply.completion_tokens)
+        if bool(decision.blocking[row].any()):
+            reply.sums, reply.score = sums, scores
+            self._finish(reply, "content_filter", message=self.decider.message(decision.blocking[row]))
+            return "blocked"
+        fired = [self.policies[i].name for i in decision.ablating[row].nonzero().flatten().tolist()]
+        fired = [name for name in fired if name not in reply.ablated_from]
+        if fired:  # the token is recomputed under ablation: its scores do not count
+            for name in fired:
+                reply.ablated_from[name] = reply.completion_tokens
+                reply.ablating[self.ablate_index[name]] = 1.0
+            return "rework"
+        reply.sums, reply.score = sums, scores
+        return "emit"
+
+    def _emit(self, reply: Reply, next_logits: torch.Tensor) -> bool:
+        """Send the checked pending token; sample the next one. False when the reply has finished."""
+        reply.completion_tokens += 1
+        piece = reply.stream.push(reply.pending)
+        if piece:
+            reply.handle.put(Emitted(piece, reply.completion_tokens))
+        if reply.stream.stopped:
+            self._finish(reply, "stop")
+            return False
+        if reply.completion_tokens >= reply.request.sampling.max_tokens:
+            self._finish(reply, "length")
+            return False
+        reply.previous, reply.position = reply.pending, reply.position + 1
+        reply.pending = sample(next_logits, reply.request.sampling, reply.generator)
+        return True
+
+    def _finish(self, reply: Reply, reason: str, message: str | None = None) -> None:
+        tail = reply.stream.flush() if reason != "cancelled" else ""
+        if tail:
+            reply.handle.put(Emitted(tail, reply.completion_tokens))
+        verdicts = {}
+        if reply.started:  # output-stage verdicts
+            checked = reply.active & self.decider.on_output
+            verdicts = self.decider.verdicts(
+                reply.score, checked, reply.crossed, reply.probes.bank.versions, reply.detected_at, reply.ablated_from
+            )
+        reply.handle.put(Finished(reason, len(reply.request.prompt_ids), reply.completion_tokens, verdicts, message))
+
+
+def default_threads(lm: LoadedModel) -> int:
+    """Intra-op threads for decoding: one on int8, where a second thread costs batch invariance and the
+    other core serves HTTP (docs/benchmarks.md); otherwise torch's default, the physical cores."""
+    return 1 if lm.numeric == "int8" else TORCH_THREADS
+
+
+def _groups(rows: list[Reply]) -> list[tuple[ProbeSet, torch.Tensor]]:
+    """Rows grouped by the probe set they started with (one group, except across a hot reload)."""
+    groups: dict[int, tuple[ProbeSet, list[int]]] = {}
+    for i, reply in enumerate(rows):
+        groups.setdefault(id(reply.probes), (reply.probes, []))[1].append(i)
+    return [(probes, torch.tensor(index)) for probes, index in groups.values()]
+
+
+def _contributions(probes: ProbeSet, tap: LayerTap, rows: slice | torch.Tensor) -> torch.Tensor:
+    """Per-token logit contributions ``[rows, n_policies]`` of the pass's ``rows`` under ``probes``."""
+    return probes.bank.token_logits({layer: tap.hidden(layer)[rows] for layer in probes.bank.layers})
+
+
+def _eos_ids(lm: LoadedModel) -> frozenset[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    configured = getattr(lm.model.generation_config, "eos_token_id", None) or lm.model.config.eos_token_id
+    ids |= set(configured) if isinstance(configured, list) else {configured}
+    return frozenset(i for i in ids if i is not None)
