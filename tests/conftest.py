@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -27,6 +28,23 @@ CORPUS = [
     "I hate those people, they are vermin and should be removed.",
     "Sure, here is how. I cannot help with that request.",
 ] * 20
+# Test tiers (README "Tests"): ``slow`` and the module-level ``server`` and ``deploy`` marks are set where the
+# tests are; ``compile`` and ``redis`` follow from what a test uses (collection below).
+_COMPILED_FIXTURES = {"tiny_compiled_lm", "real_compiled_lm", "real_int8_compiled_lm"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        ids = callspec.id.split("-") if callspec is not None else []
+        named = {"compile", "compiled"} & set(item.originalname.split("_"))
+        if fixtures & _COMPILED_FIXTURES or "compiled" in ids or named:
+            item.add_marker(pytest.mark.compile)
+        if "redis_server" in fixtures:
+            item.add_marker(pytest.mark.redis)
+
+
 DATA_DIR = Path(os.environ.get("GUARD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -173,3 +191,29 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_lm, tiny_model_dir):
+    """A probe on the tiny model and a policy file flagging with it on both stages, for tiny servers."""
+    from test_engine import probe_for
+
+    directory = tmp_path_factory.mktemp("tiny-serve")
+    probe_for(tiny_lm).save(directory / "probe")
+    policy_file = directory / "policies.json"
+    policy_file.write_text(
+        json.dumps(
+            {"policies": [{"name": "toy", "probe": str(directory / "probe"), "stage": "both", "action": "flag"}]}
+        )
+    )
+    env = {"GUARD_CACHE_DIR": str(directory / "cache"), "GUARD_COMPILE": "0"}  # compiled: tests/test_server_real
+    return directory, policy_file, env
+
+
+def serve(setup, model_dir, name: str, *flags: str):
+    """``guard serve`` on ``model_dir`` with the ``setup`` policy file (a ``serverproc.Server``)."""
+    from serverproc import Server
+
+    directory, policy_file, env = setup
+    args = ("--model", str(model_dir), "--policy-file", str(policy_file), *flags)
+    return Server(*args, env=env, log=directory / f"{name}.log")

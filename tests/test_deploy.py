@@ -14,6 +14,8 @@ import pytest
 from serverproc import Server, free_port
 from test_engine import probe_for
 
+pytestmark = pytest.mark.deploy
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -51,6 +53,7 @@ def test_dashboard_is_provisionable():
 
 
 @needs_prometheus
+@pytest.mark.server
 def test_prometheus_scrapes_guard_and_every_referenced_metric_exists(tmp_path, tiny_lm, tiny_model_dir):
     probe_for(tiny_lm).save(tmp_path / "probe")
     (tmp_path / "policies.json").write_text(

@@ -19,8 +19,8 @@ from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
 from guard.textstream import TextStream
 from probes.lm.model import LoadedModel, load_model
-from probes.lm.transformers_step import TransformersStep
 from probes.lm.render import render_messages
+from probes.lm.transformers_step import TransformersStep
 from probes.probe import LinearProbe
 
 PROMPTS = [

@@ -13,6 +13,8 @@ import yaml
 from guard.policy import load_policies
 from guard.settings import Settings
 
+pytestmark = pytest.mark.deploy
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "guard"
 KUBERNETES = "1.30.0"  # native sidecars (initContainers with restartPolicy: Always) are GA from 1.29

@@ -18,6 +18,8 @@ from test_engine import probe_for
 from probes.lm.model import load_model
 from probes.registry import RedisRegistry
 
+pytestmark = pytest.mark.server
+
 POLICY = {"policies": [{"name": "toy", "probe": "toy", "stage": "both", "action": "flag"}]}
 
 

@@ -11,29 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import make_tiny_model
+from conftest import make_tiny_model, serve
 from serverproc import Server
-from test_engine import probe_for
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_lm, tiny_model_dir):
-    directory = tmp_path_factory.mktemp("tiny-serve")
-    probe_for(tiny_lm).save(directory / "probe")
-    policy_file = directory / "policies.json"
-    policy_file.write_text(
-        json.dumps(
-            {"policies": [{"name": "toy", "probe": str(directory / "probe"), "stage": "both", "action": "flag"}]}
-        )
-    )
-    env = {"GUARD_CACHE_DIR": str(directory / "cache"), "GUARD_COMPILE": "0"}  # compiled: tests/test_server_real
-    return directory, policy_file, env
-
-
-def serve(setup, model_dir, name: str, *flags: str) -> Server:
-    directory, policy_file, env = setup
-    args = ("--model", str(model_dir), "--policy-file", str(policy_file), *flags)
-    return Server(*args, env=env, log=directory / f"{name}.log")
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from guard.engine import Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
 from guard.metrics import Metrics
 from guard.sampling import SamplingParams
-from guard.server.errors import APIError, error_body
+from guard.server.errors import APIError
 from guard.server.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -78,10 +78,9 @@ class Serving:
         encoded = render_messages(
             self.engine.lm.tokenizer, messages, span_message=users[-1], add_generation_prompt=True
         )
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return self._generation(
-            encoded, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        )
+        if body.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
+            return self._generation(encoded, body, body.max_completion_tokens, "max_completion_tokens", "messages")
+        return self._generation(encoded, body, body.max_tokens, "max_tokens", "messages")
 
     def completion_request(self, body: CompletionRequest) -> GenerationRequest:
         self._common(body.model, body.n, body.temperature, body.top_p)
@@ -94,7 +93,9 @@ class Serving:
             raise APIError(400, "'prompt' must not be empty", param="prompt")
         ids = tuple(self.engine.lm.tokenizer(prompt)["input_ids"])
         scored = render_messages(self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0)
-        request = self._generation(Encoded(ids, scored.start, scored.end), body, body.max_tokens, "max_tokens")
+        request = self._generation(
+            Encoded(ids, scored.start, scored.end), body, body.max_tokens, "max_tokens", "prompt"
+        )
         return replace(request, score_ids=scored.ids)
 
     def _common(self, model: str, n: int | None, temperature: float | None, top_p: float | None) -> None:
@@ -113,8 +114,14 @@ class Serving:
             raise APIError(400, "'top_p' must be greater than 0 and at most 1", param="top_p")
 
     def _generation(
-        self, encoded: Encoded, body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, param: str
+        self,
+        encoded: Encoded,
+        body: ChatCompletionRequest | CompletionRequest,
+        max_tokens: int | None,
+        param: str,
+        prompt_param: str,
     ) -> GenerationRequest:
+        """``param``: the field ``max_tokens`` came from; ``prompt_param``: the field the prompt came from."""
         room = self.limits.context_window - len(encoded.ids)
         if room <= 0:
             raise APIError(
@@ -122,7 +129,7 @@ class Serving:
                 f"This model's maximum context length is {self.limits.context_window} tokens; "
                 f"the prompt has {len(encoded.ids)}",
                 code="context_length_exceeded",
-                param="messages",
+                param=prompt_param,
             )
         if max_tokens is None:
             max_tokens = min(self.limits.default_max_tokens, room)
@@ -188,25 +195,48 @@ class Serving:
             )
         return handle, events, first
 
-    async def collect(self, handle: Handle, events: AsyncIterator, started: float) -> tuple[str, Finished]:
-        pieces = []
+    async def reply(
+        self, handle: Handle, events: AsyncIterator, endpoint: str, started: float
+    ) -> AsyncIterator[Emitted | Finished | APIError]:
+        """After the prompt verdict, what every answer is made of, streamed or not: text pieces, then how it
+        finished or the error that ended it (a timeout, a failed generation); metrics on the way."""
+        first_token = True
         deadline = _deadline(started, self.limits.request_timeout)
         try:
             while True:
                 try:
                     event = await _next(events, deadline)
                 except TimeoutError:
-                    raise self._timed_out() from None
+                    yield self._timed_out()
+                    return
                 if isinstance(event, Emitted):
-                    if not pieces:
+                    if first_token:
                         self.metrics.first_token(started)
-                    pieces.append(event.text)
+                        first_token = False
+                    yield event
                 elif isinstance(event, Failed):
-                    raise APIError(500, event.error, code="generation_failed")
+                    yield APIError(500, event.error, code="generation_failed")
+                    return
                 elif isinstance(event, Finished):
-                    return "".join(pieces), event
+                    self.metrics.finished(event, endpoint, started)
+                    yield event
+                    return
         finally:
             handle.cancel()  # no-op once finished; stops generation if the client went away or timed out
+
+    async def collect(
+        self, handle: Handle, events: AsyncIterator, endpoint: str, started: float
+    ) -> tuple[str, Finished]:
+        """The whole reply: its text and how it finished; an error that ended it is raised."""
+        pieces, done = [], None
+        async for item in self.reply(handle, events, endpoint, started):
+            if isinstance(item, APIError):
+                raise item
+            if isinstance(item, Emitted):
+                pieces.append(item.text)
+            else:
+                done = item
+        return "".join(pieces), done
 
     def _timed_out(self) -> APIError:
         return APIError(
@@ -218,8 +248,7 @@ class Serving:
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         started = time.perf_counter()
         handle, events, checked = await self.start(self.chat_request(body), "chat", started)
-        text, done = await self.collect(handle, events, started)
-        self.metrics.finished(done, "chat", started)
+        text, done = await self.collect(handle, events, "chat", started)
         refusal = done.message if done.reason == "content_filter" else None
         choice = ChatChoice(
             0,
@@ -239,8 +268,7 @@ class Serving:
     async def completion(self, body: CompletionRequest) -> Completion:
         started = time.perf_counter()
         handle, events, checked = await self.start(self.completion_request(body), "completions", started)
-        text, done = await self.collect(handle, events, started)
-        self.metrics.finished(done, "completions", started)
+        text, done = await self.collect(handle, events, "completions", started)
         choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
         return Completion(
             id=_id("cmpl"),
@@ -300,33 +328,17 @@ class Serving:
             meta["usage"] = None  # every chunk carries "usage": null; the last one the usage
 
         async def lines() -> AsyncIterator[bytes]:
-            first_token = True
-            deadline = _deadline(started, self.limits.request_timeout)
-            try:
-                yield _sse(shape.opening(_prompt_results(checked)))
-                while True:
-                    try:
-                        event = await _next(events, deadline)
-                    except TimeoutError:
-                        yield _sse(self._timed_out().body())
-                        break
-                    if isinstance(event, Emitted):
-                        if first_token:
-                            self.metrics.first_token(started)
-                            first_token = False
-                        yield _sse(shape.piece(event.text))
-                    elif isinstance(event, Failed):
-                        yield _sse(error_body(500, event.error, code="generation_failed"))
-                        break
-                    elif isinstance(event, Finished):
-                        self.metrics.finished(event, endpoint, started)
-                        yield _sse(shape.closing(event))
-                        if "usage" in meta:
-                            yield _sse(shape.usage(_usage(event)))
-                        break
-                yield DONE
-            finally:
-                handle.cancel()
+            yield _sse(shape.opening(_prompt_results(checked)))
+            async for item in self.reply(handle, events, endpoint, started):
+                if isinstance(item, Emitted):
+                    yield _sse(shape.piece(item.text))
+                elif isinstance(item, APIError):
+                    yield _sse(item.body())
+                else:
+                    yield _sse(shape.closing(item))
+                    if "usage" in meta:
+                        yield _sse(shape.usage(_usage(item)))
+            yield DONE
 
         return lines()
 
