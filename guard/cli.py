@@ -1,4 +1,9 @@
-"""The ``guard`` command: ``serve``, ``train``, ``eval`` and ``data`` (export rows of the shared pool as JSONL)."""
+"""The ``guard`` command: ``serve``, ``train``, ``eval``, ``data`` (export rows of the shared pool as JSONL),
+``registry`` and ``benchmark-policies``.
+
+The offline stack (training, evaluation, baselines, reports) is imported by the commands that use it, so
+``guard serve`` starts without scikit-learn or matplotlib.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,12 @@ from guard.policy import PolicyError
 from guard.settings import Settings
 from probes.catalog import SHIPPED_DIR, resolve_probe
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
-from probes.eval.baselines import BASELINES
-from probes.eval.defaults import PRESET_LAYERS, recipe_features, recipe_splits, train_recipes
-from probes.eval.evaluate import evaluate
-from probes.eval.presets import PRESETS, RECIPES
-from probes.eval.report import write_report
+from probes.eval.presets import PRESET_LAYERS, PRESETS, RECIPES
 from probes.eval.sources import SOURCES, read_source
 from probes.features import POOLINGS
 from probes.lm.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.probe import LinearProbe, ProbeError
 from probes.registry import RegistryError, open_registry, signing_key
-from probes.train import TrainConfig, train_probe
 
 log = logging.getLogger("guard")
 
@@ -115,15 +115,18 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--traffic-fpr",
         type=float,
-        default=TrainConfig.traffic_fpr,
         help="threshold: also at most this FPR on dev negatives from ordinary traffic (rows whose source is "
-        "toxicchat); a negative value turns it off",
+        "toxicchat; default 0.015); a negative value turns it off",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-text-tokens", type=int, default=256)
 
 
-def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = None) -> TrainConfig:
+def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = None):
+    """The ``TrainConfig`` the flags describe."""
+    from probes.train import TrainConfig
+
+    traffic_fpr = TrainConfig.traffic_fpr if args.traffic_fpr is None else args.traffic_fpr
     if args.layers in (None, ""):
         layers = default_layers
     else:
@@ -132,13 +135,16 @@ def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = N
         layers=layers,
         pooling=args.pooling,
         target_fpr=args.target_fpr,
-        traffic_fpr=args.traffic_fpr if args.traffic_fpr >= 0 else None,
+        traffic_fpr=traffic_fpr if traffic_fpr >= 0 else None,
         seed=args.seed,
         max_text_tokens=args.max_text_tokens,
     )
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.eval.defaults import train_recipes
+    from probes.train import train_probe
+
     config = _method(args, PRESET_LAYERS if args.preset else None)
     if args.preset:
         names = args.policy or list(PRESETS[args.preset])
@@ -208,6 +214,9 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.eval.evaluate import evaluate
+    from probes.eval.report import write_report
+
     probe_dir = resolve_probe(args.probe)
     dataset = load_datasets(args.data, text_col=args.text_col, label_col=args.label_col)
     lm = _model(settings)
@@ -236,6 +245,8 @@ def _baseline_data(probe: LinearProbe, args: argparse.Namespace, settings: Setti
         dataset = load_datasets(args.train_data, text_col=args.text_col, label_col=args.label_col)
         return split(dataset, dev_fraction=float(data.get("dev_fraction", 0.2)), seed=int(data.get("split_seed", 0)))
     if "preset" in data:
+        from probes.eval.defaults import recipe_splits
+
         train, dev, _ = recipe_splits(data["preset"], settings.data_dir)
         return train, dev
     if "files" in data:
@@ -278,6 +289,8 @@ def _data_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _data(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.eval.defaults import recipe_splits
+
     if args.what == "source":
         rows = deduplicate(read_source(args.name, settings.data_dir)).rows
     else:
@@ -393,6 +406,8 @@ def _lodo_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _lodo(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.eval.baselines import BASELINES
+    from probes.eval.defaults import recipe_features
     from probes.eval.lodo import evaluate_folds, markdown
 
     lm = _model(settings)

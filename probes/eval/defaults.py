@@ -15,15 +15,12 @@ import numpy as np
 
 from probes.catalog import SHIPPED_DIR
 from probes.data import Dataset, Row, deduplicate, split
-from probes.eval.presets import RECIPES
+from probes.eval.presets import PRESET_LAYERS, RECIPES
 from probes.lm.layers import normalise_layer
 from probes.lm.model import LoadedModel
 from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
 DEV_FRACTION = 0.2
-# The shipped policies' method, chosen on the leave-one-dataset-out table (README "Default policies"):
-# mean-pooled layers 9, 15 and 21 concatenated beat the best layer of a sweep on unseen sources.
-PRESET_LAYERS = (9, 15, 21)
 PRESET_CONFIG = TrainConfig(layers=PRESET_LAYERS)
 
 

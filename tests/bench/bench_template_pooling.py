@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from guard.settings import Settings
 from probes.data import Dataset
-from probes.eval.defaults import PRESET_CONFIG, PRESET_LAYERS, recipe_splits
+from probes.eval.defaults import PRESET_CONFIG, recipe_splits
 from probes.eval.lodo import Fold, folds, scored_fold
+from probes.eval.presets import PRESET_LAYERS
 from probes.features import batched_states
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import encode_row
