@@ -29,8 +29,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
     policies = load_policies(settings.policy_file)
     # One thread here, whatever the engine's: a thread that has run torch with two OpenMP threads keeps
     # its OpenMP worker, and with more such workers than cores every later parallel region wakes its
-    # workers slowly. Loaded with two threads, the engine thread's two-thread decode step at eight rows
-    # took 100 ms instead of 80 on float32, 37.7 instead of 23.9 on int8; int8 loads ~1 s slower.
+    # workers slowly, the engine thread's decode steps included (docs/benchmarks.md).
     compiled = settings.compile and settings.fast_decode
     if compiled:  # the compiled kernels persist with the converted model, not in /tmp
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))

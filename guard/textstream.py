@@ -5,9 +5,8 @@ tail could still be the start of a stop string.
 
 Each token decodes a short window, not the whole reply: the tokens since the previous piece, after
 the previous piece's tokens as context (a tokenizer may decode a token differently at the start of
-a text; as in vLLM's incremental detokeniser). On the default model's tokenizer, decoding the whole
-reply at every token cost 0.41 ms a row at 2,048 tokens (3.3 ms of a 26 ms eight-row decode step),
-205 us a token on average over such a reply; the window costs about 8 us a token at any length.
+a text; as in vLLM's incremental detokeniser), so a token costs the same at any reply length
+(``tests/bench/bench_detokenize.py``, docs/benchmarks.md).
 """
 
 from __future__ import annotations

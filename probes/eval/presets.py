@@ -41,6 +41,7 @@ def _any(_: Row) -> bool:
 # layers 9, 15 and 21 concatenated beat the best layer of a sweep on unseen sources.
 PRESET_LAYERS = (9, 15, 21)
 
+
 @dataclass(frozen=True)
 class Pick:
     source: str

@@ -126,8 +126,8 @@ def load_model(
         if decoder is not None:
             quantize_int8(decoder, decoder.input_ranges(ranges))
         quantize_int8(model, ranges)
-        # int8 shifts the hidden states enough to cost float32 probes up to 0.05 AUROC
-        # (tests/bench/bench_fastpath.py): for probes it is another model, with probes trained on it
+        # int8 shifts the hidden states enough to cost float32 probes AUROC (tests/bench/bench_fastpath.py):
+        # for probes it is another model, with probes trained on it
         fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:{INT8_PATH}".encode()).hexdigest()
     return LoadedModel(model, tokenizer, name, path, fingerprint, layer_path, dtype, decoder)
 
@@ -145,7 +145,7 @@ def fingerprint(model: PreTrainedModel) -> str:
 
 
 def _cached_fingerprint(model: PreTrainedModel, path: Path, cache_dir: Path) -> str:
-    """Hashing 500 MB of weights costs ~1 s; remember the answer per (directory, weight files' size and mtime)."""
+    """Hashing every weight takes a while; remember the answer per (directory, weight files' size and mtime)."""
     stamp = sorted(
         (f.name, f.stat().st_size, f.stat().st_mtime_ns)
         for f in path.iterdir()

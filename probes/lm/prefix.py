@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from probes.lm.step import Segment, Step
 
-PREFIXES = 16  # prefixes kept (least recently used dropped); a 30-token prefix of the default model is ~1.4 MB
+PREFIXES = 16  # prefixes kept (least recently used dropped)
 
 
 class PrefixCache:

@@ -12,10 +12,8 @@ Two choices keep int8 hidden states close to float32 and the same wherever a tok
 - Smoothing (as in SmoothQuant). A few input channels carry most of a token's magnitude, so the 7-bit
   activation grid leaves the rest almost nothing. Each input channel is divided by ``s = range ** 0.7``
   (its largest magnitude over a fixed set of calibration prompts) and the weights' columns multiplied by
-  ``s``: the product is unchanged in exact arithmetic, the quantisation error is not. On the default
-  model it cut the hidden states' error against float32 at layers 10/15/20 from 0.15/0.06/0.06 to
-  0.06/0.004/0.005, and the shipped policies' AUROC loss on int8 from up to 0.034 to at most 0.0003
-  (README, Serving; ``tests/bench/bench_fastpath.py``). ``s`` depends on the input alone, so
+  ``s``: the product is unchanged in exact arithmetic, the quantisation error is not
+  (``tests/bench/bench_fastpath.py``, docs/benchmarks.md). ``s`` depends on the input alone, so
   products that read the same input (q/k/v fused or not) quantise identically.
 """
 
@@ -33,7 +31,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from probes.lm import ops
 from probes.lm.render import render_messages
 
-SMOOTHING = 0.7  # s = range ** SMOOTHING; 0.5-0.8 measured alike, 0 is no smoothing
+SMOOTHING = 0.7  # s = range ** SMOOTHING; 0 is no smoothing
 _FLOOR = 1e-2  # ranges below this (dead channels) are not amplified
 CALIBRATION = (  # varied chat prompts, benign and sensitive: where the activation ranges are measured
     "What is the capital of France?",

@@ -2,7 +2,7 @@
 
 Features are pooled over the text's own tokens inside the chat template, never over the template:
 pooling over system prompt and role markers gives texts of different lengths different template
-shares, a length confound (see shared/FINDINGS.md). The server renders conversations with the same
+shares, a length confound. The server renders conversations with the same
 function, so the tokens it scores are the tokens the probes were trained on.
 """
 

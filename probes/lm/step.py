@@ -1,27 +1,25 @@
 """A lean forward for Llama-family models: one token a row, each layer's output handed to a callback.
 
-In a one-token decode step on one core, transformers' forward spends about a fifth of its time outside
-the matrix products (mask construction, cache bookkeeping, per-module dispatch), and on int8 every
-product also pays a fixed cost for quantising its input. This step computes the same layers with the
-model's own weights in fewer operations: q/k/v are one product, gate/up another, the rotary embedding
-is applied to queries and keys together. Measured on the default model (int8, one thread): 1.24-1.33
-times transformers' decode speed side by side (``tests/bench/bench_overhead.py``). It computes what
-transformers computes to 1e-5 on float paths, and on int8 too up to the rounding of its fused
-products (every Linear quantises each row on its own, ``probes.lm.quantize``).
+In a one-token decode step, transformers' forward spends much of its time outside the matrix products
+(mask construction, cache bookkeeping, per-module dispatch), and on int8 every product also pays a
+fixed cost for quantising its input. This step computes the same layers with the model's own weights
+in fewer operations: q/k/v are one product, gate/up another, the rotary embedding is applied to
+queries and keys together (``tests/bench/bench_overhead.py``). It computes what transformers computes
+to 1e-5 on float paths, and on int8 too up to the rounding of its fused products (every Linear
+quantises each row on its own, ``probes.lm.quantize``).
 
 It decodes (``forward``: one new token per sequence) and prefills (``prefill``: several prompts packed
 into one pass, each attending to its own tokens). ``compiled=True`` runs its layers through
 ``torch.compile``: what lies between the matrix products (norms, rotary embedding, the int8 products'
 row scaling, the activation) becomes a few fused kernels, while the int8 products, the attention and
 the per-layer callback stay Python-side operators (``guard::int8_linear``, ``guard::attend``,
-``guard::layer_out``). On the default model on int8 that took a one-row decode step from 22.8 to
-14.1 ms, an eight-row one from 31.1 to 23.4 ms (``tests/bench/bench_compiled.py``). Compiled on
+``guard::layer_out``, ``probes.lm.ops``; ``tests/bench/bench_compiled.py``). Compiled on
 float32 activations (the float32 and int8 models), a decode step's attention is also one call of a
 C kernel for the whole batch (``probes.lm.attention``) instead of torch's attention once per run of
 rows with the same first column (``tests/bench/bench_attention.py``).
 
-The ablation rework and training features run through transformers, and the per-layer callback
-takes the place of the forward hooks (``probes.lm.hooks``) there. The fused float weights are the
+Training features run through transformers with forward hooks (``probes.lm.hooks``); serving runs every
+pass through a step and its per-layer callback. The fused float weights are the
 originals' storage (the q/k/v and gate/up modules become views of them), so on the float paths
 nothing is duplicated; on int8 the fused products are quantised as well, per output channel, which
 gives each output the same int8 weights as the separate product it replaces.
@@ -200,17 +198,13 @@ class DecodeStep(nn.Module):
     def _append(self, past: object, key: torch.Tensor, value: torch.Tensor) -> None:
         """Add a step's keys and values ``[rows, kv_heads, 1, head_dim]`` to a cache layer, in place when there is room.
 
-        Concatenating copies the whole cache at every step: at eight rows of 1,024 columns, 382 MB a
-        step on the default model. From ``IN_PLACE_FROM`` columns on, the layer's tensors are instead
-        views of buffers with spare columns, which later steps fill in place (``_Room``). When the
+        Concatenating copies the whole cache at every step. From ``IN_PLACE_FROM`` columns on, the layer's
+        tensors are instead views of buffers with spare columns, which later steps fill in place (``_Room``). When the
         buffers are full, or the layer's tensors are no longer the views handed out (a row joined or left
         the batch, which replaced them), the columns are copied into new buffers.
 
         Below that, concatenating is as fast or faster: the fresh copy is still in the processor's cache
-        when attention reads it (int8, compiled, eight rows at 40 columns: appends and attention took 7.6
-        ms a step concatenated, 8.5 ms in place). Whole steps, eight rows, concatenated against in place
-        (``tests/bench/bench_kv_cache.py``): 27.1 / 27.5 ms at 40 columns, 44.7 / 40.3 at 300, 93.3 /
-        69.6 at 1,000, 182.6 / 132.5 at 2,000; the logits are bitwise the same.
+        when attention reads it (``tests/bench/bench_kv_cache.py``). Either way the logits are bitwise the same.
         """
         if past.keys.shape[2] < IN_PLACE_FROM:
             past.keys, past.values = torch.cat([past.keys, key], dim=2), torch.cat([past.values, value], dim=2)
@@ -282,10 +276,9 @@ def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 def _input_guards(entries: Sequence[object]) -> list[bool]:
     """The guards a compiled pass checks at each call: its inputs' (``ids``, ``positions``) and global state's.
 
-    Dynamo also guards some 4,000 facts about the model (every module's type, hooks and attributes,
-    every weight's metadata), about half a millisecond of each call: on int8, a step of one row took
-    13.81 ms with them and 13.34 without, of eight rows 26.85 and 26.24, with bitwise the same logits
-    (``tests/bench/bench_guards.py``). None of them can change: the model is fixed once loaded (hooks
+    Dynamo also guards thousands of facts about the model (every module's type, hooks and attributes,
+    every weight's metadata), checked at every call (``tests/bench/bench_guards.py``). None of them
+    can change: the model is fixed once loaded (hooks
     go on decoder layers, which this pass never calls), each step compiles its own copy of the code,
     and what a pass varies (attention over its cache, the layer callback) reaches the graph through
     opaque operators. Which graph runs (one row or several) rests on the input guards, which stay.
@@ -325,13 +318,11 @@ def _attention(
     """Each row attends to its own columns only, as it would alone.
 
     One masked call over the padded batch would give the same result up to rounding, but its sums run
-    over more columns in another order (about 1e-6 apart), and on int8 a rounding boundary can turn
-    that into a different reply. So each run of rows starting at the same column gets a call of its
-    own, on views of the cache (gathering the rows copied their cache: compiled on int8, a step of eight
-    rows with different starts took 30-32 ms that way, 26-27 ms on views). Right padding, where every
-    row's columns start at 0 as they do alone, does not make one masked call exact either: eight rows
-    of 40 to 333 columns came out up to 1.8e-7 apart from the rows alone, and the call took 478 µs a
-    layer against 282 µs for the eight calls (one thread), as it attends over every row's padding.
+    over more columns in another order, and on int8 a rounding boundary can turn that into a different
+    reply. So each run of rows starting at the same column gets a call of its own, on views of the
+    cache (gathering the rows would copy their cache). Right padding, where every row's columns start
+    at 0 as they do alone, does not make one masked call exact either, and it attends over every row's
+    padding.
     """
     if not runs:
         return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=True)
