@@ -135,7 +135,7 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
     over these 28 prompts and the five policies; a prefill in one piece through transformers was 0.039 off).
     Compiled int8 fuses float operations and rounds them differently, which moves some int8 roundings: on
     400 dev rows per policy its scores were 0.003-0.013 apart on average, up to 0.14, at the same AUROC
-    (README, Serving)."""
+    (docs/benchmarks.md, "The lean step and compiling it")."""
     lm = request.getfixturevalue(fixture)
     names = ["harmful_request", "hate", "self_harm", "weapons", "medical_advice"]  # the prompt-stage policies
     probes = [load_shipped(name, model_fingerprint=lm.fingerprint) for name in names]

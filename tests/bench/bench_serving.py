@@ -15,9 +15,12 @@ round; the report gives each metric's median over rounds, and guarded/unguarded 
 spread between rounds is this VM's noise). ``--dtype`` picks the numeric path of both servers
 (float32, bfloat16 or int8). Both run the lean step compiled, as ``guard serve`` does by default;
 ``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``).
+``--before DIR`` adds an unguarded and a guarded server running the code of another checkout (``DIR``,
+e.g. a ``git worktree`` of an earlier commit, on the same virtual environment), measured in the same
+rounds, so a change's effect on serving speed is measured side by side.
 
     .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype int8]
-        [--eager-too] [--out tests/bench/results/serving.json]
+        [--eager-too] [--before DIR] [--out tests/bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
     parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
     parser.add_argument("--eager-too", action="store_true", help="also a guarded server with --no-compile")
+    parser.add_argument("--before", type=Path, help="also unguarded and guarded servers on this checkout's code")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -173,11 +177,15 @@ def main() -> None:
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
     flags = ("--max-batch", str(max(levels)), "--dtype", args.dtype)
     flags += ("--threads", args.threads) if args.threads else ()
-    (work / "guarded_eager.json").write_text(json.dumps({"policies": guarded_policies}))
+    kinds = [("unguarded", "unguarded", (), None), ("guarded", "guarded", (), None)]
+    if args.eager_too:
+        kinds.append(("guarded_eager", "guarded", ("--no-compile",), None))
+    if args.before:
+        before = {"PYTHONPATH": str(args.before.resolve())}  # found before the editable install of this tree
+        kinds += [("unguarded_before", "unguarded", (), before), ("guarded_before", "guarded", (), before)]
     servers = {
-        name: Server("--policy-file", str(work / f"{name}.json"), *flags, *extra, log=work / f"{name}.log")
-        for name, extra in [("unguarded", ()), ("guarded", ()), ("guarded_eager", ("--no-compile",))]
-        if args.eager_too or name != "guarded_eager"
+        name: Server("--policy-file", str(work / f"{policy}.json"), *flags, *extra, env=env, log=work / f"{name}.log")
+        for name, policy, extra, env in kinds
     }
     runs: dict[tuple[int, str], list[dict]] = {(c, name): [] for c in levels for name in servers}
     replies: dict[tuple[int, str], list[str]] = {}  # the first round's replies
@@ -210,6 +218,12 @@ def main() -> None:
         ]
         if "guarded_eager" in speed:
             row["guarded_vs_guarded_eager"] = speed["guarded"] / speed["guarded_eager"]
+        for kind in ("unguarded", "guarded") if args.before else ():
+            row[f"{kind}_vs_before"] = speed[kind] / speed[f"{kind}_before"]
+            row[f"{kind}_vs_before_by_round"] = [
+                a["aggregate_tokens_per_s"] / b["aggregate_tokens_per_s"]
+                for a, b in zip(runs[clients, kind], runs[clients, f"{kind}_before"], strict=True)
+            ]
         table[str(clients)] = row
     llama_run = llama_cpp_single(args.tokens, prompts)
     llama = llama_run["tokens_per_s"] if llama_run else None
@@ -249,6 +263,16 @@ def main() -> None:
                 f" | {row['guarded_vs_guarded_eager']:.2f} (compiled / not) | {eager['ttft_p95_s']:.2f}"
                 f" ({eager['ttft_p95_after_first_wave_s']:.2f}) | {eager['same_reply_as_alone']:.2f} |"
             )
+    if args.before:
+        print(f"\n| streams | server | before tok/s | after tok/s | after / before (by round) |  ({args.before})")
+        print("|---|---|---|---|---|")
+        for clients, row in table.items():
+            for kind in ("unguarded", "guarded"):
+                rounds = " ".join(f"{r:.2f}" for r in row[f"{kind}_vs_before_by_round"])
+                print(
+                    f"| {clients} | {kind} | {row[f'{kind}_before']['aggregate_tokens_per_s']:.1f}"
+                    f" | {row[kind]['aggregate_tokens_per_s']:.1f} | {row[f'{kind}_vs_before']:.2f} ({rounds}) |"
+                )
     if llama:
         print(f"llama.cpp single stream: {llama:.1f} tok/s ({llama_run['completion_tokens']} completion tokens)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
