@@ -39,6 +39,7 @@ class PromptChecked:
     verdicts: dict[str, Verdict]
     blocked: bool
     message: str | None = None
+    probe_set: str = ""  # the version of the probe set the request is checked with (``ProbeSet.version``)
 
 
 @dataclass(frozen=True)

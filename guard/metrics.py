@@ -53,7 +53,13 @@ class Metrics:
         )
         self.tokens = Counter("guard_generated_tokens", "Completion tokens emitted.", registry=r)
         self.prompt_tokens = Counter("guard_prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.finishes = Counter("guard_finish_reason", "Generations by finish reason.", ["reason"], registry=r)
+        self.finishes = Counter(
+            "guard_finish_reason",
+            "Requests by how they ended: stop, length, content_filter; cancelled (the client went away), "
+            "timeout (queue or request), rejected (queue full), failed.",
+            ["reason"],
+            registry=r,
+        )
         self.flags = Counter(
             "guard_flags",
             "Policy detections by policy, stage and configured action.",
@@ -102,6 +108,10 @@ class Metrics:
         self.prompt_tokens.inc(done.prompt_tokens)
         self.finishes.labels(done.reason).inc()
         self._verdicts(done.verdicts, "output")
+
+    def ended(self, reason: str) -> None:
+        """A request that ended before its generation finished: cancelled, timeout, rejected or failed."""
+        self.finishes.labels(reason).inc()
 
     def _verdicts(self, verdicts: dict[str, Verdict], stage: str) -> None:
         for name, verdict in verdicts.items():

@@ -1,10 +1,16 @@
-"""Choosing the next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling."""
+"""Choosing the next token: greedy at temperature 0, else temperature and nucleus (top-p) sampling.
+
+Temperatures below ``GREEDY_BELOW`` are greedy: dividing logits by a far smaller one overflows to
+infinities, whose softmax is not a distribution.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from next-token ``logits[vocab]``."""
-    if params.temperature <= 0:  # numpy's argmax: the same first maximum as torch's, cheaper on one row
+    if params.temperature < GREEDY_BELOW:  # numpy's argmax: the same first maximum as torch's, cheaper on one row
         return int(logits.float().numpy().argmax())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

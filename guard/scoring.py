@@ -9,6 +9,7 @@ mean-pooled features it was trained on.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,13 +82,16 @@ class ProbeSet:
     bank: ProbeBank
     ablation: Ablation
     mean_pooled: torch.Tensor  # [n_policies] bool: running mean (else last token)
+    version: str  # names every policy's probe version: two sets score alike iff their versions are equal
 
     @classmethod
     def build(cls, policies: Sequence[Policy], probes: Sequence[LinearProbe]) -> ProbeSet:
         bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
         ablated = [probe for policy, probe in zip(policies, probes, strict=True) if policy.action is Action.ABLATE]
         pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
-        return cls(tuple(probes), bank, Ablation(ablated), pooled)
+        named = ",".join(f"{p.name}={probe.version}" for p, probe in zip(policies, probes, strict=True))
+        version = hashlib.sha256(named.encode()).hexdigest()[:12]
+        return cls(tuple(probes), bank, Ablation(ablated), pooled, version)
 
     def replace(self, policies: Sequence[Policy], name: str, probe: LinearProbe) -> ProbeSet:
         index = [p.name for p in policies].index(name)

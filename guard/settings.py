@@ -27,6 +27,7 @@ class Settings:
     port: int = 8000
     policy_file: Path = field(default_factory=lambda: DEFAULT_POLICY_FILE)
     api_keys: str = ""  # comma-separated; empty: no authentication
+    metrics_key: str = ""  # guards /metrics and the details of /readyz; empty: both open
     max_batch: int = 8  # sequences decoded together
     max_waiting: int = 64  # requests queued beyond the batch before 429
     queue_timeout: float = 30.0  # seconds to wait for a batch slot before 503; 0: none

@@ -217,3 +217,21 @@ def serve(setup, model_dir, name: str, *flags: str):
     directory, policy_file, env = setup
     args = ("--model", str(model_dir), "--policy-file", str(policy_file), *flags)
     return Server(*args, env=env, log=directory / f"{name}.log")
+
+
+@pytest.fixture
+def engine_for(tiny_lm):
+    """Started engines (the tiny model unless ``lm=``), stopped after the test."""
+    from guard.engine import Engine
+
+    engines = []
+
+    def make(policies=(), probes=(), lm=None, **kw) -> Engine:
+        engine = Engine(lm or tiny_lm, policies, probes, **kw)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()

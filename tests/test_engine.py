@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from guard.engine import TORCH_THREADS, Engine, QueueFull
-from guard.events import Emitted, Finished, GenerationRequest, Handle, PromptChecked
+from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
 from guard.policy import Action, Policy, Stage
 from guard.runtime import build_runtime
 from guard.sampling import SamplingParams, sample
@@ -66,21 +66,6 @@ async def collect(handle: Handle) -> tuple[str, Finished, list]:
         if isinstance(event, Emitted):
             pieces.append(event.text)
     return "".join(pieces), events[-1], events
-
-
-@pytest.fixture
-def engine_for(tiny_lm):
-    engines = []
-
-    def make(policies=(), probes=(), lm=None, **kw) -> Engine:
-        engine = Engine(lm or tiny_lm, policies, probes, **kw)
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.stop()
 
 
 @pytest.fixture(params=["lean-step", "compiled", "transformers"])
@@ -413,3 +398,39 @@ def test_a_failed_compile_fails_start_instead_of_hanging(tiny_model_dir, tmp_pat
     monkeypatch.setattr(lm.decoder, "_run", no_compiler)
     with pytest.raises(RuntimeError, match="GUARD_COMPILE=0"):
         Engine(lm, (), ()).start()
+
+
+@pytest.mark.parametrize("fails_at", [0, 3], ids=["first-token", "mid-reply"])
+def test_a_failing_row_fails_alone_and_the_batch_goes_on(tiny_lm, engine_for, monkeypatch, fails_at):
+    """A row whose sampling raises gets its own generic error with an id; the rows decoded with it finish
+    as they do alone, and the engine serves the next request."""
+    import guard.engine.loop as loop
+
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    engine = engine_for([policy], [probe_for(tiny_lm)])
+    calls = []
+
+    def faulty(logits, params, generator):
+        if params.seed == 666:
+            calls.append(1)
+            if len(calls) > fails_at:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return sample(logits, params, generator)
+
+    good = [request(tiny_lm, p, 16) for p in PROMPTS[:3]]
+    bad = GenerationRequest(good[0].prompt_ids, good[0].prompt_span, SamplingParams(max_tokens=16, seed=666))
+
+    async def scenario():
+        alone = [await run(engine, r) for r in good]
+        monkeypatch.setattr(loop, "sample", faulty)
+        loop_ = asyncio.get_running_loop()
+        handles = [engine.submit(r, loop_) for r in [good[0], bad, *good[1:]]]
+        together = await asyncio.gather(*(collect(h) for h in handles))
+        return alone, together, await run(engine, good[2])
+
+    alone, together, after = asyncio.run(scenario())
+    failed = together.pop(1)[1]
+    assert isinstance(failed, Failed) and "error id" in failed.error and "inf, nan" not in failed.error
+    for (text_a, done_a, _), (text_b, done_b, _) in zip(alone, together, strict=True):
+        assert isinstance(done_b, Finished) and text_a == text_b and done_a.reason == done_b.reason
+    assert after[0] == alone[2][0]

@@ -102,7 +102,22 @@ def test_secrets_inline_and_existing():
     docs = render({"secrets": {"existingSecret": "guard-prod"}})
     assert not [d for d in docs if d["kind"] == "Secret"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in guard_container(docs)["env"] if "valueFrom" in e}
-    assert refs == {"GUARD_API_KEYS": "guard-prod", "GUARD_REGISTRY_KEY": "guard-prod", "GUARD_REDIS_URL": "guard-prod"}
+    names = ("GUARD_API_KEYS", "GUARD_REGISTRY_KEY", "GUARD_REDIS_URL", "GUARD_METRICS_KEY")
+    assert refs == dict.fromkeys(names, "guard-prod")
+
+
+def test_a_metrics_key_reaches_guard_and_the_service_monitor():
+    docs = render({"secrets": {"metricsKey": "m1"}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    secret = one(docs, "Secret")
+    assert secret["stringData"] == {"metrics-key": "m1"}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in guard_container(docs)["env"] if "valueFrom" in e}
+    assert refs["GUARD_METRICS_KEY"]["key"] == "metrics-key"
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["authorization"]["credentials"] == {
+        "name": secret["metadata"]["name"],
+        "key": "metrics-key",
+        "optional": True,
+    }
 
 
 @pytest.mark.parametrize("native", [False, True])

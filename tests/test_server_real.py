@@ -192,9 +192,9 @@ BAD = [
     (b'{"model": "\xff\xfe"}', 400, "invalid_encoding"),
     (b"[1, 2]", 400, "invalid_json"),
     (b'{"model": "smollm2-135m-instruct", "messages": []}', 400, None),
-    (b'{"model": "smollm2-135m-instruct", "messages": "hi"}', 422, "invalid_value"),
-    (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "wizard", "content": "hi"}]}', 422, "invalid_value"),
-    (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": 5}]}', 422, "invalid_value"),
+    (b'{"model": "smollm2-135m-instruct", "messages": "hi"}', 400, "invalid_value"),
+    (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "invalid_value"),
+    (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": 5}]}', 400, "invalid_value"),
     (
         b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
         400,
@@ -213,7 +213,7 @@ BAD = [
     (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model_not_found"),
     (
         b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
-        422,
+        400,
         "invalid_value",
     ),
     (

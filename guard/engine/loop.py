@@ -23,6 +23,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -164,10 +165,9 @@ class Engine:
                         started = time.perf_counter()
                         self._step()
                         self._report("decode_step", time.perf_counter() - started)
-                except Exception as exc:  # a bug must not kill the server: fail the running requests, go on
-                    log.exception("generation step failed")
+                except Exception as exc:  # the shared batch is in doubt: fail its requests, go on with new ones
                     for reply in self._batch.clear():
-                        reply.handle.put(Failed(f"generation failed: {exc}"))
+                        self._fail(reply, exc, "generation")
         for reply in [*self._batch.clear(), *self._waiting]:
             reply.handle.put(Failed("the server is shutting down"))
 
@@ -191,12 +191,11 @@ class Engine:
             self._report("queue_wait", *(started - reply.submitted for reply in replies))
             try:
                 self._prefill(replies)
-                self._report("prefill", time.perf_counter() - started)
-            except Exception:
-                for reply in replies:  # not in the batch: nobody else answers them (one already blocked ignores it)
-                    if reply not in self._batch.replies:
-                        reply.handle.put(Failed("prefill failed"))
-                raise
+            except Exception as exc:  # the pass touched only its own caches: the running batch goes on
+                for reply in replies:
+                    self._fail(reply, exc, "prefill")
+                continue
+            self._report("prefill", time.perf_counter() - started)
 
     def _take(self, free: int) -> list[Reply]:
         """Up to ``free`` waiting requests, at most ``PREFILL_TOKENS`` prompt tokens in all (at least one request)."""
@@ -228,11 +227,11 @@ class Engine:
         for i, (reply, outcome) in enumerate(zip(rows, outcomes, strict=True)):
             if outcome == "rework":
                 rework.append(i)
-            elif outcome == "emit" and self._emit(reply, logits[i]):
+            elif outcome == "emit" and self._isolated(reply, "generation", self._emit, reply, logits[i]):
                 kept.append(i)
         self._batch.keep(kept + rework)
         for reply in [rows[i] for i in rework]:
-            self._recompute_under_ablation(reply)
+            self._isolated(reply, "generation", self._recompute_under_ablation, reply)
 
     def _leaves_before_step(self, reply: Reply) -> bool:
         if reply.handle.cancelled:
@@ -279,38 +278,44 @@ class Engine:
         logits = self.step.prefill(segments, tap)
         for reply, scored, generating, split in plans:
             start, end = (starts[scored] + index - split for index in reply.request.prompt_span)
-            # no policies, no tap: nothing to score
-            contributions = (
-                torch.zeros((end - start, 0)) if tap is None else _contributions(reply.probes, tap, slice(start, end))
-            )
-            self._check_prompt(reply, contributions, logits[generating], segments[generating])
+            if self._isolated(reply, "prefill", self._check_prompt, reply, tap, slice(start, end), logits[generating]):
+                self._batch.join(reply, segments[generating].cache, len(reply.request.prompt_ids))
 
-    def _recompute_under_ablation(self, reply: Reply) -> None:
-        """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch."""
+    def _recompute_under_ablation(self, reply: Reply) -> bool:
+        """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch.
+
+        Only this row's: it leaves the batch first, so a failure here is its own."""
         cache, length = self._batch.take_out(reply, drop_last=2)
         ids, positions = torch.tensor([[reply.previous]]), torch.tensor([[reply.position - 1]])
         logits = self.step(ids, positions, cache, None, self._tap([reply]))
         reply.pending = sample(logits[0], reply.request.sampling, reply.generator)
         self._batch.join(reply, cache, length + 1)
+        return True
 
     # -- the engine thread: checks and replies ---------------------------------------------------------
-    def _check_prompt(self, reply: Reply, contributions: torch.Tensor, logits: torch.Tensor, segment: Segment) -> None:
-        """Prompt-stage verdicts from the span's per-token contributions; then block, or sample and join the batch."""
+    def _check_prompt(self, reply: Reply, tap: LayerTap | None, span: slice, logits: torch.Tensor) -> bool:
+        """Prompt-stage verdicts from the ``span`` rows of the prefill pass; then block, or sample the first token.
+
+        True when the reply goes on to the batch."""
         bank = reply.probes.bank
+        if tap is None:  # no policies: nothing to score
+            contributions = torch.zeros((span.stop - span.start, 0))
+        else:
+            contributions = _contributions(reply.probes, tap, span)
         scores = bank.scores(torch.where(reply.probes.mean_pooled, contributions.mean(0), contributions[-1]))
         checked = reply.active & self.decider.on_prompt
         decision = self.decider.decide(scores, bank.thresholds, checked)
         verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions)
         message = self.decider.message(decision.blocking)
         blocked = bool(decision.blocking.any())
-        reply.handle.put(PromptChecked(verdicts, blocked, message))
+        reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version))
         if blocked:
             self._finish(reply, "content_filter")
-            return
+            return False
         ids = reply.request.prompt_ids
         reply.previous, reply.position = ids[-1], len(ids)
         reply.pending = sample(logits, reply.request.sampling, reply.generator)
-        self._batch.join(reply, segment.cache, len(ids))
+        return True
 
     def _check_tokens(self, rows: list[Reply], tap: LayerTap | None) -> list[str]:
         """Score every row's pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``.
@@ -375,6 +380,20 @@ class Engine:
         reply.previous, reply.position = reply.pending, reply.position + 1
         reply.pending = sample(next_logits, reply.request.sampling, reply.generator)
         return True
+
+    def _isolated(self, reply: Reply, stage: str, work: Callable[..., bool], *args: object) -> bool:
+        """``work(*args)`` for one row: what it raises fails that row alone (False), never the batch."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            self._fail(reply, exc, stage)
+            return False
+
+    def _fail(self, reply: Reply, exc: BaseException, stage: str) -> None:
+        """The client gets a generic message and an error id; the log has the details under that id."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error("%s failed for a request (error id %s)", stage, error_id, exc_info=exc)
+        reply.handle.put(Failed(f"{stage} failed (error id {error_id}); the server log has the details"))
 
     def _finish(self, reply: Reply, reason: str, message: str | None = None) -> None:
         tail = reply.stream.flush() if reason != "cancelled" else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -93,20 +94,27 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
 
 
 # -- routes -----------------------------------------------------------------------------------------------
+def _bearer(connection: ASGIConnection) -> str:
+    header = connection.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
 def _authorised(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     keys = connection.app.state.settings.api_key_set()
-    if not keys:
-        return
-    header = connection.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if token not in keys:
+    if keys and _bearer(connection) not in keys:
         raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _operator(connection: ASGIConnection) -> bool:
+    """Whether the caller may see what the server runs (model fingerprint, policies, versions, metrics)."""
+    key = connection.app.state.settings.metrics_key
+    return not key or hmac.compare_digest(_bearer(connection), key)
 
 
 def _serving(request: Request) -> Serving:
     serving = request.app.state.serving
     if serving is None:
-        reason = request.app.state.load_error or "the model is still loading"
+        reason = "loading failed; /readyz and the server log say why" if request.app.state.load_error else "loading"
         raise APIError(503, f"not ready: {reason}", code="not_ready", headers={"Retry-After": "5"})
     return serving
 
@@ -138,7 +146,11 @@ class HealthController(Controller):
 
     @get("/readyz")
     async def readyz(self, request: Request) -> Response:
+        """Ready or not; with the metrics key (when one is set), also what is served and why loading failed."""
         serving = request.app.state.serving
+        if not _operator(request):
+            status = "ready" if serving else "failed" if request.app.state.load_error else "loading"
+            return Response({"status": status}, status_code=200 if serving else 503)
         if serving is None:
             detail = {
                 "status": "failed" if request.app.state.load_error else "loading",
@@ -159,11 +171,14 @@ class HealthController(Controller):
 
     @get("/metrics")
     async def metrics(self, request: Request) -> Response:
+        if not _operator(request):
+            raise APIError(401, "/metrics needs the metrics key: 'Authorization: Bearer <key>'", code="invalid_api_key")
         return Response(request.app.state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 # -- request decoding and responses ------------------------------------------------------------------------
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_INTEGERS = ("n", "seed", "max_tokens", "max_completion_tokens")
 T = TypeVar("T")
 
 
@@ -177,16 +192,24 @@ async def _decode(request: Request, kind: type[T]) -> T:
         document = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(document, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     unknown = set(document) - set(kind.__struct_fields__)
     if unknown:
         log.info("ignoring unknown request fields %s", sorted(unknown))
+    for name in _INTEGERS:  # 1.0 is the integer 1, as JSON does not tell them apart
+        value = document.get(name)
+        if isinstance(value, float) and value.is_integer():
+            document[name] = int(value)
     try:
         return msgspec.convert(document, kind)
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError as exc:  # 400, as OpenAI answers a field of the wrong type
         match = _PATH.search(str(exc))
-        raise APIError(422, str(exc), code="invalid_value", param=match.group(1) if match else None) from None
+        raise APIError(400, str(exc), code="invalid_value", param=match.group(1) if match else None) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
 
 
 async def _answer(body: ChatCompletionRequest | CompletionRequest, stream: Callable, whole: Callable) -> Response:

@@ -22,7 +22,7 @@ class TextPart(Struct):
 
 
 class ChatMessage(Struct):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: refused with a 400
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -64,8 +64,7 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
 
 
 class CompletionRequest(_GenerationRequest, kw_only=True):
-    prompt: str | list[str]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | None  # null is allowed by the spec; guard answers it with a 400
 
 
 class Usage(Struct):
@@ -143,6 +142,7 @@ class Completion(Struct):
     model: str
     choices: list[CompletionChoice]
     object: str = "text_completion"
+    system_fingerprint: str | None = None
     usage: Usage | UnsetType | None = UNSET
     prompt_filter_results: list[PromptFilterResult] | UnsetType = UNSET
 

@@ -8,10 +8,12 @@ The prompt-stage verdict is awaited before a stream starts, so a blocked prompt 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 import msgspec
@@ -40,6 +42,7 @@ from probes.lm.render import Encoded, render_messages
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
+LEGACY_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,18 @@ class Serving:
 
     # -- validation ------------------------------------------------------------------------------------
     def chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
-        self._common(body.model, body.n, body.temperature, body.top_p)
+        self._common(body)
         if not body.messages:
             raise APIError(400, "'messages' must contain at least one message", param="messages")
         messages = []
         for i, message in enumerate(body.messages):
+            if message.role == "function":
+                raise APIError(
+                    400,
+                    "role 'function' is not supported (function calling is not); send tool results as 'tool'",
+                    code="unsupported_value",
+                    param=f"messages[{i}].role",
+                )
             content = message.content
             if isinstance(content, list):
                 if any(part.type != "text" or part.text is None for part in content):
@@ -83,22 +93,27 @@ class Serving:
         return self._generation(encoded, body, body.max_tokens, "max_tokens", "messages")
 
     def completion_request(self, body: CompletionRequest) -> GenerationRequest:
-        self._common(body.model, body.n, body.temperature, body.top_p)
+        self._common(body)
         prompt = body.prompt
+        if prompt is None:
+            raise APIError(
+                400, "'prompt' is required: a null prompt is not supported", code="unsupported_value", param="prompt"
+            )
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, "exactly one prompt is supported", param="prompt")
             prompt = prompt[0]
         if not prompt.strip():
             raise APIError(400, "'prompt' must not be empty", param="prompt")
-        ids = tuple(self.engine.lm.tokenizer(prompt)["input_ids"])
+        ids = tuple(self.engine.lm.tokenizer(prompt, split_special_tokens=True)["input_ids"])  # text, not control
         scored = render_messages(self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0)
-        request = self._generation(
-            Encoded(ids, scored.start, scored.end), body, body.max_tokens, "max_tokens", "prompt"
-        )
+        # a legacy completion's default is OpenAI's, whether max_tokens is omitted or null
+        max_tokens = LEGACY_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        request = self._generation(Encoded(ids, scored.start, scored.end), body, max_tokens, "max_tokens", "prompt")
         return replace(request, score_ids=scored.ids)
 
-    def _common(self, model: str, n: int | None, temperature: float | None, top_p: float | None) -> None:
+    def _common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        model, n, temperature, top_p, seed = body.model, body.n, body.temperature, body.top_p, body.seed
         if model != self.model_name:
             raise APIError(
                 404,
@@ -112,6 +127,8 @@ class Serving:
             raise APIError(400, "'temperature' must be between 0 and 2", param="temperature")
         if top_p is not None and not 0 < top_p <= 1:
             raise APIError(400, "'top_p' must be greater than 0 and at most 1", param="top_p")
+        if seed is not None and not -(2**63) <= seed < 2**63:
+            raise APIError(400, "'seed' must be a 64-bit signed integer", param="seed")
 
     def _generation(
         self,
@@ -165,6 +182,7 @@ class Serving:
         try:
             handle = self.engine.submit(request, asyncio.get_running_loop())
         except QueueFull as exc:
+            self.metrics.ended("rejected")
             raise APIError(
                 429, f"the server is busy ({exc}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
@@ -173,13 +191,19 @@ class Serving:
             first = await _next(events, _deadline(started, self.limits.queue_timeout))
         except TimeoutError:
             handle.cancel()  # leaves the queue, or the batch at its next token
+            self.metrics.ended("timeout")
             raise APIError(
                 503,
                 f"no batch slot within {self.limits.queue_timeout:g} s; retry shortly",
                 code="queue_timeout",
                 headers={"Retry-After": "1"},
             ) from None
+        except asyncio.CancelledError:  # the client went away while waiting
+            handle.cancel()
+            self.metrics.ended("cancelled")
+            raise
         if isinstance(first, Failed):
+            self.metrics.ended("failed")
             raise APIError(500, first.error, code="generation_failed")
         self.metrics.prompt_checked(first.verdicts)
         if first.blocked:
@@ -196,17 +220,21 @@ class Serving:
         return handle, events, first
 
     async def reply(
-        self, handle: Handle, events: AsyncIterator, endpoint: str, started: float
-    ) -> AsyncIterator[Emitted | Finished | APIError]:
-        """After the prompt verdict, what every answer is made of, streamed or not: text pieces, then how it
-        finished or the error that ended it (a timeout, a failed generation); metrics on the way."""
-        first_token = True
+        self, handle: Handle, events: AsyncIterator, checked: PromptChecked, endpoint: str, started: float
+    ) -> AsyncIterator[PromptChecked | Emitted | Finished | APIError]:
+        """What every answer is made of, streamed or not: the prompt verdict, text pieces, then how it finished
+        or the error that ended it (a timeout, a failed generation); metrics on the way. However the
+        consumer stops (a client that went away closes it), generation stops and the end is counted."""
+        first_token, ended = True, False
         deadline = _deadline(started, self.limits.request_timeout)
         try:
+            yield checked
             while True:
                 try:
                     event = await _next(events, deadline)
                 except TimeoutError:
+                    ended = True
+                    self.metrics.ended("timeout")
                     yield self._timed_out()
                     return
                 if isinstance(event, Emitted):
@@ -215,28 +243,39 @@ class Serving:
                         first_token = False
                     yield event
                 elif isinstance(event, Failed):
+                    ended = True
+                    self.metrics.ended("failed")
                     yield APIError(500, event.error, code="generation_failed")
                     return
                 elif isinstance(event, Finished):
+                    ended = True
                     self.metrics.finished(event, endpoint, started)
                     yield event
                     return
         finally:
+            if not ended:  # the client went away: the stream was closed, or the request cancelled
+                self.metrics.ended("cancelled")
             handle.cancel()  # no-op once finished; stops generation if the client went away or timed out
 
     async def collect(
-        self, handle: Handle, events: AsyncIterator, endpoint: str, started: float
+        self, handle: Handle, events: AsyncIterator, checked: PromptChecked, endpoint: str, started: float
     ) -> tuple[str, Finished]:
         """The whole reply: its text and how it finished; an error that ended it is raised."""
         pieces, done = [], None
-        async for item in self.reply(handle, events, endpoint, started):
-            if isinstance(item, APIError):
-                raise item
-            if isinstance(item, Emitted):
-                pieces.append(item.text)
-            else:
-                done = item
+        async with aclosing(self.reply(handle, events, checked, endpoint, started)) as items:
+            async for item in items:
+                if isinstance(item, APIError):
+                    raise item
+                if isinstance(item, Emitted):
+                    pieces.append(item.text)
+                elif isinstance(item, Finished):
+                    done = item
         return "".join(pieces), done
+
+    def system_fingerprint(self, checked: PromptChecked) -> str:
+        """What a reply was computed with: the model's fingerprint and the request's probe-set version."""
+        both = f"{self.engine.lm.fingerprint}:{checked.probe_set}".encode()
+        return "fp_" + hashlib.sha256(both).hexdigest()[:12]
 
     def _timed_out(self) -> APIError:
         return APIError(
@@ -248,7 +287,7 @@ class Serving:
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
         started = time.perf_counter()
         handle, events, checked = await self.start(self.chat_request(body), "chat", started)
-        text, done = await self.collect(handle, events, "chat", started)
+        text, done = await self.collect(handle, events, checked, "chat", started)
         refusal = done.message if done.reason == "content_filter" else None
         choice = ChatChoice(
             0,
@@ -262,13 +301,14 @@ class Serving:
             model=self.model_name,
             choices=[choice],
             usage=_usage(done),
+            system_fingerprint=self.system_fingerprint(checked),
             prompt_filter_results=_prompt_results(checked),
         )
 
     async def completion(self, body: CompletionRequest) -> Completion:
         started = time.perf_counter()
         handle, events, checked = await self.start(self.completion_request(body), "completions", started)
-        text, done = await self.collect(handle, events, "completions", started)
+        text, done = await self.collect(handle, events, checked, "completions", started)
         choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
         return Completion(
             id=_id("cmpl"),
@@ -276,6 +316,7 @@ class Serving:
             model=self.model_name,
             choices=[choice],
             usage=_usage(done),
+            system_fingerprint=self.system_fingerprint(checked),
             prompt_filter_results=_prompt_results(checked),
         )
 
@@ -324,20 +365,23 @@ class Serving:
         """Start generation (a blocked prompt raises here, before any byte is sent), then the SSE lines."""
         started = time.perf_counter()
         handle, events, checked = await self.start(request, endpoint, started)
+        meta["system_fingerprint"] = self.system_fingerprint(checked)
         if body.stream_options and body.stream_options.include_usage:
             meta["usage"] = None  # every chunk carries "usage": null; the last one the usage
 
         async def lines() -> AsyncIterator[bytes]:
-            yield _sse(shape.opening(_prompt_results(checked)))
-            async for item in self.reply(handle, events, endpoint, started):
-                if isinstance(item, Emitted):
-                    yield _sse(shape.piece(item.text))
-                elif isinstance(item, APIError):
-                    yield _sse(item.body())
-                else:
-                    yield _sse(shape.closing(item))
-                    if "usage" in meta:
-                        yield _sse(shape.usage(_usage(item)))
+            async with aclosing(self.reply(handle, events, checked, endpoint, started)) as items:
+                async for item in items:
+                    if isinstance(item, PromptChecked):
+                        yield _sse(shape.opening(_prompt_results(item)))
+                    elif isinstance(item, Emitted):
+                        yield _sse(shape.piece(item.text))
+                    elif isinstance(item, APIError):
+                        yield _sse(item.body())
+                    else:
+                        yield _sse(shape.closing(item))
+                        if "usage" in meta:
+                            yield _sse(shape.usage(_usage(item)))
             yield DONE
 
         return lines()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-_SENTINEL = "\x00GUARD-SPAN\x00"
+_MARK = "\x00GUARD-{}\x00"  # stands for message i's content while the template renders
 
 
 @dataclass(frozen=True)
@@ -34,25 +34,60 @@ def render_messages(
 ) -> Encoded:
     """Render ``messages`` with the tokenizer's chat template; the span covers ``messages[span_message]``'s content.
 
-    Without a chat template, messages are joined by blank lines (base models such as GPT-2).
+    Message contents are text, never control tokens: a content holding the text of a special token
+    (``<|im_start|>``, ``<|im_end|>``, ...) is tokenized as those characters, so no one can close a turn
+    or forge another one. Without a chat template, messages are joined by blank lines (base models
+    such as GPT-2).
     """
-    target = messages[span_message]["content"]
-    marked = [dict(m) for m in messages]
-    marked[span_message]["content"] = _SENTINEL
+    contents = [m["content"] for m in messages]
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
     else:
         text = "\n\n".join(m["content"] for m in marked) + ("\n\n" if add_generation_prompt else "")
-    if text.count(_SENTINEL) != 1:
-        raise ValueError("the chat template altered or repeated a message's content; cannot locate the scored span")
-    head, tail = text.split(_SENTINEL)
-    full = head + target + tail
-    char_start, char_end = len(head), len(head) + len(target)
+    pieces = []  # template text and message contents, alternating: (text, is_content, message index)
+    for i, content in enumerate(contents):
+        mark = _MARK.format(i)
+        if text.count(mark) != 1:
+            raise ValueError("the chat template altered or repeated a message's content; cannot locate it")
+        head, text = text.split(mark)
+        pieces += [(head, False, i), (content, True, i)]
+    pieces.append((text, False, len(contents)))
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    if any(token in content for content in contents for token in specials):
+        return _encode_pieces(tokenizer, pieces, span_message)
+    return _encode_whole(tokenizer, pieces, span_message)
+
+
+def _encode_whole(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool, int]], span: int) -> Encoded:
+    """The rendered text tokenized in one call; the span is the tokens that overlap the scored content."""
+    full, char_start, char_end = "", 0, 0
+    for piece, is_content, index in pieces:
+        if is_content and index == span:
+            char_start, char_end = len(full), len(full) + len(piece)
+        full += piece
     enc = tokenizer(full, add_special_tokens=not tokenizer.chat_template, return_offsets_mapping=True)
     inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < char_end and b > char_start and b > a]
     if not inside:
         raise ValueError("the scored text is empty after tokenisation")
     return Encoded(tuple(enc["input_ids"]), inside[0], inside[-1] + 1)
+
+
+def _encode_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool, int]], span: int) -> Encoded:
+    """Piece by piece, contents with special-token text split into ordinary tokens; the span is the scored
+    content's own tokens."""
+    ids: list[int] = []
+    start = end = 0
+    for n, (piece, is_content, index) in enumerate(pieces):
+        first = n == 0 and not tokenizer.chat_template  # where a base model's tokenizer adds its BOS
+        before = len(ids)
+        if piece or first:
+            ids += tokenizer(piece, add_special_tokens=first, split_special_tokens=is_content)["input_ids"]
+        if is_content and index == span:
+            start, end = before, len(ids)
+    if end <= start:
+        raise ValueError("the scored text is empty after tokenisation")
+    return Encoded(tuple(ids), start, end)
 
 
 def encode_row(

@@ -28,7 +28,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "guard.secretName" -}}
 {{- if .Values.secrets.existingSecret }}
 {{- .Values.secrets.existingSecret }}
-{{- else if or .Values.secrets.apiKeys .Values.secrets.registryKey .Values.secrets.redisUrl }}
+{{- else if or .Values.secrets.apiKeys .Values.secrets.registryKey .Values.secrets.redisUrl .Values.secrets.metricsKey }}
 {{- include "guard.fullname" . }}
 {{- end }}
 {{- end }}
@@ -61,7 +61,7 @@ env:
   {{- end }}
   {{- $secret := include "guard.secretName" . }}
   {{- if $secret }}
-  {{- range $var, $key := dict "GUARD_API_KEYS" "api-keys" "GUARD_REGISTRY_KEY" "registry-key" "GUARD_REDIS_URL" "redis-url" }}
+  {{- range $var, $key := dict "GUARD_API_KEYS" "api-keys" "GUARD_REGISTRY_KEY" "registry-key" "GUARD_REDIS_URL" "redis-url" "GUARD_METRICS_KEY" "metrics-key" }}
   - name: {{ $var }}
     valueFrom: {secretKeyRef: {name: {{ $secret }}, key: {{ $key }}, optional: true}}
   {{- end }}
