@@ -313,6 +313,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="requests queued beyond the batch before 429 (GUARD_MAX_WAITING)")
     p.add_argument("--queue-timeout", type=float, help="seconds for a batch slot, then 503 (GUARD_QUEUE_TIMEOUT)")
     p.add_argument("--request-timeout", type=float, help="seconds per request, then 504 (GUARD_REQUEST_TIMEOUT)")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="longer prompts get a 400 (GUARD_MAX_PROMPT_TOKENS; default: what the engine can prefill in half "
+        "the queue timeout, measured at start)",
+    )
     p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
     p.add_argument(
         "--fast-decode",

@@ -75,7 +75,10 @@ class Handle:
         self._cancelled = threading.Event()
 
     def put(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the receiving event loop has closed: nobody listens, so generation stops
+            self._cancelled.set()
 
     def cancel(self) -> None:
         self._cancelled.set()

@@ -6,7 +6,7 @@ Never a prompt, a user or a request id as a label.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -81,7 +81,7 @@ class Metrics:
 
     def watch_engine(self, engine: Engine) -> None:
         """Batch occupancy gauges read from the engine at scrape time; its phases' durations as it reports them."""
-        self.registry.register(_EngineCollector(engine.load))
+        self.registry.register(_EngineCollector(engine))
         engine.timing = self.engine_phase
 
     def engine_phase(self, phase: str, seconds: float) -> None:
@@ -124,11 +124,16 @@ class Metrics:
 
 
 class _EngineCollector:
-    def __init__(self, load: Callable[[], dict[str, int]]) -> None:
-        self.load = load
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def collect(self):
-        load = self.load()
+        load = self.engine.load()
+        yield GaugeMetricFamily(
+            "guard_prefill_tokens_per_second",
+            "Prompt tokens the engine prefills a second (a moving average over its passes).",
+            value=self.engine.prefill_rate,
+        )
         yield GaugeMetricFamily(
             "guard_batch_running_sequences", "Sequences in the shared decode batch.", value=load["running"]
         )

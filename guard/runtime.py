@@ -14,6 +14,7 @@ from probes.lm.model import load_model
 from probes.registry import LocalRegistry, open_registry, signing_key
 
 log = logging.getLogger(__name__)
+PREFILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,15 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
 
 def context_window(settings: Settings, engine: Engine) -> int:
     return settings.context_window or int(getattr(engine.lm.model.config, "max_position_embeddings", 2048))
+
+
+def prompt_limit(settings: Settings, engine: Engine) -> int:
+    """The longest prompt served: ``max_prompt_tokens``, else what the engine prefills (at the throughput it
+    measured at start) within ``PREFILL_SHARE`` of the queue timeout, the rest left for the decode steps
+    between its chunks and for queueing; never past the context window."""
+    window = context_window(settings, engine)
+    if settings.max_prompt_tokens:
+        return min(settings.max_prompt_tokens, window)
+    if settings.queue_timeout <= 0:
+        return window
+    return max(1, min(window, int(engine.prefill_rate * settings.queue_timeout * PREFILL_SHARE)))

@@ -35,6 +35,7 @@ class Settings:
     max_body_bytes: int = 1_000_000
     default_max_tokens: int = 256  # when a request sets no max_tokens
     context_window: int = 0  # 0: the model's max_position_embeddings
+    max_prompt_tokens: int = 0  # longer prompts are refused; 0: what the engine prefills in half the queue timeout
     # -- probe registry --
     redis_url: str = ""  # empty: the local directory registry under cache_dir/registry
     reload_interval: float = 5.0  # seconds between reconciles (changes are also pushed over pub/sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -434,3 +435,89 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(tiny_lm, engine_for, mo
     for (text_a, done_a, _), (text_b, done_b, _) in zip(alone, together, strict=True):
         assert isinstance(done_b, Finished) and text_a == text_b and done_a.reason == done_b.reason
     assert after[0] == alone[2][0]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for, monkeypatch):
+    """A prompt longer than a pass's budget goes through several passes, each continuing its cache: its
+    reply and its prompt score are what one pass gives (a legacy completion's two caches included)."""
+    import guard.engine.loop as loop
+
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    long = " ".join(PROMPTS * 6)
+    requests = [request(tiny_lm, long, 8), legacy_request(tiny_lm, long, 8)]
+    whole = engine_for([policy], [probe_for(tiny_lm)])
+    alone = [asyncio.run(run(whole, r)) for r in requests]
+    monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
+    chunked = engine_for([policy], [probe_for(tiny_lm)])
+    passes = []
+    prefill = chunked.step.prefill
+    monkeypatch.setattr(
+        chunked.step, "prefill", lambda segments, tap=None: passes.append(segments) or prefill(segments, tap)
+    )
+    asyncio.run(run(chunked, request(tiny_lm, PROMPTS[0], 1)))  # the template prefix, computed once and kept
+    for (text_a, done_a, events_a), req in zip(alone, requests, strict=True):
+        passes.clear()
+        text_b, done_b, events_b = asyncio.run(run(chunked, req))
+        sizes = [sum(len(s.ids) for s in p) for p in passes]
+        assert len(passes) >= len(req.prompt_ids) // 16 and max(sizes) <= 16, sizes
+        assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
+        assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)
+
+
+def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_for, monkeypatch):
+    """While a long prompt prefills, every pass is followed by a decode step of the running batch, and each
+    pass takes at most the budget; a request that goes away stops at its next chunk."""
+    import guard.engine.loop as loop
+
+    monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
+    monkeypatch.setattr(loop, "MIN_CHUNK", 16)
+    engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)])
+    phases: list[str] = []
+    long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
+
+    async def scenario():
+        running = engine.submit(request(tiny_lm, PROMPTS[0], 400), asyncio.get_running_loop())
+        events = running.events()
+        while not isinstance(await anext(events), Emitted):
+            pass
+        engine.timing = lambda phase, seconds: phases.append(phase)
+        done = await run(engine, long)
+        running.cancel()
+        return done
+
+    _, done, _ = asyncio.run(scenario())
+    assert done.reason in {"stop", "length"}
+    chunk_passes = phases.count("prefill")
+    assert chunk_passes >= len(long.prompt_ids) // 16
+    after = [b for a, b in itertools.pairwise(phases) if a == "prefill"]
+    assert after.count("decode_step") >= chunk_passes - 1  # the running stream steps after every chunk
+
+    passes = []
+
+    def cancel_after_a_pass(phase: str, seconds: float) -> None:
+        if phase == "prefill":
+            passes.append(phase)
+            handle.cancel()
+
+    async def cancelled():
+        nonlocal handle
+        engine.timing = cancel_after_a_pass
+        handle = engine.submit(long, asyncio.get_running_loop())
+        return await anext(handle.events())
+
+    handle = None
+    assert asyncio.run(cancelled()).reason == "cancelled" and len(passes) == 1
+
+
+def test_a_receiver_that_is_gone_stops_its_generation_and_nothing_else(tiny_lm, engine_for):
+    """Events for a closed event loop are dropped and that generation stops; the engine serves on."""
+    engine = engine_for()
+    gone = asyncio.new_event_loop()
+    engine.submit(request(tiny_lm, PROMPTS[0], 400), gone)
+    gone.close()
+    _, done, _ = asyncio.run(run(engine, request(tiny_lm, PROMPTS[1], 8)))
+    assert done.reason in {"stop", "length"}
+    deadline = time.monotonic() + 5
+    while engine.load()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == {"running": 0, "waiting": 0}

@@ -162,3 +162,20 @@ def test_a_metrics_key_guards_metrics_and_readiness_details(setup, tiny_model_di
         assert httpx.get(server.url + "/healthz").status_code == 200
     finally:
         server.stop()
+
+
+def test_a_prompt_longer_than_the_server_prefills_in_time_is_refused_up_front(setup, tiny_model_dir):
+    server = serve(setup, tiny_model_dir, "prompt-limit", "--max-prompt-tokens", "64")
+    try:
+        model = tiny_model_dir.name
+        for path, param in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+            response = post(server, path, body_for(path, model, "word " * 80))
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["code"] == "prompt_too_long" and error["param"] == param
+            assert "at most 64" in error["message"]
+        assert (
+            post(server, "/v1/chat/completions", body_for("/v1/chat/completions", model, max_tokens=2)).status_code
+            == 200
+        )
+    finally:
+        server.stop()

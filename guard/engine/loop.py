@@ -27,11 +27,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import TypeVar
 
 import torch
+from transformers import DynamicCache
 
 from guard.engine.batch import Batch
 from guard.engine.decide import Decider, Decision
+from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
 from guard.engine.tap import LayerTap
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
@@ -45,11 +48,16 @@ from probes.lm.step import Segment
 from probes.probe import LinearProbe
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefill" or "decode_step"
 # torch's default intra-op threads, read at import: a thread's own setting may differ (the server
 # loads the model with one thread, guard.runtime)
 TORCH_THREADS = torch.get_num_threads()
-PREFILL_TOKENS = 1024  # prompt tokens packed into one pass (a longer prompt goes alone): bounds a decode step's wait
+PREFILL_TOKENS = 1024  # prompt tokens in one prefill pass at most (a longer prompt takes several)
+MIN_CHUNK = 32  # prompt tokens a pass takes at least while streams decode, however slow prefill is
+STALL_STEPS = 2.0  # while streams decode, a prefill pass takes about this many decode steps' time at most
+PREFIX_TOKENS = 128  # a prompt's template prefix up to this long is computed once and kept (probes.lm.prefix)
+CALIBRATION_TOKENS = 256  # the prefill measured at start, for the prompt-token throughput
 
 
 class QueueFull(RuntimeError):
@@ -78,6 +86,7 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
+        self._prefilling: list[PromptWork] = []  # admitted: prompts partly prefilled, in arrival order
         self._batch = Batch(lm.model.config)
         self._prefixes = PrefixCache(self.step, lm.model.config)
         self._wake = threading.Condition()
@@ -86,6 +95,9 @@ class Engine:
         # where the engine thread reports how long requests waited, prefills and decode steps took (the
         # metrics set it): what a first token's time is made of
         self.timing: Timing | None = None
+        # measured as it runs (moving averages): what sizes a prefill pass while streams decode
+        self.prefill_rate = 0.0  # prompt tokens a second
+        self.step_seconds = 0.0  # a decode step of the batch
 
     # -- the public side (any thread) ------------------------------------------------------------------
     def start(self) -> None:
@@ -132,7 +144,8 @@ class Engine:
         return handle
 
     def load(self) -> dict[str, int]:
-        return {"running": len(self._batch), "waiting": len(self._waiting)}
+        """Requests holding a batch slot (decoding, or prefilling their prompt) and requests waiting for one."""
+        return {"running": len(self._batch) + len(self._prefilling), "waiting": len(self._waiting)}
 
     def versions(self) -> dict[str, str]:
         """The probe version each policy's new requests use."""
@@ -148,6 +161,7 @@ class Engine:
         try:
             if self.step.compiled:
                 self.step.warm_up()  # here: compiled code is specialised to this thread's thread count
+            self._calibrate()
         except Exception as exc:
             ready.set_exception(exc)
             return
@@ -155,20 +169,23 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._batch:
+                    while not self._stopping and not self._waiting and not self._prefilling and not self._batch:
                         self._wake.wait()
                     if self._stopping:
                         break
                 try:
                     self._admit()
+                    if self._prefilling:
+                        self._prefill_pass()
                     if self._batch:
                         started = time.perf_counter()
                         self._step()
-                        self._report("decode_step", time.perf_counter() - started)
-                except Exception as exc:  # the shared batch is in doubt: fail its requests, go on with new ones
-                    for reply in self._batch.clear():
+                        self._seen_step(time.perf_counter() - started)
+                except Exception as exc:  # shared state is in doubt: fail what runs, go on with new requests
+                    for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling)]:
                         self._fail(reply, exc, "generation")
-        for reply in [*self._batch.clear(), *self._waiting]:
+                    self._prefilling.clear()
+        for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling), *self._waiting]:
             reply.handle.put(Failed("the server is shutting down"))
 
     def _report(self, phase: str, *seconds: float) -> None:
@@ -183,33 +200,30 @@ class Engine:
             self._finish(gone, "cancelled")
 
     def _admit(self) -> None:
-        while len(self._batch) < self.max_batch:
-            replies = self._take(self.max_batch - len(self._batch))
-            if not replies:
-                return
-            started = time.perf_counter()
-            self._report("queue_wait", *(started - reply.submitted for reply in replies))
-            try:
-                self._prefill(replies)
-            except Exception as exc:  # the pass touched only its own caches: the running batch goes on
-                for reply in replies:
-                    self._fail(reply, exc, "prefill")
-                continue
-            self._report("prefill", time.perf_counter() - started)
-
-    def _take(self, free: int) -> list[Reply]:
-        """Up to ``free`` waiting requests, at most ``PREFILL_TOKENS`` prompt tokens in all (at least one request)."""
-        replies: list[Reply] = []
-        tokens = 0
+        """Waiting requests take the free batch slots and start their prefill."""
         with self._wake:
             self._sweep_waiting()
-            while self._waiting and len(replies) < free:
-                size = len(self._waiting[0].request.prompt_ids) + len(self._waiting[0].request.score_ids or ())
-                if replies and tokens + size > PREFILL_TOKENS:
-                    break
-                replies.append(self._waiting.popleft())
-                tokens += size
-        return replies
+            free = self.max_batch - len(self._batch) - len(self._prefilling)
+            replies = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        started = time.perf_counter()
+        self._report("queue_wait", *(started - reply.submitted for reply in replies))
+        for reply in replies:
+            work = self._isolated(reply, "prefill", self._work, reply)
+            if work:
+                self._prefilling.append(work)
+
+    def _work(self, reply: Reply) -> PromptWork:
+        """A reply's prefill plan: its scored prompt after the cached template prefix, then (a legacy completion)
+        the raw text it generates from."""
+        request = reply.request
+        split = request.prompt_span[0]
+        if reply.ablating.any() or split > PREFIX_TOKENS:  # an ablated prefix is its own; a long one is chunked
+            split = 0
+        scored = request.score_ids or request.prompt_ids
+        lanes = [Lane(scored, self._prefixes.segment(scored, split).cache, split)]
+        if request.score_ids is not None:
+            lanes.append(Lane(request.prompt_ids, DynamicCache(config=self.lm.model.config), 0))
+        return PromptWork(reply, lanes, request.prompt_span)
 
     def _step(self) -> None:
         self._batch.drop(self._leaves_before_step)
@@ -260,26 +274,75 @@ class Engine:
                     ablations.append((probes.ablation, mask))
         return LayerTap(ablations, keep)
 
-    def _prefill(self, replies: list[Reply]) -> None:
-        """Several requests in one pass of the step, each after its cached prefix (``probes.lm.prefix``)."""
-        segments: list[Segment] = []
-        plans = []  # (reply, index of its scored segment, index of its generating segment, split)
-        for reply in replies:
-            request = reply.request
-            split = 0 if bool(reply.ablating.any()) else request.prompt_span[0]  # an ablated prefix is its own
-            scored = len(segments)
-            segments.append(self._prefixes.segment(request.score_ids or request.prompt_ids, split))
-            if request.score_ids is not None:  # a legacy completion generates from its raw text
-                segments.append(self._prefixes.segment(request.prompt_ids, 0))
-            plans.append((reply, scored, len(segments) - 1, split))
-        sizes = [len(segment.ids) for segment in segments]
-        starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-        tap = self._tap(replies, [starts[generating + 1] - starts[scored] for _, scored, generating, _ in plans])
-        logits = self.step.prefill(segments, tap)
-        for reply, scored, generating, split in plans:
-            start, end = (starts[scored] + index - split for index in reply.request.prompt_span)
-            if self._isolated(reply, "prefill", self._check_prompt, reply, tap, slice(start, end), logits[generating]):
-                self._batch.join(reply, segments[generating].cache, len(reply.request.prompt_ids))
+    def _prefill_pass(self) -> None:
+        """One pass over the next chunks of the prompts being prefilled; those it completes are checked and join
+        the batch. A prompt whose request went away stops here, before its next chunk."""
+        for work in [w for w in self._prefilling if w.reply.handle.cancelled]:
+            self._prefilling.remove(work)
+            self._finish(work.reply, "cancelled")
+        chunks = plan(self._prefilling, self._budget())
+        if not chunks:
+            return
+        works = list(dict.fromkeys(chunk.work for chunk in chunks))
+        tokens = [sum(c.stop - c.start for c in chunks if c.work is work) for work in works]
+        started = time.perf_counter()
+        try:
+            tap = self._tap([work.reply for work in works], tokens)
+            logits = self.step.prefill([chunk.segment for chunk in chunks], tap)
+        except Exception as exc:  # the pass touched only its own prompts' caches: the running batch goes on
+            for work in works:
+                self._prefilling.remove(work)
+                self._fail(work.reply, exc, "prefill")
+            return
+        seconds = time.perf_counter() - started
+        self._report("prefill", seconds)
+        self._seen_prefill(sum(tokens), seconds)
+        for work in works:
+            own = [(i, chunk) for i, chunk in enumerate(chunks) if chunk.work is work]
+            if not self._isolated(work.reply, "prefill", self._absorb, work, own, tap, logits):
+                self._prefilling.remove(work)
+            elif work.finished:
+                self._prefilling.remove(work)
+                if self._isolated(work.reply, "prefill", self._check_prompt, work):
+                    ids = work.reply.request.prompt_ids
+                    self._batch.join(work.reply, work.lanes[-1].cache, len(ids))
+
+    def _absorb(self, work: PromptWork, chunks: list[tuple[int, Chunk]], tap: LayerTap | None, logits) -> bool:
+        """What a pass gave one prompt: the scored tokens' contributions, how far each lane got, its logits."""
+        for index, chunk in chunks:
+            rows = chunk.span_rows()
+            if rows is not None:  # without policies there is no tap and nothing to score
+                part = torch.zeros((rows.stop - rows.start, 0)) if tap is None else None
+                work.parts.append(_contributions(work.reply.probes, tap, rows) if part is None else part)
+            work.lanes[chunk.lane].done = chunk.stop
+            if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):
+                work.logits = logits[index]
+        return True
+
+    def _budget(self) -> int:
+        """Prompt tokens for the next pass: ``PREFILL_TOKENS`` when nothing decodes; else as many as keep the
+        running streams' stall to about ``STALL_STEPS`` decode steps, at the throughput measured so far."""
+        if not self._batch:
+            return PREFILL_TOKENS
+        affordable = STALL_STEPS * self.step_seconds * self.prefill_rate
+        return int(min(PREFILL_TOKENS, max(MIN_CHUNK, affordable)))
+
+    def _calibrate(self) -> None:
+        """Measure the prompt-token throughput once at start, so the first passes are sized and the server can
+        say up front which prompts it cannot prefill in time."""
+        vocab = int(self.lm.model.config.vocab_size)
+        ids = tuple(i % vocab for i in range(CALIBRATION_TOKENS))
+        with torch.inference_mode():
+            started = time.perf_counter()
+            self.step.prefill([Segment(ids, DynamicCache(config=self.lm.model.config))])
+            self.prefill_rate = len(ids) / (time.perf_counter() - started)
+
+    def _seen_prefill(self, tokens: int, seconds: float) -> None:
+        self.prefill_rate = _moving(self.prefill_rate, tokens / max(seconds, 1e-9))
+
+    def _seen_step(self, seconds: float) -> None:
+        self._report("decode_step", seconds)
+        self.step_seconds = _moving(self.step_seconds, seconds)
 
     def _recompute_under_ablation(self, reply: Reply) -> bool:
         """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch.
@@ -293,15 +356,13 @@ class Engine:
         return True
 
     # -- the engine thread: checks and replies ---------------------------------------------------------
-    def _check_prompt(self, reply: Reply, tap: LayerTap | None, span: slice, logits: torch.Tensor) -> bool:
-        """Prompt-stage verdicts from the ``span`` rows of the prefill pass; then block, or sample the first token.
+    def _check_prompt(self, work: PromptWork) -> bool:
+        """Prompt-stage verdicts from the span's per-token contributions; then block, or sample the first token.
 
         True when the reply goes on to the batch."""
+        reply, logits = work.reply, work.logits
+        contributions = torch.cat(work.parts)
         bank = reply.probes.bank
-        if tap is None:  # no policies: nothing to score
-            contributions = torch.zeros((span.stop - span.start, 0))
-        else:
-            contributions = _contributions(reply.probes, tap, span)
         scores = bank.scores(torch.where(reply.probes.mean_pooled, contributions.mean(0), contributions[-1]))
         checked = reply.active & self.decider.on_prompt
         decision = self.decider.decide(scores, bank.thresholds, checked)
@@ -381,13 +442,13 @@ class Engine:
         reply.pending = sample(next_logits, reply.request.sampling, reply.generator)
         return True
 
-    def _isolated(self, reply: Reply, stage: str, work: Callable[..., bool], *args: object) -> bool:
-        """``work(*args)`` for one row: what it raises fails that row alone (False), never the batch."""
+    def _isolated(self, reply: Reply, stage: str, work: Callable[..., T], *args: object) -> T | None:
+        """``work(*args)`` for one row: what it raises fails that row alone (``None``), never the batch."""
         try:
             return work(*args)
         except Exception as exc:
             self._fail(reply, exc, stage)
-            return False
+            return None
 
     def _fail(self, reply: Reply, exc: BaseException, stage: str) -> None:
         """The client gets a generic message and an error id; the log has the details under that id."""
@@ -420,6 +481,11 @@ def _groups(rows: list[Reply]) -> list[tuple[ProbeSet, torch.Tensor]]:
     for i, reply in enumerate(rows):
         groups.setdefault(id(reply.probes), (reply.probes, []))[1].append(i)
     return [(probes, torch.tensor(index)) for probes, index in groups.values()]
+
+
+def _moving(average: float, value: float) -> float:
+    """An exponential moving average that starts at its first value."""
+    return value if average == 0.0 else 0.8 * average + 0.2 * value
 
 
 def _contributions(probes: ProbeSet, tap: LayerTap, rows: slice | torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from litestar.response import Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from guard.metrics import Metrics
-from guard.runtime import Runtime, build_runtime, context_window
+from guard.runtime import Runtime, build_runtime, context_window, prompt_limit
 from guard.server.errors import APIError, error_body
 from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Model, ModelList, encoder
 from guard.server.serving import Limits, Serving
@@ -83,7 +83,11 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
     app.state.watcher.start()
     metrics.watch_registry(runtime.source.status)
     limits = Limits(
-        context_window(settings, engine), settings.default_max_tokens, settings.queue_timeout, settings.request_timeout
+        context_window(settings, engine),
+        settings.default_max_tokens,
+        settings.queue_timeout,
+        settings.request_timeout,
+        prompt_limit(settings, engine),
     )
     app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
     metrics.watch_engine(engine)

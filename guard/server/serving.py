@@ -53,6 +53,7 @@ class Limits:
     default_max_tokens: int
     queue_timeout: float  # seconds from arrival to the prompt verdict (queue + prefill); 0: none
     request_timeout: float  # seconds from arrival to the last token; 0: none
+    max_prompt_tokens: int  # longer prompts are refused up front
 
 
 class Serving:
@@ -146,6 +147,14 @@ class Serving:
                 f"This model's maximum context length is {self.limits.context_window} tokens; "
                 f"the prompt has {len(encoded.ids)}",
                 code="context_length_exceeded",
+                param=prompt_param,
+            )
+        if len(encoded.ids) > self.limits.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {len(encoded.ids)} tokens; this server takes at most {self.limits.max_prompt_tokens},"
+                " what it can prefill within its queue timeout",
+                code="prompt_too_long",
                 param=prompt_param,
             )
         if max_tokens is None:

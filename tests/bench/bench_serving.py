@@ -45,20 +45,24 @@ from serverproc import Server
 MODEL = "smollm2-135m-instruct"
 
 
+def streamed_request(prompt: str, tokens: int) -> dict:
+    """A greedy streamed chat request for the default model."""
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+
+
 def stream_once(client: httpx.Client, url: str, prompt: str, tokens: int) -> dict:
     """One streamed request on ``client`` (a client keeps its connection: what an OpenAI client does).
 
     The time starts at the request, not at the client: building an ``httpx.Client`` costs about 20 ms
     of CPU (its TLS context), and eight built at once delayed the last request by about 110 ms.
     """
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = {**streamed_request(prompt, tokens), "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     arrivals, pieces, usage = [], [], None
     with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
