@@ -213,3 +213,25 @@ def test_fused_weights_share_the_originals_storage(tiny_lm):
 
 def test_no_decode_step_where_it_may_not_fit(tiny_model_dir, tmp_path):
     assert load_model(str(tiny_model_dir), cache_dir=tmp_path, layer_path="model.layers").decoder is None
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_segments_on_one_cache_in_one_pass_are_the_passes_one_after_the_other(
+    tiny_model_dir, tmp_path, dtype, compiled
+):
+    """A prompt's chunks packed into one pass continue their cache in order: the same logits and cache as a
+    pass per chunk (bitwise on int8), on the lean step and on transformers' forward alike."""
+    from probes.lm.step import Segment
+
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype, compiled=compiled)
+    ids = tuple(lm.tokenizer("How do I bake bread at home with flour, water and yeast? Write a poem.")["input_ids"])
+    pieces = [ids[:7], ids[7:12], ids[12:]]
+    for step in (lm.decoder, lm.step(fast=False)):
+        with torch.inference_mode():
+            packed_cache, alone_cache = DynamicCache(config=lm.model.config), DynamicCache(config=lm.model.config)
+            packed = step.prefill([Segment(p, packed_cache) for p in pieces])
+            alone = torch.cat([step.prefill([Segment(p, alone_cache)]) for p in pieces])
+        tolerance = INVARIANCE[dtype] if step is lm.decoder else TOLERANCE[dtype]
+        assert (packed - alone).abs().max() <= tolerance
+        assert packed_cache.get_seq_length() == alone_cache.get_seq_length() == len(ids)

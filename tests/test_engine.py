@@ -324,7 +324,7 @@ def test_requests_arriving_together_are_prefilled_in_one_pass_as_if_alone(
     prefill = engine.step.prefill
 
     def recording(segments, on_layer=None):
-        passes.append(len(segments))
+        passes.append(len({id(segment.cache) for segment in segments}))  # the prompts (their caches) in a pass
         return prefill(segments, on_layer)
 
     monkeypatch.setattr(engine.step, "prefill", recording)  # the step is the model's: shared by both engines
@@ -438,15 +438,18 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(tiny_lm, engine_for, mo
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for, monkeypatch):
-    """A prompt longer than a pass's budget goes through several passes, each continuing its cache: its
-    reply and its prompt score are what one pass gives (a legacy completion's two caches included)."""
+    """A prompt cut into chunks, over passes of a few chunks each continuing its cache: its reply and its
+    prompt score are what one piece in one pass gives (a legacy completion's two caches included)."""
     import guard.engine.loop as loop
+    import guard.engine.prompts as prompts
 
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     long = " ".join(PROMPTS * 6)
     requests = [request(tiny_lm, long, 8), legacy_request(tiny_lm, long, 8)]
+    monkeypatch.setattr(prompts, "CHUNK", 10_000)
     whole = engine_for([policy], [probe_for(tiny_lm)])
     alone = [asyncio.run(run(whole, r)) for r in requests]
+    monkeypatch.setattr(prompts, "CHUNK", 8)
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
     chunked = engine_for([policy], [probe_for(tiny_lm)])
     passes = []
@@ -468,9 +471,10 @@ def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_fo
     """While a long prompt prefills, every pass is followed by a decode step of the running batch, and each
     pass takes at most the budget; a request that goes away stops at its next chunk."""
     import guard.engine.loop as loop
+    import guard.engine.prompts as prompts
 
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
-    monkeypatch.setattr(loop, "MIN_CHUNK", 16)
+    monkeypatch.setattr(prompts, "CHUNK", 16)
     engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)])
     phases: list[str] = []
     long = request(tiny_lm, " ".join(PROMPTS * 6), 4)

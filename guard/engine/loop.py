@@ -54,8 +54,7 @@ Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefil
 # loads the model with one thread, guard.runtime)
 TORCH_THREADS = torch.get_num_threads()
 PREFILL_TOKENS = 1024  # prompt tokens in one prefill pass at most (a longer prompt takes several)
-MIN_CHUNK = 32  # prompt tokens a pass takes at least while streams decode, however slow prefill is
-STALL_STEPS = 2.0  # while streams decode, a prefill pass takes about this many decode steps' time at most
+STALL_STEPS = 2.0  # while streams decode, a prefill pass takes about this many decode steps' time (a chunk at least)
 PREFIX_TOKENS = 128  # a prompt's template prefix up to this long is computed once and kept (probes.lm.prefix)
 CALIBRATION_TOKENS = 256  # the prefill measured at start, for the prompt-token throughput
 
@@ -220,9 +219,9 @@ class Engine:
         if reply.ablating.any() or split > PREFIX_TOKENS:  # an ablated prefix is its own; a long one is chunked
             split = 0
         scored = request.score_ids or request.prompt_ids
-        lanes = [Lane(scored, self._prefixes.segment(scored, split).cache, split)]
+        lanes = [Lane(scored, self._prefixes.segment(scored, split).cache, split, split)]
         if request.score_ids is not None:
-            lanes.append(Lane(request.prompt_ids, DynamicCache(config=self.lm.model.config), 0))
+            lanes.append(Lane(request.prompt_ids, DynamicCache(config=self.lm.model.config), 0, 0))
         return PromptWork(reply, lanes, request.prompt_span)
 
     def _step(self) -> None:
@@ -321,11 +320,11 @@ class Engine:
 
     def _budget(self) -> int:
         """Prompt tokens for the next pass: ``PREFILL_TOKENS`` when nothing decodes; else as many as keep the
-        running streams' stall to about ``STALL_STEPS`` decode steps, at the throughput measured so far."""
+        running streams' stall to about ``STALL_STEPS`` decode steps, at the throughput measured so far (a
+        pass takes one chunk however small this is)."""
         if not self._batch:
             return PREFILL_TOKENS
-        affordable = STALL_STEPS * self.step_seconds * self.prefill_rate
-        return int(min(PREFILL_TOKENS, max(MIN_CHUNK, affordable)))
+        return int(min(PREFILL_TOKENS, STALL_STEPS * self.step_seconds * self.prefill_rate))
 
     def _calibrate(self) -> None:
         """Measure the prompt-token throughput once at start, so the first passes are sized and the server can

@@ -1,10 +1,13 @@
 """Prompts on their way through prefill, a chunk at a time.
 
-A prompt longer than one pass's token budget is prefilled over several passes, each continuing its
-cache where the last one stopped, with decode steps of the running batch between them: a long prompt
-costs the running streams a bounded stall per pass, never its whole prefill at once. Chunks of
-several prompts share a pass. The tokens the prompt-stage policies read may span chunks: their
-per-token contributions are gathered chunk by chunk and scored once the prompt is complete.
+A prompt is cut into chunks of ``CHUNK`` tokens at fixed places (counted from where its cached prefix
+ends), whatever else runs: a chunk computes the same whether it shares a pass or not, so a reply does
+not depend on the load it met (bitwise on int8). A pass takes whole chunks, of several prompts, and
+several of one prompt (each continuing the one before it); while streams decode it takes only a few,
+with decode steps of the running batch between passes, so a long prompt costs running streams a
+bounded stall per pass, never its whole prefill at once. The tokens the prompt-stage policies read
+may span chunks: their per-token contributions are gathered chunk by chunk and scored once the
+prompt is complete.
 """
 
 from __future__ import annotations
@@ -17,18 +20,22 @@ from transformers import DynamicCache
 from guard.engine.reply import Reply
 from probes.lm.step import Segment
 
+CHUNK = 32  # prompt tokens a chunk
+
 
 @dataclass(eq=False)
 class Lane:
-    """One cache a prompt's tokens go into: ``ids`` (every token, any cached prefix included), ``done`` in the cache."""
+    """One cache a prompt's tokens go into: ``ids`` (every token, any cached prefix included), ``done`` of them
+    in the cache; its chunks start at ``origin`` (where the cached prefix ends) and every ``CHUNK`` after."""
 
     ids: tuple[int, ...]
     cache: DynamicCache
     done: int
+    origin: int = 0
 
-    @property
-    def left(self) -> int:
-        return len(self.ids) - self.done
+    def chunk_end(self, start: int) -> int:
+        """Where the chunk that starts at ``start`` ends."""
+        return min(len(self.ids), start + CHUNK - (start - self.origin) % CHUNK)
 
 
 @dataclass(eq=False)
@@ -44,7 +51,7 @@ class PromptWork:
 
     @property
     def finished(self) -> bool:
-        return all(lane.left == 0 for lane in self.lanes)
+        return all(lane.done == len(lane.ids) for lane in self.lanes)
 
 
 @dataclass(frozen=True)
@@ -71,21 +78,20 @@ class Chunk:
 
 
 def plan(works: list[PromptWork], budget: int) -> list[Chunk]:
-    """The next pass: chunks of ``works`` in order, ``budget`` tokens in all (a work's chunks are consecutive).
+    """The next pass: whole chunks of ``works`` in order, while they fit in ``budget`` tokens (one at least).
 
-    A lane goes on only once the lane before it is complete, and each cache gets one chunk a pass.
+    A work's chunks are consecutive rows; a lane's follow each other, and a lane goes on only once the
+    lane before it is complete.
     """
     chunks: list[Chunk] = []
     row = 0
     for work in works:
         for index, lane in enumerate(work.lanes):
-            if budget == 0:
-                return chunks
-            if lane.left == 0:
-                continue
-            take = min(lane.left, budget)
-            chunks.append(Chunk(work, index, lane.done, lane.done + take, row))
-            row, budget = row + take, budget - take
-            if take < lane.left:
-                break  # the rest of this lane (and any after it) in a later pass
+            start = lane.done
+            while start < len(lane.ids):
+                stop = lane.chunk_end(start)
+                if chunks and row + stop - start > budget:
+                    return chunks
+                chunks.append(Chunk(work, index, start, stop, row))
+                row, start = row + stop - start, stop
     return chunks

@@ -141,9 +141,10 @@ class DecodeStep(nn.Module):
         causally to its own cache and its own tokens only, in a call of its own. On int8 a segment's
         results are therefore bitwise those it gets alone (each row is quantised on its own); several
         prompts prefilled in one pass cost far less than one pass each, whose products re-read every
-        weight for a few tokens.
+        weight for a few tokens. Segments may share a cache: each then continues where the one before it
+        on that cache ends (its keys are in the cache by the time its layer attends), as in a pass of its own.
         """
-        pasts = [segment.cache.get_seq_length() for segment in segments]
+        pasts = _pasts(segments)
         ends = torch.tensor([len(segment.ids) for segment in segments]).cumsum(0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends, strict=True))
         ids = torch.tensor([[token] for segment in segments for token in segment.ids])
@@ -384,6 +385,16 @@ class _Room:
         self.keys = self.key_buffer.narrow(2, 0, self.length)
         self.values = self.value_buffer.narrow(2, 0, self.length)
         return self.keys, self.values
+
+
+def _pasts(segments: Sequence[Segment]) -> list[int]:
+    """Each segment's first position: its cache's length, after the segments before it on the same cache."""
+    pasts, ends = [], {}
+    for segment in segments:
+        past = ends.get(id(segment.cache), segment.cache.get_seq_length())
+        pasts.append(past)
+        ends[id(segment.cache)] = past + len(segment.ids)
+    return pasts
 
 
 def _causal(new: int, past: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 It decodes and prefills as ``probes.lm.step.DecodeStep`` does, with the same arguments and the same
 layer callback: ``on_layer(layer, hidden)`` sees each decoder layer's output as ``[tokens, 1, d_model]``
 (one token a row) and returns what the next layer reads. A prefill runs its segments one after the
-other, so the callback sees each layer once per segment, segment after segment; a caller that
-collects the rows of a pass gets them in the same order as from the lean step's packed pass.
+other (segments on one cache continue it, in order), so the callback sees each layer once per segment,
+segment after segment; a caller that collects the rows of a pass gets them in the same order as from
+the lean step's packed pass.
 """
 
 from __future__ import annotations
