@@ -1,6 +1,6 @@
 """Benchmark: the shipped prompt policies on ordinary traffic none of them saw, probe vs text baselines.
 
-ToxicChat's non-toxic prompts stand for ordinary user traffic. The recipes (``probes/presets.py``) take
+ToxicChat's non-toxic prompts stand for ordinary user traffic. The recipes (``probes/eval/presets.py``) take
 at most 1,200 of them, in a fixed hash order, so most are neither trained on nor used to choose a
 threshold by any shipped policy. Each shipped prompt policy's probe scores all of those unused prompts,
 as do TF-IDF and MiniLM baselines fitted on the policy's own train/dev rows with the probe's threshold
