@@ -2,6 +2,6 @@
 (``decide``), the running replies and their KV rows (``batch``, ``reply``) and the one route for hidden
 states (``tap``)."""
 
-from guard.engine.loop import PREFILL_TOKENS, TORCH_THREADS, Engine, QueueFull, default_threads
+from guard.engine.loop import TORCH_THREADS, Engine, QueueFull, default_threads
 
-__all__ = ["PREFILL_TOKENS", "TORCH_THREADS", "Engine", "QueueFull", "default_threads"]
+__all__ = ["TORCH_THREADS", "Engine", "QueueFull", "default_threads"]

@@ -311,8 +311,12 @@ class Engine:
         for index, chunk in chunks:
             rows = chunk.span_rows()
             if rows is not None:  # without policies there is no tap and nothing to score
-                part = torch.zeros((rows.stop - rows.start, 0)) if tap is None else None
-                work.parts.append(_contributions(work.reply.probes, tap, rows) if part is None else part)
+                scored = (
+                    _contributions(work.reply.probes, tap, rows)
+                    if tap is not None
+                    else torch.zeros((rows.stop - rows.start, 0))
+                )
+                work.parts.append(scored)
             work.lanes[chunk.lane].done = chunk.stop
             if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):
                 work.logits = logits[index]
