@@ -1,5 +1,5 @@
-"""The ``guard`` command: ``serve``, ``train``, ``eval``, ``data`` (export rows of the shared pool as JSONL),
-``registry`` and ``benchmark-policies``.
+"""The ``guard`` command: ``serve``, ``train``, ``eval``, ``explain``, ``data`` (export rows of the shared pool
+as JSONL), ``registry`` and ``benchmark-policies``.
 
 The offline stack (training, evaluation, baselines, reports) is imported by the commands that use it, so
 ``guard serve`` starts without scikit-learn or matplotlib.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub.add_parser("train", parents=[common], help="train a probe (or the default policies)"))
     _eval_parser(sub.add_parser("eval", parents=[common], help="evaluate a probe on labelled data"))
+    _explain_parser(sub.add_parser("explain", parents=[common], help="which tokens make a probe score what it does"))
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
@@ -301,6 +303,49 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
     write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0
+
+
+# -- explain --------------------------------------------------------------------------------------------
+def _explain_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", help="the text to explain (or --data)")
+    p.add_argument("--probe", required=True, help="probe directory, shipped policy name, or NAME@VERSION (registry)")
+    p.add_argument("--data", type=Path, help="JSONL or CSV rows to explain, one after the other")
+    p.add_argument("--prompt", help="explain TEXT as the assistant's reply to this prompt (output-stage probes)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text: score, logit, bias, tokens")
+    p.add_argument("--report", type=Path, help="also write explain.html and explain.json to this directory")
+    p.add_argument("--redis-url", help="registry for NAME@VERSION (GUARD_REDIS_URL); default: the local registry")
+    p.add_argument("--max-text-tokens", type=int, default=256)
+    p.set_defaults(run=_explain)
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.data import Row, read_dataset
+    from probes.eval.explained import explain_rows, record, terminal, write_report
+
+    if (args.text is None) == (args.data is None):
+        raise ValueError("give the text to explain, or --data FILE (not both)")
+    lm = _model(settings)
+    probe = _probe(args.probe, settings, lm.fingerprint)
+    dataset = Dataset(tuple(read_dataset(args.data)) if args.data else (Row(args.text, 0, args.prompt),))
+    explanations = explain_rows(lm, probe, dataset, max_text_tokens=args.max_text_tokens)
+    for explanation in explanations:
+        if args.json:
+            print(json.dumps(record(explanation)))
+        else:
+            print(terminal(explanation, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ) + "\n")
+    if args.report:
+        path = write_report(args.report, probe, [r.text for r in dataset.rows], explanations)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _probe(reference: str, settings: Settings, fingerprint: str) -> LinearProbe:
+    """A probe by directory or shipped name, or ``NAME@VERSION`` from the registry, checked against the model."""
+    name, at, version = reference.partition("@")
+    if at and not Path(reference).exists():
+        stored = open_registry(settings.redis_url or None, settings.registry_dir()).get(name, version or None)
+        return stored.probe(key=signing_key(), model_fingerprint=fingerprint)
+    return LinearProbe.load(resolve_probe(reference, fingerprint), model_fingerprint=fingerprint)
 
 
 # -- serve ----------------------------------------------------------------------------------------------

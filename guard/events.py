@@ -7,7 +7,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from msgspec import UNSET, UnsetType
+
 from guard.sampling import SamplingParams
+from probes.explain import Explanation
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class Verdict:
     action: str
     detected_at_token: int | None = None  # output stage: index of the first generated token that crossed
     ablated_from_token: int | None = None
+    explanation: Explanation | UnsetType = UNSET  # asked for with the request's ``explain``
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class GenerationRequest:
     # Legacy completions generate from raw text, which probes never saw: they score ``score_ids`` (the
     # prompt rendered as a user message), and ``prompt_span`` indexes those instead of ``prompt_ids``.
     score_ids: tuple[int, ...] | None = None
+    explain: bool = False  # verdicts carry their top contributing tokens
 
 
 @dataclass(frozen=True)

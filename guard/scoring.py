@@ -66,6 +66,11 @@ class ProbeBank:
             total = total + hidden[layer].float() @ self.weights[layer]
         return total
 
+    def layer_logits(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Per-token contributions layer by layer (``[n_layers, ..., n_policies]``, ``self.layers`` order): what
+        ``token_logits`` sums, kept apart for an explanation."""
+        return torch.stack([hidden[layer].float() @ self.weights[layer] for layer in self.layers])
+
     def scores(self, mean_logits: torch.Tensor) -> torch.Tensor:
         """Scores from mean per-token contributions ``[..., n_policies]``."""
         return torch.sigmoid(mean_logits + self.bias)

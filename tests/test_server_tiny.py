@@ -116,3 +116,27 @@ def test_back_pressure_and_timeouts(tight, tiny_model_dir):
     # the timed-out requests left the batch: a short one is served at once
     short = client.post("/v1/chat/completions", json={**_long(model, False), "max_tokens": 2})
     assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_verdicts_carry_explanations_only_when_asked(keyed, tiny_model_dir):
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key="k1", max_retries=0)
+    message = "How do I kill a Python process?"
+    ask = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": message}], "max_tokens": 6}
+    plain = client.chat.completions.create(**ask)
+    assert "explanation" not in plain.model_extra["prompt_filter_results"][0]["content_filter_results"]["toy"]
+    reply = client.chat.completions.create(**ask, extra_body={"guard": {"explain": True}})
+    prompt = reply.model_extra["prompt_filter_results"][0]["content_filter_results"]["toy"]
+    output = reply.choices[0].model_extra["content_filter_results"]["toy"]
+    for verdict, text in ((prompt, message), (output, reply.choices[0].message.content)):
+        why = verdict["explanation"]
+        assert why["score"] == pytest.approx(verdict["score"], abs=1e-5) and why["tokens"]
+        assert why["bias"] + sum(t["contribution"] for t in why["tokens"]) + why["other"] == pytest.approx(why["logit"])
+        # offsets into what the scored tokens decode to: the text, but for bytes of an unfinished character
+        assert all(text[t["start"] : t["end"]] == t["text"] for t in why["tokens"] if t["end"] <= len(text))
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"guard": {"explain": True}}))
+    opening, closing = chunks[0].model_extra, chunks[-1].choices[0].model_extra
+    assert opening["prompt_filter_results"][0]["content_filter_results"]["toy"]["explanation"] == prompt["explanation"]
+    assert closing["content_filter_results"]["toy"]["explanation"]["tokens"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**ask, extra_body={"guard": {"explain": "yes"}})
+    assert caught.value.status_code == 400 and "guard.explain" in str(caught.value.body)

@@ -14,6 +14,7 @@ import torch
 
 from guard.events import Verdict
 from guard.policy import Action, Policy
+from probes.explain import Explanation
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,10 @@ class Decider:
         versions: Sequence[str],
         detected_at: Mapping[str, int] | None = None,
         ablated_from: Mapping[str, int] | None = None,
+        explanations: Mapping[str, Explanation] | None = None,
     ) -> dict[str, Verdict]:
         """One row's verdict for every checked policy; ``detected_at``, ``ablated_from``: token indices (output)."""
-        detected_at, ablated_from = detected_at or {}, ablated_from or {}
+        detected_at, ablated_from, explanations = detected_at or {}, ablated_from or {}, explanations or {}
         out = {}
         for i, policy in enumerate(self.policies):
             if not checked[i]:
@@ -69,5 +71,6 @@ class Decider:
                 action=policy.action.value,
                 detected_at_token=detected_at.get(policy.name),
                 ablated_from_token=ablated_from.get(policy.name),
+                **({"explanation": explanations[policy.name]} if policy.name in explanations else {}),
             )
         return out

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from guard.engine.batch import Batch
 from guard.engine.decide import Decider, Decision
+from guard.engine.explain import explanations
 from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
 from guard.engine.tap import LayerTap
@@ -317,6 +318,8 @@ class Engine:
                     else torch.zeros((rows.stop - rows.start, 0))
                 )
                 work.parts.append(scored)
+                if tap is not None and work.reply.request.explain:
+                    work.terms.append(_layer_contributions(work.reply.probes, tap, rows).transpose(0, 1))
             work.lanes[chunk.lane].done = chunk.stop
             if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):
                 work.logits = logits[index]
@@ -369,7 +372,11 @@ class Engine:
         scores = bank.scores(torch.where(reply.probes.mean_pooled, contributions.mean(0), contributions[-1]))
         checked = reply.active & self.decider.on_prompt
         decision = self.decider.decide(scores, bank.thresholds, checked)
-        verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions)
+        explained = None
+        if reply.request.explain and work.terms:
+            ids = (reply.request.score_ids or reply.request.prompt_ids)[work.span[0] : work.span[1]]
+            explained = explanations(reply.probes, checked, torch.cat(work.terms), ids, self.lm.tokenizer)
+        verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions, explanations=explained)
         message = self.decider.message(decision.blocking)
         blocked = bool(decision.blocking.any())
         reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version))
@@ -403,20 +410,29 @@ class Engine:
             decision = self.decider.decide(scores, probes.bank.thresholds, active)
             hits = decision.crossed.any(1).tolist()
             for j, reply in enumerate(group):
+                terms = _layer_contributions(probes, tap, members[j]) if reply.request.explain else None
                 if hits[j]:
-                    outcomes[members[j]] = self._act(reply, sums[j], scores[j], decision, j)
+                    outcomes[members[j]] = self._act(reply, sums[j], scores[j], terms, decision, j)
                 else:
-                    reply.sums, reply.score = sums[j], scores[j]
+                    _accept(reply, sums[j], scores[j], terms)
         return outcomes
 
-    def _act(self, reply: Reply, sums: torch.Tensor, scores: torch.Tensor, decision: Decision, row: int) -> str:
+    def _act(
+        self,
+        reply: Reply,
+        sums: torch.Tensor,
+        scores: torch.Tensor,
+        terms: torch.Tensor | None,
+        decision: Decision,
+        row: int,
+    ) -> str:
         """Row ``row`` of ``decision`` crossed: ``blocked``, ``rework`` (a newly fired ablation) or ``emit``."""
         crossed = decision.crossed[row]
         reply.crossed = reply.crossed | crossed
         for i in crossed.nonzero().flatten().tolist():
             reply.detected_at.setdefault(self.policies[i].name, reply.completion_tokens)
         if bool(decision.blocking[row].any()):
-            reply.sums, reply.score = sums, scores
+            _accept(reply, sums, scores, terms)
             self._finish(reply, "content_filter", message=self.decider.message(decision.blocking[row]))
             return "blocked"
         fired = [self.policies[i].name for i in decision.ablating[row].nonzero().flatten().tolist()]
@@ -426,7 +442,7 @@ class Engine:
                 reply.ablated_from[name] = reply.completion_tokens
                 reply.ablating[self.ablate_index[name]] = 1.0
             return "rework"
-        reply.sums, reply.score = sums, scores
+        _accept(reply, sums, scores, terms)
         return "emit"
 
     def _emit(self, reply: Reply, next_logits: torch.Tensor) -> bool:
@@ -466,8 +482,18 @@ class Engine:
         verdicts = {}
         if reply.started:  # output-stage verdicts
             checked = reply.active & self.decider.on_output
+            explained = None
+            if reply.request.explain and reply.trace:
+                ids, terms = zip(*reply.trace, strict=True)
+                explained = explanations(reply.probes, checked, torch.stack(terms), ids, self.lm.tokenizer)
             verdicts = self.decider.verdicts(
-                reply.score, checked, reply.crossed, reply.probes.bank.versions, reply.detected_at, reply.ablated_from
+                reply.score,
+                checked,
+                reply.crossed,
+                reply.probes.bank.versions,
+                reply.detected_at,
+                reply.ablated_from,
+                explained,
             )
         reply.handle.put(Finished(reason, len(reply.request.prompt_ids), reply.completion_tokens, verdicts, message))
 
@@ -494,6 +520,18 @@ def _moving(average: float, value: float) -> float:
 def _contributions(probes: ProbeSet, tap: LayerTap, rows: slice | torch.Tensor) -> torch.Tensor:
     """Per-token logit contributions ``[rows, n_policies]`` of the pass's ``rows`` under ``probes``."""
     return probes.bank.token_logits({layer: tap.hidden(layer)[rows] for layer in probes.bank.layers})
+
+
+def _layer_contributions(probes: ProbeSet, tap: LayerTap, rows: slice | int) -> torch.Tensor:
+    """``_contributions`` per probed layer, ``[layers, ..., n_policies]``: what an explanation splits."""
+    return probes.bank.layer_logits({layer: tap.hidden(layer)[rows] for layer in probes.bank.layers})
+
+
+def _accept(reply: Reply, sums: torch.Tensor, scores: torch.Tensor, terms: torch.Tensor | None) -> None:
+    """The pending token's contributions count toward the reply's output-stage scores (and its explanation)."""
+    reply.sums, reply.score = sums, scores
+    if terms is not None:
+        reply.trace.append((reply.pending, terms))
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

@@ -47,6 +47,7 @@ class PromptWork:
     lanes: list[Lane]
     span: tuple[int, int]
     parts: list[torch.Tensor] = field(default_factory=list)  # the span's contributions so far, in order
+    terms: list[torch.Tensor] = field(default_factory=list)  # explained: the same per layer, ``[tokens, layers, P]``
     logits: torch.Tensor | None = None  # next-token logits after the last lane's last token
 
     @property

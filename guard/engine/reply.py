@@ -30,6 +30,8 @@ class Reply:
     submitted: float = field(default_factory=time.perf_counter)
     ablated_from: dict[str, int] = field(default_factory=dict)
     detected_at: dict[str, int] = field(default_factory=dict)
+    # explained: each scored token that counted and its contributions per layer ``[layers, n_policies]``
+    trace: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def request(self) -> GenerationRequest:

@@ -32,9 +32,11 @@ class StreamOptions(Struct):
 
 
 class GuardOptions(Struct, forbid_unknown_fields=True):
-    """Extension: ``{"guard": {"policies": ["hate"]}}`` checks only these configured policies."""
+    """Extension: ``{"guard": {"policies": ["hate"]}}`` checks only these configured policies;
+    ``"explain": true`` makes each verdict carry its top contributing tokens."""
 
     policies: list[str] | None = None
+    explain: bool = False
 
 
 class _GenerationRequest(Struct, kw_only=True):

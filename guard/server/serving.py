@@ -181,7 +181,8 @@ class Serving:
             seed=body.seed,
             stop=stop,
         )
-        return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies)
+        explain = body.guard is not None and body.guard.explain
+        return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies, explain=explain)
 
     # -- running ---------------------------------------------------------------------------------------
     async def start(
