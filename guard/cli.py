@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
+    _feedback_parser(sub.add_parser("feedback", parents=[common], help="labels given on captured requests"))
     _lodo_parser(
         sub.add_parser(
             "benchmark-policies",
@@ -365,6 +366,24 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         "the queue timeout, measured at start)",
     )
     p.add_argument("--redis-url", help="probe registry in Redis, e.g. redis://host:6379/0 (GUARD_REDIS_URL)")
+    p.add_argument("--admin-key", help="key for POST /v1/guard/feedback (GUARD_ADMIN_KEY); unset: feedback refused")
+    p.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        help="record flagged and blocked requests to the Redis stream guard:capture (GUARD_CAPTURE, default off)",
+    )
+    p.add_argument(
+        "--capture-redact",
+        action=argparse.BooleanOptionalAction,
+        help="record a sha256 of prompt and reply instead of the texts (GUARD_CAPTURE_REDACT)",
+    )
+    p.add_argument(
+        "--capture-sample", type=float, help="also record this fraction of unflagged requests (GUARD_CAPTURE_SAMPLE)"
+    )
+    p.add_argument("--capture-maxlen", type=int, help="records kept at most (GUARD_CAPTURE_MAXLEN, default 100000)")
+    p.add_argument(
+        "--capture-retention", type=float, help="seconds a record is kept (GUARD_CAPTURE_RETENTION, default 7 days)"
+    )
     p.add_argument(
         "--fast-decode",
         action=argparse.BooleanOptionalAction,
@@ -386,6 +405,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = settings.override(api_keys=",".join(args.api_key) if args.api_key else None)
     load_policies(settings.policy_file)  # a bad policy file fails here, before the server starts
+    settings.check_capture()
     logging.getLogger().setLevel(logging.INFO)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
@@ -444,6 +464,30 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
                 indent=2,
             )
         )
+    return 0
+
+
+# -- feedback -------------------------------------------------------------------------------------------
+def _feedback_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", help="where capture and feedback live (GUARD_REDIS_URL)")
+    sub = p.add_subparsers(dest="action", required=True)
+    export = sub.add_parser("export", help="write one policy's labelled requests as training rows (JSONL)")
+    export.add_argument("--policy", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=_feedback)
+
+
+def _feedback(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from guard.capture import feedback_rows
+
+    if not settings.redis_url:
+        raise ValueError("feedback lives in Redis: give --redis-url (GUARD_REDIS_URL)")
+    rows, redacted = feedback_rows(redis.Redis.from_url(settings.redis_url), args.policy)
+    write_jsonl(rows, args.out)
+    skipped = f"; {redacted} left out: captured redacted, their text is not known" if redacted else ""
+    print(f"wrote {len(rows)} labelled rows of {args.policy} to {args.out}{skipped}")
     return 0
 
 

@@ -74,6 +74,13 @@ class Metrics:
         )
         self.model_info = Gauge("guard_model_info", "The served model.", ["model", "fingerprint"], registry=r)
         self.ready = Gauge("guard_ready", "1 when the model and probes are loaded.", registry=r)
+        self.captured = Counter("guard_captured_records", "Requests recorded by capture.", registry=r)
+        self.capture_dropped = Counter(
+            "guard_capture_dropped_records",
+            "Records capture dropped: its queue was full, or Redis did not answer.",
+            ["reason"],
+            registry=r,
+        )
         self.reloads = Counter("guard_probe_reloads", "Probe versions switched to at run time.", ["policy"], registry=r)
         self.refused = Counter(
             "guard_probe_versions_refused", "Registry versions refused.", ["probe", "reason"], registry=r

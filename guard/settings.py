@@ -28,6 +28,7 @@ class Settings:
     policy_file: Path = field(default_factory=lambda: DEFAULT_POLICY_FILE)
     api_keys: str = ""  # comma-separated; empty: no authentication
     metrics_key: str = ""  # guards /metrics and the details of /readyz; empty: both open
+    admin_key: str = ""  # needed for POST /v1/guard/feedback; empty: feedback is refused
     max_batch: int = 8  # sequences decoded together
     max_waiting: int = 64  # requests queued beyond the batch before 429
     queue_timeout: float = 30.0  # seconds to wait for a batch slot before 503; 0: none
@@ -39,9 +40,21 @@ class Settings:
     # -- probe registry --
     redis_url: str = ""  # empty: the local directory registry under cache_dir/registry
     reload_interval: float = 5.0  # seconds between reconciles (changes are also pushed over pub/sub)
+    # -- capture (needs redis_url) --
+    capture: bool = False  # record flagged and blocked requests to the Redis stream guard:capture
+    capture_redact: bool = False  # record a sha256 of the texts instead of the texts
+    capture_sample: float = 0.0  # also record this fraction of requests nothing flagged
+    capture_maxlen: int = 100_000  # records the stream keeps at most
+    capture_retention: float = 7 * 86400.0  # seconds a record is kept
 
     def registry_dir(self) -> Path:
         return self.cache_dir / "registry"
+
+    def check_capture(self) -> None:
+        if self.capture and not self.redis_url:
+            raise ValueError("capture records to Redis: --capture needs --redis-url (GUARD_REDIS_URL)")
+        if not 0 <= self.capture_sample <= 1:
+            raise ValueError(f"--capture-sample must be between 0 and 1, got {self.capture_sample}")
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

@@ -11,22 +11,33 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import msgspec
+import redis
 from litestar import Controller, Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 from litestar.types import ASGIApp, Receive, Scope, Send
+from redis.exceptions import RedisError
 
+from guard.capture import Capture, find, give_feedback
 from guard.metrics import Metrics
 from guard.runtime import Runtime, build_runtime, context_window, prompt_limit
 from guard.server.errors import APIError, error_body
-from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Model, ModelList, encoder
+from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Feedback, Model, ModelList, encoder
 from guard.server.serving import Limits, Serving
 from guard.settings import Settings
 
 log = logging.getLogger(__name__)
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}
+_ENDPOINTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/guard/feedback",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+}
 
 
 def create_app(settings: Settings, runtime_factory: Callable[..., Runtime] = build_runtime) -> Litestar:
@@ -48,9 +59,11 @@ def create_app(settings: Settings, runtime_factory: Callable[..., Runtime] = bui
                 await asyncio.to_thread(app.state.watcher.stop)
             if app.state.serving is not None:
                 await asyncio.to_thread(app.state.serving.engine.stop)
+                if app.state.serving.capture is not None:
+                    await asyncio.to_thread(app.state.serving.capture.stop)
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController],
+        route_handlers=[OpenAIController, GuardController, HealthController],
         lifespan=[lifespan],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
         request_max_body_size=settings.max_body_bytes,
@@ -89,12 +102,34 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         settings.request_timeout,
         prompt_limit(settings, engine),
     )
-    app.state.serving = Serving(engine, engine.lm.name, limits, metrics)
+    app.state.serving = Serving(engine, engine.lm.name, limits, metrics, _capture(settings, engine, metrics))
     metrics.watch_engine(engine)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
     metrics.probe_versions(engine.policies, engine.versions())
     metrics.ready.set(1)
     log.info("ready: %s with %d policies", engine.lm.name, len(engine.policies))
+
+
+def _capture(settings: Settings, engine, metrics: Metrics) -> Capture | None:
+    if not settings.capture:
+        return None
+    settings.check_capture()
+    tokenizer = engine.lm.tokenizer
+    return Capture(
+        _redis(settings),
+        lambda ids: tokenizer.decode(list(ids)),
+        redact=settings.capture_redact,
+        sample=settings.capture_sample,
+        maxlen=settings.capture_maxlen,
+        retention=settings.capture_retention,
+        dropped=lambda reason: metrics.capture_dropped.labels(reason).inc(),
+        written=metrics.captured.inc,
+    )
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    """Capture's and feedback's connection: short timeouts, so a Redis that hangs costs a record, not a request."""
+    return redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
 
 # -- routes -----------------------------------------------------------------------------------------------
@@ -141,6 +176,52 @@ class OpenAIController(Controller):
     async def models(self, request: Request) -> Response:
         serving = _serving(request)
         return _json(ModelList([Model(serving.model_name, created=0)]))
+
+
+def _admin(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    key = connection.app.state.settings.admin_key
+    if not key or not hmac.compare_digest(_bearer(connection), key):
+        detail = "send 'Authorization: Bearer <admin key>'" if key else "none is configured (GUARD_ADMIN_KEY)"
+        raise APIError(401, f"feedback needs the admin key: {detail}", code="invalid_api_key")
+
+
+class GuardController(Controller):
+    """guard's own endpoints, beside the OpenAI ones."""
+
+    path = "/v1/guard"
+    guards = (_admin,)
+
+    @post("/feedback", status_code=200)
+    async def feedback(self, request: Request) -> Response:
+        """A person's label on a captured request: ``{"id", "policy", "label": 0 | 1, "note"}``."""
+        serving = _serving(request)
+        body = await _decode(request, Feedback)
+        if body.policy not in serving.policy_names:
+            raise APIError(
+                400, f"unknown policy {body.policy!r}; configured: {sorted(serving.policy_names)}", param="policy"
+            )
+        if body.label not in (0, 1):
+            raise APIError(400, "'label' must be 0 (acceptable) or 1 (violating)", param="label")
+        if serving.capture is None:
+            raise APIError(
+                400, "feedback labels captured requests, and capture is off (--capture)", code="capture_disabled"
+            )
+        client = serving.capture.client
+        try:
+            record = await asyncio.to_thread(find, client, body.id)
+            if record is None:
+                raise APIError(
+                    404,
+                    f"no captured request {body.id!r} (not captured, or past retention)",
+                    param="id",
+                    code="not_found",
+                )
+            entry = await asyncio.to_thread(give_feedback, client, record, body.policy, body.label, body.note)
+        except RedisError:
+            raise APIError(
+                503, "the capture store (Redis) is unavailable", code="unavailable", headers={"Retry-After": "5"}
+            ) from None
+        return Response({"id": body.id, "policy": body.policy, "label": body.label, "stage": entry["stage"]})
 
 
 class HealthController(Controller):

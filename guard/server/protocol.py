@@ -161,6 +161,15 @@ class ModelList(Struct):
     object: str = "list"
 
 
+class Feedback(Struct, forbid_unknown_fields=True):
+    """guard's ``POST /v1/guard/feedback``: a label on the captured request ``id`` for ``policy``."""
+
+    id: str
+    policy: str
+    label: int
+    note: str = ""
+
+
 class ErrorBody(Struct):
     message: str
     type: str

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import msgspec
 
+from guard.capture import Capture, Seen
 from guard.engine import Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
 from guard.metrics import Metrics
@@ -56,9 +57,24 @@ class Limits:
     max_prompt_tokens: int  # longer prompts are refused up front
 
 
+@dataclass(frozen=True)
+class Running:
+    """A request past its prompt check: where its reply comes from, and what it is counted and captured as."""
+
+    handle: Handle
+    events: AsyncIterator
+    checked: PromptChecked
+    endpoint: str
+    started: float  # ``time.perf_counter()`` at arrival
+    id: str  # the response id
+
+
 class Serving:
-    def __init__(self, engine: Engine, model_name: str, limits: Limits, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, model_name: str, limits: Limits, metrics: Metrics, capture: Capture | None = None
+    ) -> None:
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
+        self.capture = capture
         self.policy_names = {p.name for p in engine.policies}
 
     # -- validation ------------------------------------------------------------------------------------
@@ -185,10 +201,9 @@ class Serving:
         return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies, explain=explain)
 
     # -- running ---------------------------------------------------------------------------------------
-    async def start(
-        self, request: GenerationRequest, endpoint: str, started: float
-    ) -> tuple[Handle, AsyncIterator, PromptChecked]:
-        """Submit and wait for the prompt verdict; a blocked prompt raises the 400 content-filter error."""
+    async def start(self, request: GenerationRequest, endpoint: str, started: float, request_id: str) -> Running:
+        """Submit and wait for the prompt verdict; a blocked prompt raises the 400 content-filter error (its
+        ``x-request-id`` header names the request, for feedback)."""
         try:
             handle = self.engine.submit(request, asyncio.get_running_loop())
         except QueueFull as exc:
@@ -220,22 +235,25 @@ class Serving:
             async for event in events:
                 if isinstance(event, Finished):
                     self.metrics.finished(event, endpoint, started)
+                    self._captured(request_id, endpoint, handle, first, event)
             raise APIError(
                 400,
                 first.message or "The prompt was filtered by policy.",
                 code="content_filter",
                 param="prompt",
                 filters=first.verdicts,
+                headers={"x-request-id": request_id},
             )
-        return handle, events, first
+        return Running(handle, events, first, endpoint, started, request_id)
 
-    async def reply(
-        self, handle: Handle, events: AsyncIterator, checked: PromptChecked, endpoint: str, started: float
-    ) -> AsyncIterator[PromptChecked | Emitted | Finished | APIError]:
+    async def reply(self, running: Running) -> AsyncIterator[PromptChecked | Emitted | Finished | APIError]:
         """What every answer is made of, streamed or not: the prompt verdict, text pieces, then how it finished
         or the error that ended it (a timeout, a failed generation); metrics on the way. However the
         consumer stops (a client that went away closes it), generation stops and the end is counted."""
+        handle, events, checked = running.handle, running.events, running.checked
+        endpoint, started = running.endpoint, running.started
         first_token, ended = True, False
+        pieces: list[str] | None = [] if self.capture is not None else None  # the reply, for capture
         deadline = _deadline(started, self.limits.request_timeout)
         try:
             yield checked
@@ -251,6 +269,8 @@ class Serving:
                     if first_token:
                         self.metrics.first_token(started)
                         first_token = False
+                    if pieces is not None:
+                        pieces.append(event.text)
                     yield event
                 elif isinstance(event, Failed):
                     ended = True
@@ -260,6 +280,7 @@ class Serving:
                 elif isinstance(event, Finished):
                     ended = True
                     self.metrics.finished(event, endpoint, started)
+                    self._captured(running.id, endpoint, handle, checked, event, "".join(pieces or ()))
                     yield event
                     return
         finally:
@@ -267,12 +288,10 @@ class Serving:
                 self.metrics.ended("cancelled")
             handle.cancel()  # no-op once finished; stops generation if the client went away or timed out
 
-    async def collect(
-        self, handle: Handle, events: AsyncIterator, checked: PromptChecked, endpoint: str, started: float
-    ) -> tuple[str, Finished]:
+    async def collect(self, running: Running) -> tuple[str, Finished]:
         """The whole reply: its text and how it finished; an error that ended it is raised."""
         pieces, done = [], None
-        async with aclosing(self.reply(handle, events, checked, endpoint, started)) as items:
+        async with aclosing(self.reply(running)) as items:
             async for item in items:
                 if isinstance(item, APIError):
                     raise item
@@ -281,6 +300,26 @@ class Serving:
                 elif isinstance(item, Finished):
                     done = item
         return "".join(pieces), done
+
+    def _captured(
+        self, request_id: str, endpoint: str, handle: Handle, checked: PromptChecked, done: Finished, text: str = ""
+    ) -> None:
+        if self.capture is None:
+            return
+        request = handle.request
+        start, end = request.prompt_span
+        self.capture.offer(
+            Seen(
+                request_id,
+                endpoint,
+                {name: v.probe_version for name, v in {**checked.verdicts, **done.verdicts}.items()},
+                checked.verdicts,
+                done.verdicts,
+                done.reason,
+                (request.score_ids or request.prompt_ids)[start:end],
+                text,
+            )
+        )
 
     def system_fingerprint(self, checked: PromptChecked) -> str:
         """What a reply was computed with: the model's fingerprint and the request's probe-set version."""
@@ -295,9 +334,9 @@ class Serving:
         )
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
-        started = time.perf_counter()
-        handle, events, checked = await self.start(self.chat_request(body), "chat", started)
-        text, done = await self.collect(handle, events, checked, "chat", started)
+        started, request_id = time.perf_counter(), _id("chatcmpl")
+        running = await self.start(self.chat_request(body), "chat", started, request_id)
+        text, done = await self.collect(running)
         refusal = done.message if done.reason == "content_filter" else None
         choice = ChatChoice(
             0,
@@ -306,28 +345,28 @@ class Serving:
             content_filter_results=done.verdicts,
         )
         return ChatCompletion(
-            id=_id("chatcmpl"),
+            id=request_id,
             created=int(time.time()),
             model=self.model_name,
             choices=[choice],
             usage=_usage(done),
-            system_fingerprint=self.system_fingerprint(checked),
-            prompt_filter_results=_prompt_results(checked),
+            system_fingerprint=self.system_fingerprint(running.checked),
+            prompt_filter_results=_prompt_results(running.checked),
         )
 
     async def completion(self, body: CompletionRequest) -> Completion:
-        started = time.perf_counter()
-        handle, events, checked = await self.start(self.completion_request(body), "completions", started)
-        text, done = await self.collect(handle, events, checked, "completions", started)
+        started, request_id = time.perf_counter(), _id("cmpl")
+        running = await self.start(self.completion_request(body), "completions", started, request_id)
+        text, done = await self.collect(running)
         choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
         return Completion(
-            id=_id("cmpl"),
+            id=request_id,
             created=int(time.time()),
             model=self.model_name,
             choices=[choice],
             usage=_usage(done),
-            system_fingerprint=self.system_fingerprint(checked),
-            prompt_filter_results=_prompt_results(checked),
+            system_fingerprint=self.system_fingerprint(running.checked),
+            prompt_filter_results=_prompt_results(running.checked),
         )
 
     async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
@@ -374,13 +413,13 @@ class Serving:
     ) -> AsyncIterator[bytes]:
         """Start generation (a blocked prompt raises here, before any byte is sent), then the SSE lines."""
         started = time.perf_counter()
-        handle, events, checked = await self.start(request, endpoint, started)
-        meta["system_fingerprint"] = self.system_fingerprint(checked)
+        running = await self.start(request, endpoint, started, meta["id"])
+        meta["system_fingerprint"] = self.system_fingerprint(running.checked)
         if body.stream_options and body.stream_options.include_usage:
             meta["usage"] = None  # every chunk carries "usage": null; the last one the usage
 
         async def lines() -> AsyncIterator[bytes]:
-            async with aclosing(self.reply(handle, events, checked, endpoint, started)) as items:
+            async with aclosing(self.reply(running)) as items:
                 async for item in items:
                     if isinstance(item, PromptChecked):
                         yield _sse(shape.opening(_prompt_results(item)))
