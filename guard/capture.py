@@ -1,7 +1,6 @@
 """Capture: flagged and blocked requests (and a sample of the rest) recorded to a bounded Redis stream.
 
-A record is written off the request's path: ``offer`` only puts it on a bounded queue, and one
-writer thread sends it to Redis. When the queue is full or Redis does not answer, the record is
+A record is written off the request's path (``guard.writer``): when Redis does not answer, it is
 dropped and counted; a request is never slowed or failed by capture.
 
 Keys (``guard:capture`` prefix): the stream ``guard:capture`` (trimmed to ``maxlen`` entries and to
@@ -13,23 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
-from redis.exceptions import RedisError
 
 from guard.events import Verdict
+from guard.writer import RedisWriter
 from probes.data import Row
 
-log = logging.getLogger(__name__)
 STREAM = "guard:capture"
-QUEUE_RECORDS = 1024  # records waiting for the writer at most; more are dropped
 
 
 def record_key(request_id: str) -> str:
@@ -81,56 +75,33 @@ def document(seen: Seen, prompt_text: str, *, redact: bool) -> dict:
 class Capture:
     def __init__(
         self,
-        client: redis.Redis,
+        writer: RedisWriter,
         decode: Callable[[Sequence[int]], str],
         *,
         redact: bool = False,
         sample: float = 0.0,
         maxlen: int = 100_000,
         retention: float = 7 * 86400.0,
-        dropped: Callable[[str], None] = lambda reason: None,
-        written: Callable[[], None] = lambda: None,
     ) -> None:
-        """``decode``: token ids to text; ``sample``: the fraction of unflagged requests recorded too;
-        ``dropped(reason)``, ``written()``: counters."""
-        self.client, self.decode, self.redact, self.sample = client, decode, redact, sample
+        """``decode``: token ids to text; ``sample``: the fraction of unflagged requests recorded too."""
+        self.writer, self.decode, self.redact, self.sample = writer, decode, redact, sample
         self.maxlen, self.retention = maxlen, retention
-        self._dropped, self._written = dropped, written
-        self._queue: queue.Queue[Seen | None] = queue.Queue(QUEUE_RECORDS)
-        self._thread = threading.Thread(target=self._run, name="guard-capture", daemon=True)
-        self._thread.start()
+
+    @property
+    def client(self) -> redis.Redis:
+        return self.writer.client
 
     def offer(self, seen: Seen) -> None:
         """Record ``seen`` if it was flagged, or falls in the sample; never blocks."""
-        if not seen.flagged and random.random() >= self.sample:
-            return
-        try:
-            self._queue.put_nowait(seen)
-        except queue.Full:
-            self._dropped("queue_full")
+        if seen.flagged or random.random() < self.sample:
+            self.writer.submit("capture", lambda pipe: self._write(pipe, seen))
 
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while (seen := self._queue.get()) is not None:
-            try:
-                self._write(seen)
-            except RedisError as exc:
-                log.warning("capture: a record was dropped (%s)", type(exc).__name__)
-                self._dropped("redis_error")
-            else:
-                self._written()
-
-    def _write(self, seen: Seen) -> None:
+    def _write(self, pipe: redis.client.Pipeline, seen: Seen) -> None:
         record = json.dumps(document(seen, self.decode(seen.prompt_ids), redact=self.redact))
         oldest = int((time.time() - self.retention) * 1000)
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.xadd(STREAM, {"id": seen.id, "record": record}, maxlen=self.maxlen, approximate=False)
-            pipe.xtrim(STREAM, minid=oldest, approximate=False)
-            pipe.set(record_key(seen.id), record, ex=max(1, int(self.retention)))
-            pipe.execute()
+        pipe.xadd(STREAM, {"id": seen.id, "record": record}, maxlen=self.maxlen, approximate=False)
+        pipe.xtrim(STREAM, minid=oldest, approximate=False)
+        pipe.set(record_key(seen.id), record, ex=max(1, int(self.retention)))
 
 
 def find(client: redis.Redis, request_id: str) -> dict | None:

@@ -100,10 +100,30 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="artifact directory (with --preset: where the policies go)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="train the shipped default policies from the data pool")
     p.add_argument("--policy", action="append", help="with --preset: only these policies (repeatable)")
+    _extra_arg(p)
     _method_args(p)
     p.add_argument("--dev-fraction", type=float, default=0.2)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
+
+
+def _extra_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="with one --policy: hand-labelled JSONL rows (guard feedback export) added to its training rows; "
+        "their labels win over the pool's (repeatable)",
+    )
+
+
+def _extra(args: argparse.Namespace) -> Dataset:
+    """The ``--extra`` rows, for exactly one policy: a row is labelled for one policy."""
+    if not args.extra:
+        return Dataset(())
+    if not args.policy or len(args.policy) != 1:
+        raise ValueError("--extra rows are labelled for one policy: name it with exactly one --policy")
+    return load_datasets(args.extra)
 
 
 def _method_args(p: argparse.ArgumentParser) -> None:
@@ -160,10 +180,13 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             config,
             cache_dir=settings.cache_dir,
             progress=not args.no_progress,
+            extra=_extra(args),
         )
         for name, result in results.items():
             _print_trained(name, result.probe, args.out or SHIPPED_DIR)
         return 0
+    if args.extra:
+        raise ValueError("--extra adds rows to a preset's policy; without --preset, pass them as --data")
     if not args.data or not args.name or not args.out:
         raise ValueError("--data, --name and --out are required (or use --preset)")
     dataset = load_datasets(args.data, text_col=args.text_col, label_col=args.label_col)
@@ -427,6 +450,13 @@ def _registry_parser(p: argparse.ArgumentParser) -> None:
     rollback.add_argument("name")
     show = sub.add_parser("show", help="manifest and metrics of NAME[@VERSION] (default: the active one)")
     show.add_argument("ref")
+    shadow = sub.add_parser("shadow", help="replicas score VERSION beside the active one, acting on neither")
+    shadow.add_argument("name")
+    shadow.add_argument("version", nargs="?", help="omit with --stop")
+    shadow.add_argument("--stop", action="store_true", help="stop scoring NAME's shadow version")
+    compare = sub.add_parser("compare", help="the shadow version against the active one on live traffic (Redis)")
+    compare.add_argument("name")
+    compare.add_argument("--json", action="store_true")
     p.set_defaults(run=_registry)
 
 
@@ -448,6 +478,13 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{args.name}@{args.version} is active")
     elif args.action == "rollback":
         print(f"{args.name}@{registry.rollback(args.name)} is active")
+    elif args.action == "shadow":
+        if args.stop == (args.version is not None):
+            raise ValueError("give the VERSION to shadow, or --stop")
+        registry.shadow(args.name, args.version)
+        print(f"{args.name}: no shadow version" if args.stop else f"{args.name}@{args.version} is scored in shadow")
+    elif args.action == "compare":
+        _compare(registry, args, settings)
     else:
         name, _, version = args.ref.partition("@")
         stored = registry.get(name, version or None)
@@ -465,6 +502,33 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
     return 0
+
+
+def _compare(registry, args: argparse.Namespace, settings: Settings) -> None:
+    import redis
+
+    from guard.shadow import compare
+
+    active, shadow = registry.active(args.name), registry.shadowed(args.name)
+    if not settings.redis_url:
+        raise ValueError("replicas sum their shadow counts in Redis: give --redis-url (GUARD_REDIS_URL)")
+    if active is None or shadow is None:
+        raise ValueError(f"{args.name!r} has no active and shadow version to compare (guard registry shadow)")
+    result = compare(redis.Redis.from_url(settings.redis_url), args.name, active, shadow)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    if not result["checks"]:
+        print(f"{args.name}: no checks scored by {args.name}@{shadow} yet")
+        return
+    print(
+        f"{args.name}: shadow @{shadow} against active @{active} over {result['checks']} checks: agreement "
+        f"{result['agreement']:.4f}; flag rate active {result['active_flag_rate']:.4f}, shadow "
+        f"{result['shadow_flag_rate']:.4f}; {result['shadow_only']} flagged by the shadow only, "
+        f"{result['active_only']} by the active only"
+    )
+    for entry in result["disagreeing"]:
+        print(f"  {entry['id']}  {entry['kind']}")
 
 
 # -- feedback -------------------------------------------------------------------------------------------
@@ -496,6 +560,7 @@ def _lodo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", help="only these policies (repeatable); default: all")
     p.add_argument("--out", type=Path, default=Path("reports/lodo"), help="writes lodo.json and lodo.md here")
     p.add_argument("--no-baselines", action="store_true", help="the probe only (for comparing probe methods)")
+    _extra_arg(p)
     _method_args(p)
     p.set_defaults(run=_lodo)
 
@@ -508,7 +573,9 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     lm = _model(settings)
     config = _method(args, PRESET_LAYERS)
     names = args.policy or list(RECIPES)  # all of them: the feature-cache entries of `guard train --preset default`
-    splits, rows_of = recipe_features(lm, names, settings.data_dir, config, cache_dir=settings.cache_dir)
+    splits, rows_of = recipe_features(
+        lm, names, settings.data_dir, config, cache_dir=settings.cache_dir, extra=_extra(args)
+    )
     tables = {}
     baselines = () if args.no_baselines else BASELINES
     for name in names:

@@ -28,6 +28,15 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Shadowed:
+    """A shadow version's verdict on the same text: scored, never acted on."""
+
+    version: str
+    score: float
+    detected: bool
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
     prompt_span: tuple[int, int]  # tokens the prompt-stage policies read (the last user message)
@@ -45,6 +54,7 @@ class PromptChecked:
     blocked: bool
     message: str | None = None
     probe_set: str = ""  # the version of the probe set the request is checked with (``ProbeSet.version``)
+    shadow: dict[str, Shadowed] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Finished:
     completion_tokens: int
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     message: str | None = None
+    shadow: dict[str, Shadowed] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

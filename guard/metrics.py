@@ -74,11 +74,22 @@ class Metrics:
         )
         self.model_info = Gauge("guard_model_info", "The served model.", ["model", "fingerprint"], registry=r)
         self.ready = Gauge("guard_ready", "1 when the model and probes are loaded.", registry=r)
-        self.captured = Counter("guard_captured_records", "Requests recorded by capture.", registry=r)
-        self.capture_dropped = Counter(
-            "guard_capture_dropped_records",
-            "Records capture dropped: its queue was full, or Redis did not answer.",
-            ["reason"],
+        self.written = Counter(
+            "guard_redis_writes", "Records written to Redis: capture, shadow counts.", ["kind"], registry=r
+        )
+        self.dropped = Counter(
+            "guard_redis_writes_dropped",
+            "Records dropped instead of written: the write queue was full, or Redis did not answer.",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.shadow_checks = Counter(
+            "guard_shadow_checks", "Checks scored by a shadow version beside the active one.", ["policy"], registry=r
+        )
+        self.shadow_disagreements = Counter(
+            "guard_shadow_disagreements",
+            "Checks where the shadow version decided otherwise: shadow_only (it alone flagged), active_only.",
+            ["policy", "kind"],
             registry=r,
         )
         self.reloads = Counter("guard_probe_reloads", "Probe versions switched to at run time.", ["policy"], registry=r)

@@ -70,8 +70,9 @@ class ProbeSource:
             return self.lkg.get(policy.probe).probe(key=self.key, model_fingerprint=self.fingerprint)
         return LinearProbe.load(resolve_probe(policy.probe, self.fingerprint), model_fingerprint=self.fingerprint)
 
-    def fetch(self, name: str, version: str) -> LinearProbe:
-        """Load and verify one version; keep a last-known-good copy. Raises on a refused version."""
+    def fetch(self, name: str, version: str, *, active: bool = True) -> LinearProbe:
+        """Load and verify one version; keep a last-known-good copy of an ``active`` one. Raises on a refused
+        version."""
         tag = f"{name}@{version}"
         if tag in self.status.refused:
             raise RegistryError(self.status.refused[tag])
@@ -83,7 +84,7 @@ class ProbeSource:
             log.error("refusing %s: %s; the version already served stays", tag, exc)
             self.on_refused(name, "signature" if isinstance(exc, RegistryError) else "checksum_or_fingerprint")
             raise
-        if self.lkg is not self.registry:
+        if self.lkg is not self.registry and active:
             self.lkg.put(stored)
             if self.lkg.active(name) != version:
                 self.lkg.activate(name, version)
@@ -126,6 +127,25 @@ class Watcher:
             self.engine.replace_probe(policy.name, probe)
             self.on_change(policy.name, version)
             log.info("policy %s: now serving %s@%s", policy.name, policy.probe, version)
+        self._reconcile_shadows()
+
+    def _reconcile_shadows(self) -> None:
+        """Score each policy's shadow version, if the registry names one that passes the checks, beside it."""
+        scored = self.engine.shadows()
+        for policy in self.engine.policies:
+            version = self.source.registry.shadowed(policy.probe)
+            if version == scored.get(policy.name):
+                continue
+            if version is None:
+                self.engine.replace_shadow(policy.name, None)
+                log.info("policy %s: no shadow version", policy.name)
+                continue
+            try:
+                probe = self.source.fetch(policy.probe, version, active=False)
+            except (RegistryError, ProbeError):
+                continue  # logged and counted once by fetch
+            self.engine.replace_shadow(policy.name, probe)
+            log.info("policy %s: scoring %s@%s in shadow", policy.name, policy.probe, version)
 
     def _run(self) -> None:
         backoff = 0.5

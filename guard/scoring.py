@@ -10,8 +10,8 @@ mean-pooled features it was trained on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -77,8 +77,30 @@ class ProbeBank:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """Shadow versions scored next to the active ones, never acted on: one column per shadowed policy."""
+
+    bank: ProbeBank
+    policies: torch.Tensor  # [n_shadowed] long: each column's policy index
+    mean_pooled: torch.Tensor  # [n_shadowed] bool
+
+    @classmethod
+    def build(cls, policies: Sequence[Policy], probes: Mapping[str, LinearProbe]) -> Shadow | None:
+        index = [i for i, p in enumerate(policies) if p.name in probes]
+        if not index:
+            return None
+        chosen = [policies[i] for i in index]
+        bank = ProbeBank.build(
+            [probes[p.name] for p in chosen], [p.threshold for p in chosen], [p.name for p in chosen]
+        )
+        pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
+        return cls(bank, torch.tensor(index, dtype=torch.long), pooled)
+
+
+@dataclass(frozen=True)
 class ProbeSet:
-    """One version of every policy's probe: the scoring bank and the ablation directions built from it.
+    """One version of every policy's probe: the scoring bank and the ablation directions built from it, and
+    the shadow versions scored beside them.
 
     A request keeps the set it started with, so a hot reload never changes a reply mid-way.
     """
@@ -88,16 +110,34 @@ class ProbeSet:
     ablation: Ablation
     mean_pooled: torch.Tensor  # [n_policies] bool: running mean (else last token)
     version: str  # names every policy's probe version: two sets score alike iff their versions are equal
+    shadows: Mapping[str, LinearProbe] = field(default_factory=dict)  # policy -> its shadow version's probe
+    shadow: Shadow | None = None
 
     @classmethod
-    def build(cls, policies: Sequence[Policy], probes: Sequence[LinearProbe]) -> ProbeSet:
+    def build(
+        cls, policies: Sequence[Policy], probes: Sequence[LinearProbe], shadows: Mapping[str, LinearProbe] = {}
+    ) -> ProbeSet:
         bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
         ablated = [probe for policy, probe in zip(policies, probes, strict=True) if policy.action is Action.ABLATE]
         pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
         named = ",".join(f"{p.name}={probe.version}" for p, probe in zip(policies, probes, strict=True))
         version = hashlib.sha256(named.encode()).hexdigest()[:12]
-        return cls(tuple(probes), bank, Ablation(ablated), pooled, version)
+        shadows = dict(shadows)
+        return cls(tuple(probes), bank, Ablation(ablated), pooled, version, shadows, Shadow.build(policies, shadows))
+
+    @property
+    def layers(self) -> set[int]:
+        """Every layer a pass must keep for this set: its probes' and its shadows'."""
+        return set(self.bank.layers) | set(self.shadow.bank.layers if self.shadow else ())
 
     def replace(self, policies: Sequence[Policy], name: str, probe: LinearProbe) -> ProbeSet:
         index = [p.name for p in policies].index(name)
-        return ProbeSet.build(policies, [probe if i == index else p for i, p in enumerate(self.probes)])
+        shadows = {k: v for k, v in self.shadows.items() if k != name or v.version != probe.version}
+        return ProbeSet.build(policies, [probe if i == index else p for i, p in enumerate(self.probes)], shadows)
+
+    def with_shadow(self, policies: Sequence[Policy], name: str, probe: LinearProbe | None) -> ProbeSet:
+        """The same set with ``probe`` shadowing policy ``name`` (``None``: no shadow for it)."""
+        shadows = {k: v for k, v in self.shadows.items() if k != name}
+        if probe is not None:
+            shadows[name] = probe
+        return ProbeSet.build(policies, self.probes, shadows)

@@ -9,7 +9,6 @@ layers; a probe on several layers also reports each layer's part. Nothing is app
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -102,7 +101,8 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> Spans
 
     def agreed(n: int) -> int:
         prefix = tokenizer.decode(list(ids[:n]), skip_special_tokens=False) if n else ""
-        return len(os.path.commonprefix([prefix, whole]))
+        pairs = enumerate(zip(prefix, whole, strict=False))
+        return next((i for i, (a, b) in pairs if a != b), min(len(prefix), len(whole)))
 
     def spans(indices: Sequence[int]) -> list[tuple[str, int, int]]:
         out = []

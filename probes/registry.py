@@ -72,6 +72,8 @@ class Registry(Protocol):
     def active(self, name: str) -> str | None: ...
     def activate(self, name: str, version: str) -> None: ...
     def rollback(self, name: str) -> str: ...
+    def shadowed(self, name: str) -> str | None: ...
+    def shadow(self, name: str, version: str | None) -> None: ...
 
 
 def open_registry(redis_url: str | None, directory: Path) -> Registry:
@@ -151,6 +153,21 @@ class LocalRegistry:
         if state.get("active") not in (None, version):
             state.setdefault("history", []).append(state["active"])
         state["active"] = version
+        if state.get("shadow") == version:  # promoted
+            del state["shadow"]
+        self._write_state(name, state)
+
+    def shadowed(self, name: str) -> str | None:
+        return self._state(name).get("shadow")
+
+    def shadow(self, name: str, version: str | None) -> None:
+        """Have replicas score ``version`` beside the active one without acting on it (``None``: stop)."""
+        state = self._state(name)
+        if version is None:
+            state.pop("shadow", None)
+        else:
+            _shadowable(self, name, version, state.get("active"))
+            state["shadow"] = version
         self._write_state(name, state)
 
     def rollback(self, name: str) -> str:
@@ -228,6 +245,8 @@ class RedisRegistry:
         if previous not in (None, version):
             pipe.rpush(f"{_PREFIX}:{name}:history", previous)
         pipe.set(f"{_PREFIX}:{name}:active", version)
+        if self.shadowed(name) == version:  # promoted
+            pipe.delete(f"{_PREFIX}:{name}:shadow")
         pipe.publish(CHANNEL, json.dumps({"name": name, "version": version}))
         pipe.execute()
 
@@ -241,3 +260,35 @@ class RedisRegistry:
         pipe.publish(CHANNEL, json.dumps({"name": name, "version": version}))
         pipe.execute()
         return version
+
+    def shadowed(self, name: str) -> str | None:
+        value = self.client.get(f"{_PREFIX}:{name}:shadow")
+        return value.decode() if value else None
+
+    def shadow(self, name: str, version: str | None) -> None:
+        """Have replicas score ``version`` beside the active one without acting on it (``None``: stop)."""
+        pipe = self.client.pipeline()
+        if version is None:
+            pipe.delete(f"{_PREFIX}:{name}:shadow")
+        else:
+            _shadowable(self, name, version, self.active(name))
+            pipe.set(f"{_PREFIX}:{name}:shadow", version)
+        pipe.publish(CHANNEL, json.dumps({"name": name, "shadow": version}))
+        pipe.execute()
+
+
+def _shadowable(registry: Registry, name: str, version: str, active: str | None) -> None:
+    """A shadow is another stored version, for the model the active one is for."""
+    versions = registry.versions(name)
+    if version not in versions:
+        raise RegistryError(f"{name!r} has no version {version!r} (have {versions})")
+    if version == active:
+        raise RegistryError(f"{name}@{version} is the active version; shadow another one")
+    if active is not None:
+        theirs = registry.get(name, version).manifest.get("model_fingerprint")
+        served = registry.get(name, active).manifest.get("model_fingerprint")
+        if theirs != served:
+            raise RegistryError(
+                f"{name}@{version} was trained on model {str(theirs)[:19]}…, the active version on "
+                f"{str(served)[:19]}…: replicas could not score it"
+            )

@@ -14,6 +14,7 @@ from serverproc import Server
 from guard.capture import STREAM, Capture, Seen, feedback_rows, find, record_key
 from guard.cli import main
 from guard.events import Verdict
+from guard.writer import RedisWriter
 
 
 def verdict(score: float, detected: bool) -> Verdict:
@@ -36,21 +37,20 @@ def waited(check, timeout: float = 10.0):
 def test_capture_records_flagged_requests_bounded_and_redacted(redis_server):
     client = redis.Redis.from_url(redis_server.url)
     dropped = []
-    capture = Capture(client, lambda ids: "the prompt", maxlen=3, retention=60, dropped=dropped.append)
+    writer = RedisWriter(client, dropped=lambda kind, reason: dropped.append(reason))
+    capture = Capture(writer, lambda ids: "the prompt", maxlen=3, retention=60)
     for i in range(5):
         capture.offer(seen(f"r{i}"))
     capture.offer(seen("quiet", detected=False))  # nothing flagged, no sample: not recorded
     assert waited(lambda: find(client, "r4"))
-    capture.stop()
     record = find(client, "r4")
     assert record["prompt_text"] == "the prompt" and record["reply_text"] == "a reply" and record["flagged"]
     assert record["prompt"] == {"toy": {"score": 0.9, "detected": True, "filtered": False}}
     assert client.xlen(STREAM) == 3 and 0 < client.ttl(record_key("r4")) <= 60  # maxlen and retention hold
     assert find(client, "quiet") is None and dropped == []
-    redacted = Capture(client, lambda ids: "the prompt", redact=True)
-    redacted.offer(seen("secret"))
+    Capture(writer, lambda ids: "the prompt", redact=True).offer(seen("secret"))
     assert waited(lambda: find(client, "secret"))
-    redacted.stop()
+    writer.stop()
     record = find(client, "secret")
     assert record["redacted"] and record["prompt_text"].startswith("sha256:") and "the prompt" not in json.dumps(record)
 
@@ -58,13 +58,13 @@ def test_capture_records_flagged_requests_bounded_and_redacted(redis_server):
 def test_capture_drops_and_counts_when_redis_is_down(redis_server):
     client = redis.Redis.from_url(redis_server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
     dropped = []
-    capture = Capture(client, lambda ids: "", dropped=dropped.append)
+    writer = RedisWriter(client, dropped=lambda kind, reason: dropped.append((kind, reason)))
     redis_server.stop()
     started = time.perf_counter()
-    capture.offer(seen("lost"))
+    Capture(writer, lambda ids: "").offer(seen("lost"))
     assert time.perf_counter() - started < 0.01  # offering never waits for Redis
-    assert waited(lambda: dropped) == ["redis_error"]
-    capture.stop()
+    assert waited(lambda: dropped) == [("capture", "redis_error")]
+    writer.stop()
 
 
 @pytest.fixture
@@ -128,7 +128,8 @@ def test_flagged_requests_are_captured_labelled_and_exported(captured, redis_ser
     assert time.perf_counter() - started < 5
 
     def dropped() -> bool:
-        return 'guard_capture_dropped_records_total{reason="redis_error"} 1.0' in httpx.get(server.url + "/metrics").text
+        counted = 'guard_redis_writes_dropped_total{kind="capture",reason="redis_error"} 1.0'
+        return counted in httpx.get(server.url + "/metrics").text
 
     assert waited(dropped)
     assert feedback(good).status_code == 503

@@ -7,6 +7,7 @@ import itertools
 import json
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -525,3 +526,27 @@ def test_a_receiver_that_is_gone_stops_its_generation_and_nothing_else(tiny_lm, 
     while engine.load()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.load() == {"running": 0, "waiting": 0}
+
+
+def test_a_shadow_version_is_scored_beside_the_active_one_and_never_acts(tiny_lm, engine_for):
+    """The shadow's scores are what it scores when active; its crossings block nothing."""
+    policy = Policy("toy", "toy", Stage.BOTH, Action.BLOCK)
+    never, always = probe_for(tiny_lm, seed=0, threshold=1.0), probe_for(tiny_lm, seed=2, threshold=0.0)
+    as_active = asyncio.run(
+        run(engine_for([replace(policy, action=Action.FLAG)], [always]), request(tiny_lm, PROMPTS[0]))
+    )
+    engine = engine_for([policy], [never])
+    engine.replace_shadow("toy", always)
+    assert engine.shadows() == {"toy": always.version}
+    text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))
+    assert done.reason in {"stop", "length"} and text == as_active[0]  # the shadow blocked nothing
+    prompt, output = events[0].shadow["toy"], done.shadow["toy"]
+    assert prompt.detected and output.detected and prompt.version == always.version
+    assert prompt.score == pytest.approx(as_active[2][0].verdicts["toy"].score, abs=1e-6)
+    assert output.score == pytest.approx(as_active[1].verdicts["toy"].score, abs=1e-6)
+    assert not events[0].verdicts["toy"].detected and not done.verdicts["toy"].detected
+    engine.replace_probe("toy", always)  # promoted: the shadow ends with it
+    assert engine.shadows() == {}
+    engine.replace_shadow("toy", never)
+    engine.replace_shadow("toy", None)
+    assert engine.shadows() == {} and asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))[1].shadow == {}

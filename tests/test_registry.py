@@ -39,6 +39,26 @@ def test_push_list_activate_rollback(registry):
         registry.activate("unit", "9")
 
 
+def test_shadow_versions(registry):
+    for seed in (1, 2, 3):
+        registry.push(make_probe(seed=seed))
+    registry.activate("unit", "1")
+    assert registry.shadowed("unit") is None
+    registry.shadow("unit", "2")
+    assert registry.shadowed("unit") == "2" and registry.active("unit") == "1"
+    with pytest.raises(RegistryError, match="is the active version"):
+        registry.shadow("unit", "1")
+    with pytest.raises(RegistryError, match="has no version '9'"):
+        registry.shadow("unit", "9")
+    registry.activate("unit", "3")  # another version goes live: the shadow stays
+    assert registry.shadowed("unit") == "2"
+    registry.activate("unit", "2")  # promoted: no longer a shadow
+    assert registry.shadowed("unit") is None and registry.rollback("unit") == "3"
+    registry.shadow("unit", "1")
+    registry.shadow("unit", None)
+    assert registry.shadowed("unit") is None
+
+
 def test_versions_are_immutable(registry):
     registry.push(make_probe(seed=1))
     before = registry.get("unit", "1")

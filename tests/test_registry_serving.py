@@ -226,3 +226,45 @@ def test_local_directory_registry_without_redis(tmp_path, tiny_lm, tiny_model_di
         wait_for(lambda: versions(server) == "2", timeout=10)
     finally:
         server.stop()
+
+
+def test_a_shadow_version_is_scored_on_every_replica_compared_and_promoted(
+    cluster, redis_server, tiny_lm, tiny_model_dir, capsys
+):
+    from dataclasses import replace
+
+    from guard.cli import main
+
+    registry, start = cluster
+    registry.push(probe_for(tiny_lm, seed=2).with_threshold(0.0))  # version 2 flags everything
+    a, b = start("a"), start("b")
+    cli = ["registry", "--redis-url", redis_server.url]
+    assert main([*cli, "shadow", "toy", "2"]) == 0
+    wait_for(lambda: all(readyz(s)["shadows"] == {"toy": "2"} for s in (a, b)))
+    ids = [chat(server, tiny_model_dir.name).json()["id"] for server in (a, a, b, b)]
+    assert all(readyz(s)["policies"] == {"toy": "1"} for s in (a, b))  # the shadow acted on nothing
+
+    def compared() -> dict:
+        capsys.readouterr()
+        assert main([*cli, "compare", "toy", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    wait_for(lambda: compared()["checks"] == 8)  # 4 requests, prompt and reply, summed over both replicas
+    result = compared()
+    assert result["shadow_flag_rate"] == 1.0 and result["active_only"] == 0
+    assert result["shadow_only"] == 8 - round(8 * result["active_flag_rate"])
+    assert {entry["id"] for entry in result["disagreeing"]} <= set(ids)
+    assert result["agreement"] == pytest.approx(1 - result["shadow_only"] / 8)
+    exposed = httpx.get(a.url + "/metrics").text
+    assert 'guard_shadow_checks_total{policy="toy"} 4.0' in exposed
+    # a version trained on another model cannot shadow: no replica could score it
+    foreign = probe_for(tiny_lm, seed=3)
+    foreign = replace(foreign, manifest={**foreign.manifest, "model_fingerprint": "sha256:" + "0" * 64})
+    registry.push(foreign)
+    assert main([*cli, "shadow", "toy", "3"]) == 2
+    assert "replicas could not score it" in capsys.readouterr().err
+    assert main([*cli, "activate", "toy", "2"]) == 0  # promoted: it serves, and shadows nothing any more
+    wait_for(lambda: all(readyz(s)["policies"] == {"toy": "2"} and readyz(s)["shadows"] == {} for s in (a, b)))
+    assert registry.shadowed("toy") is None
+    assert main([*cli, "rollback", "toy"]) == 0
+    wait_for(lambda: all(readyz(s)["policies"] == {"toy": "1"} for s in (a, b)))

@@ -27,6 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -38,10 +39,10 @@ from guard.engine.explain import explanations
 from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
 from guard.engine.tap import LayerTap
-from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
+from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
 from guard.policy import Action, Policy
 from guard.sampling import sample
-from guard.scoring import ProbeSet
+from guard.scoring import ProbeBank, ProbeSet, Shadow
 from guard.textstream import TextStream
 from probes.lm.model import LoadedModel
 from probes.lm.prefix import PrefixCache
@@ -123,7 +124,7 @@ class Engine:
         for p in self.policies:
             if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
                 ablating[self.ablate_index[p.name]] = 1.0
-        n = len(self.policies)
+        n, shadowed = len(self.policies), len(probes.shadow.bank) if probes.shadow else 0
         reply = Reply(
             handle,
             probes,
@@ -134,6 +135,9 @@ class Engine:
             sums=torch.zeros(n),
             score=torch.zeros(n),
             crossed=torch.zeros(n, dtype=torch.bool),
+            shadow_sums=torch.zeros(shadowed),
+            shadow_score=torch.zeros(shadowed),
+            shadow_crossed=torch.zeros(shadowed, dtype=torch.bool),
         )
         with self._wake:
             self._sweep_waiting()  # a request that gave up waiting holds no place
@@ -150,6 +154,14 @@ class Engine:
     def versions(self) -> dict[str, str]:
         """The probe version each policy's new requests use."""
         return dict(zip(self.probes.bank.names, self.probes.bank.versions, strict=True))
+
+    def shadows(self) -> dict[str, str]:
+        """The shadow version scored beside each shadowed policy for new requests."""
+        return {name: probe.version for name, probe in self.probes.shadows.items()}
+
+    def replace_shadow(self, policy: str, probe: LinearProbe | None) -> None:
+        """Score ``probe`` beside ``policy``'s active version from the next request on (``None``: stop)."""
+        self.probes = self.probes.with_shadow(self.policies, policy, probe)
 
     def replace_probe(self, policy: str, probe: LinearProbe) -> None:
         """Serve ``probe`` for ``policy`` from the next request on; requests in flight keep their version."""
@@ -264,7 +276,7 @@ class Engine:
             return None
         ablations, keep = [], set()
         for probes, index in _groups(rows):
-            keep.update(probes.bank.layers)
+            keep.update(probes.layers)
             if probes.ablation.count:
                 mask = torch.zeros((len(rows), probes.ablation.count))
                 mask[index] = torch.stack([rows[i].ablating for i in index.tolist()])
@@ -312,14 +324,17 @@ class Engine:
         for index, chunk in chunks:
             rows = chunk.span_rows()
             if rows is not None:  # without policies there is no tap and nothing to score
+                probes = work.reply.probes
                 scored = (
-                    _contributions(work.reply.probes, tap, rows)
+                    _contributions(probes.bank, tap, rows)
                     if tap is not None
                     else torch.zeros((rows.stop - rows.start, 0))
                 )
                 work.parts.append(scored)
                 if tap is not None and work.reply.request.explain:
-                    work.terms.append(_layer_contributions(work.reply.probes, tap, rows).transpose(0, 1))
+                    work.terms.append(_layer_contributions(probes.bank, tap, rows).transpose(0, 1))
+                if tap is not None and probes.shadow is not None:
+                    work.shadow_parts.append(_contributions(probes.shadow.bank, tap, rows))
             work.lanes[chunk.lane].done = chunk.stop
             if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):
                 work.logits = logits[index]
@@ -367,9 +382,8 @@ class Engine:
 
         True when the reply goes on to the batch."""
         reply, logits = work.reply, work.logits
-        contributions = torch.cat(work.parts)
         bank = reply.probes.bank
-        scores = bank.scores(torch.where(reply.probes.mean_pooled, contributions.mean(0), contributions[-1]))
+        scores = bank.scores(_pooled(torch.cat(work.parts), reply.probes.mean_pooled))
         checked = reply.active & self.decider.on_prompt
         decision = self.decider.decide(scores, bank.thresholds, checked)
         explained = None
@@ -379,7 +393,12 @@ class Engine:
         verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions, explanations=explained)
         message = self.decider.message(decision.blocking)
         blocked = bool(decision.blocking.any())
-        reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version))
+        shadow = reply.probes.shadow
+        shadowed = {}
+        if shadow is not None and work.shadow_parts:
+            shadow_scores = shadow.bank.scores(_pooled(torch.cat(work.shadow_parts), shadow.mean_pooled))
+            shadowed = _shadowed(shadow, shadow_scores, shadow_scores > shadow.bank.thresholds, checked)
+        reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, shadowed))
         if blocked:
             self._finish(reply, "content_filter")
             return False
@@ -401,38 +420,39 @@ class Engine:
         for probes, index in _groups(rows):
             members = index.tolist()
             picked = slice(None) if len(members) == len(rows) else index  # one set: no copy of the rows
-            contributions = _contributions(probes, tap, picked)
             group = [rows[i] for i in members]
-            sums = torch.stack([reply.sums for reply in group]) + contributions
             tokens = torch.tensor([[reply.completion_tokens + 1.0] for reply in group])
-            scores = probes.bank.scores(torch.where(probes.mean_pooled, sums / tokens, contributions))
+            sums, scores = _running(probes.bank, probes.mean_pooled, tap, picked, [r.sums for r in group], tokens)
             active = torch.stack([reply.active for reply in group]) & self.decider.on_output
             decision = self.decider.decide(scores, probes.bank.thresholds, active)
             hits = decision.crossed.any(1).tolist()
+            shadow = probes.shadow
+            if shadow is not None:
+                shadow_sums, shadow_scores = _running(
+                    shadow.bank, shadow.mean_pooled, tap, picked, [r.shadow_sums for r in group], tokens
+                )
+                shadow_crossed = (shadow_scores > shadow.bank.thresholds) & active[:, shadow.policies]
             for j, reply in enumerate(group):
-                terms = _layer_contributions(probes, tap, members[j]) if reply.request.explain else None
+                scored = _Scored(
+                    sums[j],
+                    scores[j],
+                    _layer_contributions(probes.bank, tap, members[j]) if reply.request.explain else None,
+                    (shadow_sums[j], shadow_scores[j], shadow_crossed[j]) if shadow is not None else None,
+                )
                 if hits[j]:
-                    outcomes[members[j]] = self._act(reply, sums[j], scores[j], terms, decision, j)
+                    outcomes[members[j]] = self._act(reply, scored, decision, j)
                 else:
-                    _accept(reply, sums[j], scores[j], terms)
+                    _accept(reply, scored)
         return outcomes
 
-    def _act(
-        self,
-        reply: Reply,
-        sums: torch.Tensor,
-        scores: torch.Tensor,
-        terms: torch.Tensor | None,
-        decision: Decision,
-        row: int,
-    ) -> str:
+    def _act(self, reply: Reply, scored: _Scored, decision: Decision, row: int) -> str:
         """Row ``row`` of ``decision`` crossed: ``blocked``, ``rework`` (a newly fired ablation) or ``emit``."""
         crossed = decision.crossed[row]
         reply.crossed = reply.crossed | crossed
         for i in crossed.nonzero().flatten().tolist():
             reply.detected_at.setdefault(self.policies[i].name, reply.completion_tokens)
         if bool(decision.blocking[row].any()):
-            _accept(reply, sums, scores, terms)
+            _accept(reply, scored)
             self._finish(reply, "content_filter", message=self.decider.message(decision.blocking[row]))
             return "blocked"
         fired = [self.policies[i].name for i in decision.ablating[row].nonzero().flatten().tolist()]
@@ -442,7 +462,7 @@ class Engine:
                 reply.ablated_from[name] = reply.completion_tokens
                 reply.ablating[self.ablate_index[name]] = 1.0
             return "rework"
-        _accept(reply, sums, scores, terms)
+        _accept(reply, scored)
         return "emit"
 
     def _emit(self, reply: Reply, next_logits: torch.Tensor) -> bool:
@@ -479,7 +499,7 @@ class Engine:
         tail = reply.stream.flush() if reason != "cancelled" else ""
         if tail:
             reply.handle.put(Emitted(tail, reply.completion_tokens))
-        verdicts = {}
+        verdicts, shadowed = {}, {}
         if reply.started:  # output-stage verdicts
             checked = reply.active & self.decider.on_output
             explained = None
@@ -495,7 +515,10 @@ class Engine:
                 reply.ablated_from,
                 explained,
             )
-        reply.handle.put(Finished(reason, len(reply.request.prompt_ids), reply.completion_tokens, verdicts, message))
+            if reply.probes.shadow is not None:
+                shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)
+        prompt_tokens = len(reply.request.prompt_ids)
+        reply.handle.put(Finished(reason, prompt_tokens, reply.completion_tokens, verdicts, message, shadowed))
 
 
 def default_threads(lm: LoadedModel) -> int:
@@ -517,21 +540,64 @@ def _moving(average: float, value: float) -> float:
     return value if average == 0.0 else 0.8 * average + 0.2 * value
 
 
-def _contributions(probes: ProbeSet, tap: LayerTap, rows: slice | torch.Tensor) -> torch.Tensor:
-    """Per-token logit contributions ``[rows, n_policies]`` of the pass's ``rows`` under ``probes``."""
-    return probes.bank.token_logits({layer: tap.hidden(layer)[rows] for layer in probes.bank.layers})
+def _contributions(bank: ProbeBank, tap: LayerTap, rows: slice | torch.Tensor) -> torch.Tensor:
+    """Per-token logit contributions ``[rows, n_policies]`` of the pass's ``rows`` under ``bank``."""
+    return bank.token_logits({layer: tap.hidden(layer)[rows] for layer in bank.layers})
 
 
-def _layer_contributions(probes: ProbeSet, tap: LayerTap, rows: slice | int) -> torch.Tensor:
+def _pooled(contributions: torch.Tensor, mean_pooled: torch.Tensor) -> torch.Tensor:
+    """A prompt's pooled contributions ``[n_policies]`` from its tokens' ``[tokens, n_policies]``."""
+    return torch.where(mean_pooled, contributions.mean(0), contributions[-1])
+
+
+def _running(
+    bank: ProbeBank,
+    mean_pooled: torch.Tensor,
+    tap: LayerTap,
+    rows: slice | torch.Tensor,
+    sums: list[torch.Tensor],
+    tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' running sums with their pending token's contributions added, and the scores they give."""
+    contributions = _contributions(bank, tap, rows)
+    total = torch.stack(sums) + contributions
+    return total, bank.scores(torch.where(mean_pooled, total / tokens, contributions))
+
+
+def _shadowed(
+    shadow: Shadow, scores: torch.Tensor, crossed: torch.Tensor, checked: torch.Tensor
+) -> dict[str, Shadowed]:
+    """The shadow verdicts of one row for the shadowed policies ``checked`` (``[n_policies]``) covers."""
+    return {
+        name: Shadowed(shadow.bank.versions[k], round(float(scores[k]), 6), bool(crossed[k]))
+        for k, (name, policy) in enumerate(zip(shadow.bank.names, shadow.policies.tolist(), strict=True))
+        if checked[policy]
+    }
+
+
+def _layer_contributions(bank: ProbeBank, tap: LayerTap, rows: slice | int) -> torch.Tensor:
     """``_contributions`` per probed layer, ``[layers, ..., n_policies]``: what an explanation splits."""
-    return probes.bank.layer_logits({layer: tap.hidden(layer)[rows] for layer in probes.bank.layers})
+    return bank.layer_logits({layer: tap.hidden(layer)[rows] for layer in bank.layers})
 
 
-def _accept(reply: Reply, sums: torch.Tensor, scores: torch.Tensor, terms: torch.Tensor | None) -> None:
+@dataclass(frozen=True)
+class _Scored:
+    """One row's pending token, scored: running sums and scores; per-layer terms (explained); the shadows'."""
+
+    sums: torch.Tensor
+    scores: torch.Tensor
+    terms: torch.Tensor | None
+    shadow: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # sums, scores, crossed
+
+
+def _accept(reply: Reply, scored: _Scored) -> None:
     """The pending token's contributions count toward the reply's output-stage scores (and its explanation)."""
-    reply.sums, reply.score = sums, scores
-    if terms is not None:
-        reply.trace.append((reply.pending, terms))
+    reply.sums, reply.score = scored.sums, scored.scores
+    if scored.terms is not None:
+        reply.trace.append((reply.pending, scored.terms))
+    if scored.shadow is not None:
+        reply.shadow_sums, reply.shadow_score, crossed = scored.shadow
+        reply.shadow_crossed = reply.shadow_crossed | crossed
 
 
 def _eos_ids(lm: LoadedModel) -> frozenset[int]:

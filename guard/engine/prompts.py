@@ -48,6 +48,7 @@ class PromptWork:
     span: tuple[int, int]
     parts: list[torch.Tensor] = field(default_factory=list)  # the span's contributions so far, in order
     terms: list[torch.Tensor] = field(default_factory=list)  # explained: the same per layer, ``[tokens, layers, P]``
+    shadow_parts: list[torch.Tensor] = field(default_factory=list)  # the shadow versions' contributions
     logits: torch.Tensor | None = None  # next-token logits after the last lane's last token
 
     @property

@@ -23,6 +23,9 @@ class Reply:
     sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
+    shadow_sums: torch.Tensor  # [n_shadowed]: the same three for the probe set's shadow versions
+    shadow_score: torch.Tensor
+    shadow_crossed: torch.Tensor
     pending: int = -1  # sampled, not yet checked nor emitted
     previous: int = -1  # the token fed before ``pending`` (its logits chose ``pending``)
     position: int = 0  # position id of ``pending``

@@ -27,6 +27,7 @@ from guard.server.errors import APIError, error_body
 from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Feedback, Model, ModelList, encoder
 from guard.server.serving import Limits, Serving
 from guard.settings import Settings
+from guard.writer import RedisWriter
 
 log = logging.getLogger(__name__)
 _ENDPOINTS = {
@@ -59,8 +60,8 @@ def create_app(settings: Settings, runtime_factory: Callable[..., Runtime] = bui
                 await asyncio.to_thread(app.state.watcher.stop)
             if app.state.serving is not None:
                 await asyncio.to_thread(app.state.serving.engine.stop)
-                if app.state.serving.capture is not None:
-                    await asyncio.to_thread(app.state.serving.capture.stop)
+                if app.state.serving.writer is not None:
+                    await asyncio.to_thread(app.state.serving.writer.stop)
 
     app = Litestar(
         route_handlers=[OpenAIController, GuardController, HealthController],
@@ -102,7 +103,9 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         settings.request_timeout,
         prompt_limit(settings, engine),
     )
-    app.state.serving = Serving(engine, engine.lm.name, limits, metrics, _capture(settings, engine, metrics))
+    writer = _writer(settings, metrics)
+    capture = _capture(settings, engine, writer)
+    app.state.serving = Serving(engine, engine.lm.name, limits, metrics, writer, capture)
     metrics.watch_engine(engine)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
     metrics.probe_versions(engine.policies, engine.versions())
@@ -110,26 +113,31 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
     log.info("ready: %s with %d policies", engine.lm.name, len(engine.policies))
 
 
-def _capture(settings: Settings, engine, metrics: Metrics) -> Capture | None:
+def _writer(settings: Settings, metrics: Metrics) -> RedisWriter | None:
+    """With Redis: where capture records and shadow counts go (short timeouts: a Redis that hangs costs a
+    record, never a request)."""
+    if not settings.redis_url:
+        return None
+    return RedisWriter(
+        redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1),
+        dropped=lambda kind, reason: metrics.dropped.labels(kind, reason).inc(),
+        written=lambda kind: metrics.written.labels(kind).inc(),
+    )
+
+
+def _capture(settings: Settings, engine, writer: RedisWriter | None) -> Capture | None:
     if not settings.capture:
         return None
     settings.check_capture()
     tokenizer = engine.lm.tokenizer
     return Capture(
-        _redis(settings),
+        writer,
         lambda ids: tokenizer.decode(list(ids)),
         redact=settings.capture_redact,
         sample=settings.capture_sample,
         maxlen=settings.capture_maxlen,
         retention=settings.capture_retention,
-        dropped=lambda reason: metrics.capture_dropped.labels(reason).inc(),
-        written=metrics.captured.inc,
     )
-
-
-def _redis(settings: Settings) -> redis.Redis:
-    """Capture's and feedback's connection: short timeouts, so a Redis that hangs costs a record, not a request."""
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
 
 
 # -- routes -----------------------------------------------------------------------------------------------
@@ -249,6 +257,7 @@ class HealthController(Controller):
                 "model": engine.lm.name,
                 "fingerprint": engine.lm.fingerprint,
                 "policies": engine.versions(),
+                "shadows": engine.shadows(),
                 "registry": request.app.state.runtime.source.status.as_dict(),
                 **engine.load(),
             }

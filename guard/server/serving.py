@@ -20,7 +20,7 @@ import msgspec
 
 from guard.capture import Capture, Seen
 from guard.engine import Engine, QueueFull
-from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
+from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed, Verdict
 from guard.metrics import Metrics
 from guard.sampling import SamplingParams
 from guard.server.errors import APIError
@@ -39,6 +39,8 @@ from guard.server.protocol import (
     Usage,
     encoder,
 )
+from guard.shadow import comparisons, record
+from guard.writer import RedisWriter
 from probes.lm.render import Encoded, render_messages
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,19 @@ class Running:
 
 class Serving:
     def __init__(
-        self, engine: Engine, model_name: str, limits: Limits, metrics: Metrics, capture: Capture | None = None
+        self,
+        engine: Engine,
+        model_name: str,
+        limits: Limits,
+        metrics: Metrics,
+        writer: RedisWriter | None = None,
+        capture: Capture | None = None,
     ) -> None:
+        """``writer``: where shadow counts go (and ``capture``'s records), with Redis."""
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
-        self.capture = capture
+        self.writer, self.capture = writer, capture
         self.policy_names = {p.name for p in engine.policies}
+        self.probe_names = {p.name: p.probe for p in engine.policies}
 
     # -- validation ------------------------------------------------------------------------------------
     def chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
@@ -231,6 +241,7 @@ class Serving:
             self.metrics.ended("failed")
             raise APIError(500, first.error, code="generation_failed")
         self.metrics.prompt_checked(first.verdicts)
+        self._compare(request_id, first.verdicts, first.shadow)
         if first.blocked:
             async for event in events:
                 if isinstance(event, Finished):
@@ -280,6 +291,7 @@ class Serving:
                 elif isinstance(event, Finished):
                     ended = True
                     self.metrics.finished(event, endpoint, started)
+                    self._compare(running.id, event.verdicts, event.shadow)
                     self._captured(running.id, endpoint, handle, checked, event, "".join(pieces or ()))
                     yield event
                     return
@@ -300,6 +312,15 @@ class Serving:
                 elif isinstance(item, Finished):
                     done = item
         return "".join(pieces), done
+
+    def _compare(self, request_id: str, verdicts: dict[str, Verdict], shadowed: dict[str, Shadowed]) -> None:
+        """Count where shadow versions decided otherwise than the active ones (and sum it in Redis)."""
+        for comparison in comparisons(verdicts, shadowed, self.probe_names):
+            self.metrics.shadow_checks.labels(comparison.policy).inc()
+            if comparison.kind is not None:
+                self.metrics.shadow_disagreements.labels(comparison.policy, comparison.kind).inc()
+            if self.writer is not None:
+                self.writer.submit("shadow", lambda pipe, c=comparison: record(pipe, c, request_id))
 
     def _captured(
         self, request_id: str, endpoint: str, handle: Handle, checked: PromptChecked, done: Finished, text: str = ""

@@ -21,13 +21,22 @@ from probes.lm.model import LoadedModel
 from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
 DEV_FRACTION = 0.2
+NO_ROWS = Dataset(())
 PRESET_CONFIG = TrainConfig(layers=PRESET_LAYERS)
 
 
-def recipe_splits(name: str, data_dir: Path) -> tuple[Dataset, Dataset, dict]:
+def recipe_splits(name: str, data_dir: Path, extra: Dataset = NO_ROWS) -> tuple[Dataset, Dataset, dict]:
+    """The recipe's train and dev split, ``extra`` rows added to the train split: rows labelled by hand (``guard
+    feedback export``), whose label wins over the pool's for the same text."""
     dataset, provenance = RECIPES[name].rows(data_dir)
     train, dev = split(dataset, dev_fraction=DEV_FRACTION, seed=0)
-    return train, dev, {**provenance, "dev_fraction": DEV_FRACTION}
+    provenance = {**provenance, "dev_fraction": DEV_FRACTION}
+    if extra.rows:
+        keys = {row.key for row in extra.rows}
+        train = Dataset(tuple(r for r in train.rows if r.key not in keys) + extra.rows)
+        dev = Dataset(tuple(r for r in dev.rows if r.key not in keys))
+        provenance["extra_rows"] = {"n": len(extra.rows), "sha256": extra.sha256()}
+    return train, dev, provenance
 
 
 def recipe_features(
@@ -38,6 +47,7 @@ def recipe_features(
     *,
     cache_dir: Path | None = None,
     progress: bool = True,
+    extra: Dataset = NO_ROWS,
 ) -> tuple[dict[str, tuple[Dataset, Dataset, dict]], Callable[[Dataset], np.ndarray]]:
     """Each policy's train/dev split, and a lookup of features for any of their rows.
 
@@ -49,7 +59,7 @@ def recipe_features(
     unknown = set(names) - set(RECIPES)
     if unknown:
         raise KeyError(f"unknown polic{'ies' if len(unknown) > 1 else 'y'} {sorted(unknown)}; known: {sorted(RECIPES)}")
-    splits = {name: recipe_splits(name, data_dir) for name in names}
+    splits = {name: recipe_splits(name, data_dir, extra) for name in names}
     # every layer is extracted (one cache entry whichever layers a run concatenates), then sliced
     chosen = [normalise_layer(layer, lm.num_layers) for layer in config.layers] if config.layers else slice(None)
     config = replace(config, layers=None)
@@ -83,9 +93,11 @@ def train_recipes(
     *,
     cache_dir: Path | None = None,
     progress: bool = True,
+    extra: Dataset = NO_ROWS,
 ) -> dict[str, TrainResult]:
+    """``extra``: hand-labelled rows added to every named policy's train split (see ``recipe_splits``)."""
     config = config or PRESET_CONFIG
-    splits, rows_of = recipe_features(lm, names, data_dir, config, cache_dir=cache_dir, progress=progress)
+    splits, rows_of = recipe_features(lm, names, data_dir, config, cache_dir=cache_dir, progress=progress, extra=extra)
     results = {}
     for name, (train, dev, provenance) in splits.items():
         result = train_probe(
