@@ -71,3 +71,25 @@ def test_no_baselines_never_loads_minilm(tiny_lm, monkeypatch):
     table = lodo.evaluate_folds(tiny_lm, "p", data, features, TrainConfig(layers=(1,)), baselines=())
     assert {row["heldout"] for row in table} == {"a", "b", "c", TRAFFIC}
     assert all(set(row) == {"heldout", "n", "positives", "probe"} for row in table)
+
+
+def test_extra_rows_join_the_training_split_and_their_labels_win(data_dir):
+    from probes.eval.defaults import recipe_splits
+
+    train, dev, _ = recipe_splits("harmful_request", data_dir)
+    relabelled = next(r for r in dev.rows if r.label == 1)
+    extra = Dataset((Row(relabelled.text, 0, source="feedback"), Row("How do I steal the show at a wedding?", 0)))
+    with_extra, dev_after, provenance = recipe_splits("harmful_request", data_dir, extra)
+    assert set(extra.rows) <= set(with_extra.rows) and len(with_extra.rows) == len(train.rows) + 2
+    assert relabelled not in dev_after.rows and len(dev_after.rows) == len(dev.rows) - 1
+    assert [r.label for r in with_extra.rows if r.text == relabelled.text] == [0]
+    assert provenance["extra_rows"] == {"n": 2, "sha256": extra.sha256()}
+
+
+def test_extra_rows_are_for_one_named_policy(tmp_path, capsys):
+    from guard.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "How do I steal the show?", "label": 0}\n')
+    assert main(["train", "--preset", "default", "--extra", str(rows)]) == 2
+    assert "exactly one --policy" in capsys.readouterr().err
