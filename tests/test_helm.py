@@ -102,7 +102,7 @@ def test_secrets_inline_and_existing():
     docs = render({"secrets": {"existingSecret": "guard-prod"}})
     assert not [d for d in docs if d["kind"] == "Secret"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in guard_container(docs)["env"] if "valueFrom" in e}
-    names = ("GUARD_API_KEYS", "GUARD_REGISTRY_KEY", "GUARD_REDIS_URL", "GUARD_METRICS_KEY")
+    names = ("GUARD_API_KEYS", "GUARD_REGISTRY_KEY", "GUARD_REDIS_URL", "GUARD_METRICS_KEY", "GUARD_ADMIN_KEY")
     assert refs == dict.fromkeys(names, "guard-prod")
 
 
@@ -118,6 +118,14 @@ def test_a_metrics_key_reaches_guard_and_the_service_monitor():
         "key": "metrics-key",
         "optional": True,
     }
+
+
+def test_capture_settings_and_the_admin_key_reach_guard():
+    docs = render({"secrets": {"adminKey": "a1"}, "guard": {"capture": True, "captureSample": 0.05}})
+    assert one(docs, "Secret")["stringData"] == {"admin-key": "a1"}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in guard_container(docs)["env"]}
+    assert env["GUARD_CAPTURE"] == "true" and env["GUARD_CAPTURE_SAMPLE"] == "0.05"
+    assert env["GUARD_ADMIN_KEY"]["secretKeyRef"]["key"] == "admin-key"
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -169,6 +177,7 @@ def test_monitoring_objects_are_the_deploy_files():
         {"guard": {"port": 0}},
         {"secrets": {"redisUrl": "localhost:6379"}},
         {"app": {"containers": [{"image": "no-name"}]}},
+        {"guard": {"captureSample": 2}},
     ],
 )
 def test_schema_refuses_bad_values(values):

@@ -28,7 +28,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "guard.secretName" -}}
 {{- if .Values.secrets.existingSecret }}
 {{- .Values.secrets.existingSecret }}
-{{- else if or .Values.secrets.apiKeys .Values.secrets.registryKey .Values.secrets.redisUrl .Values.secrets.metricsKey }}
+{{- else if or .Values.secrets.apiKeys .Values.secrets.registryKey .Values.secrets.redisUrl .Values.secrets.metricsKey .Values.secrets.adminKey }}
 {{- include "guard.fullname" . }}
 {{- end }}
 {{- end }}
@@ -56,12 +56,15 @@ env:
   - {name: GUARD_DEFAULT_MAX_TOKENS, value: {{ .Values.guard.defaultMaxTokens | quote }}}
   - {name: GUARD_CONTEXT_WINDOW, value: {{ .Values.guard.contextWindow | quote }}}
   - {name: GUARD_RELOAD_INTERVAL, value: {{ .Values.guard.reloadInterval | quote }}}
+  - {name: GUARD_CAPTURE, value: {{ .Values.guard.capture | quote }}}
+  - {name: GUARD_CAPTURE_REDACT, value: {{ .Values.guard.captureRedact | quote }}}
+  - {name: GUARD_CAPTURE_SAMPLE, value: {{ .Values.guard.captureSample | quote }}}
   {{- if .Values.policies }}
   - {name: GUARD_POLICY_FILE, value: /etc/guard/policies.yaml}
   {{- end }}
   {{- $secret := include "guard.secretName" . }}
   {{- if $secret }}
-  {{- range $var, $key := dict "GUARD_API_KEYS" "api-keys" "GUARD_REGISTRY_KEY" "registry-key" "GUARD_REDIS_URL" "redis-url" "GUARD_METRICS_KEY" "metrics-key" }}
+  {{- range $var, $key := dict "GUARD_API_KEYS" "api-keys" "GUARD_REGISTRY_KEY" "registry-key" "GUARD_REDIS_URL" "redis-url" "GUARD_METRICS_KEY" "metrics-key" "GUARD_ADMIN_KEY" "admin-key" }}
   - name: {{ $var }}
     valueFrom: {secretKeyRef: {name: {{ $secret }}, key: {{ $key }}, optional: true}}
   {{- end }}
