@@ -57,6 +57,8 @@ class ProbeSource:
         return [self._initial(policy) for policy in policies]
 
     def _initial(self, policy: Policy) -> LinearProbe:
+        """The registry's active version; else, when the registry is down or refused it, last-known-good;
+        else the shipped probe or directory (also when the registry answers that it has no version)."""
         try:
             version = self.registry.active(policy.probe)
             if version is not None:
@@ -65,9 +67,14 @@ class ProbeSource:
             log.error("policy %s: registry version refused (%s); trying last-known-good", policy.name, exc)
         except Exception as exc:  # the registry backend is down
             self.down(exc)
+        else:  # the registry answered: it has no version of this probe
+            return self._shipped(policy)
         if self.lkg is not self.registry and self.lkg.active(policy.probe) is not None:
             self.status.degraded = "serving last-known-good probes from the local cache"
             return self.lkg.get(policy.probe).probe(key=self.key, model_fingerprint=self.fingerprint)
+        return self._shipped(policy)
+
+    def _shipped(self, policy: Policy) -> LinearProbe:
         return LinearProbe.load(resolve_probe(policy.probe, self.fingerprint), model_fingerprint=self.fingerprint)
 
     def fetch(self, name: str, version: str, *, active: bool = True) -> LinearProbe:

@@ -111,3 +111,28 @@ def test_cli_round_trip(redis_server, tmp_path, capsys):
     assert "has no version '7'" in capsys.readouterr().err
     assert main(["registry", "--redis-url", "redis://127.0.0.1:1/0", "list"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_a_registry_that_answers_it_has_no_version_means_the_shipped_probe_not_last_known_good(
+    redis_server, tmp_path
+):
+    """Last-known-good stands in for a registry that is down, never for one that answers."""
+    from guard.policy import Policy
+    from guard.reload import ProbeSource
+    from probes.catalog import SHIPPED_DIR
+    from probes.probe import LinearProbe
+    from probes.registry import Stored
+
+    shipped = LinearProbe.load(SHIPPED_DIR / "harmful_request")
+    stale = shipped.with_threshold(0.5)
+    lkg = LocalRegistry(tmp_path / "lkg")
+    arrays, manifest = stale.to_bytes()
+    lkg.put(Stored("harmful_request", "7", arrays, {k: v for k, v in manifest.items() if k != "version"}))
+    lkg.activate("harmful_request", "7")
+    policy = Policy("harmful_request", "harmful_request")
+    registry = RedisRegistry(redis.Redis.from_url(redis_server.url))
+    source = ProbeSource(registry, lkg, shipped.model_fingerprint, None, "redis")
+    assert source.initial([policy])[0].threshold == shipped.threshold  # Redis up and empty
+    redis_server.stop()
+    down = ProbeSource(registry, lkg, shipped.model_fingerprint, None, "redis")
+    assert down.initial([policy])[0].threshold == 0.5 and down.status.degraded  # Redis down
