@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     _train_parser(sub.add_parser("train", parents=[common], help="train a probe (or the default policies)"))
     _eval_parser(sub.add_parser("eval", parents=[common], help="evaluate a probe on labelled data"))
     _explain_parser(sub.add_parser("explain", parents=[common], help="which tokens make a probe score what it does"))
+    _directions_parser(
+        sub.add_parser("directions", parents=[common], help="a behaviour's direction, chosen by its effect")
+    )
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
@@ -326,6 +329,38 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
         rows = {"train": train.rows, "dev": dev.rows, "all": train.rows + dev.rows}[args.split]
     write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
+# -- directions -----------------------------------------------------------------------------------------
+def _directions_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["refusal"], help="the shipped refusal direction, from the data pool")
+    p.add_argument("--out", type=Path, required=True, help="the direction's directory")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_directions)
+
+
+def _directions(args: argparse.Namespace, settings: Settings) -> int:
+    from probes.eval.directions import refusal_preset, select
+
+    if args.preset != "refusal":
+        raise ValueError("give --preset refusal (the one behaviour with a preset)")
+    lm = _model(settings)
+    rows, eliciting, benign, provenance = refusal_preset(settings.data_dir)
+    direction, table = select(
+        lm, "refusal", rows, eliciting, benign, provenance=provenance, progress=not args.no_progress
+    )
+    direction.save(args.out)
+    chosen = direction.manifest["selection"]["chosen"]
+    for c in table:
+        mark = "*" if (c.layer, c.multiple) == (chosen["layer"], chosen["multiple"]) else " "
+        print(
+            f"{mark} layer {c.layer:2d} x{c.multiple:.1f} (strength {c.strength:6.2f}): steered refusal "
+            f"{c.steered:.3f}, benign refusal {c.benign_refusal:.3f}, ablated KL {c.ablated_kl:.4f}"
+        )
+    unsteered = direction.manifest["selection"]["unsteered"]
+    print(f"unsteered: refusal {unsteered['steered']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
+    print(f"refusal: layer {direction.layer}, strength {direction.strength:.2f} -> {args.out}")
     return 0
 
 

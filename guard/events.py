@@ -24,6 +24,7 @@ class Verdict:
     action: str
     detected_at_token: int | None = None  # output stage: index of the first generated token that crossed
     ablated_from_token: int | None = None
+    steered_from_token: int | None = None  # refuse: the first generated token steered (0: the whole reply)
     explanation: Explanation | UnsetType = UNSET  # asked for with the request's ``explain``
 
 

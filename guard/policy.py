@@ -6,10 +6,12 @@ A policy file is YAML or JSON::
       - name: harmful_request
         probe: harmful_request        # shipped policy name, probe directory, or registry reference
         stage: prompt                 # prompt | output | both
-        action: block                 # flag | block | ablate
+        action: block                 # flag | block | ablate | refuse
         threshold: 0.9                # optional: overrides the probe's own threshold
         message: "I can't help with that."   # optional: refusal text for an output block
         ablate_always: false          # ablate: from the first token, not only once the policy fires
+        direction: refusal            # refuse: the direction steered along (shipped name or directory)
+        strength: 24.0                # refuse: optional; default: the direction's recommended strength
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Action(StrEnum):
     FLAG = "flag"
     BLOCK = "block"
     ABLATE = "ablate"
+    REFUSE = "refuse"  # steer along the model's refusal direction: it declines in its own words
 
 
 class PolicyError(ValueError):
@@ -49,6 +52,8 @@ class Policy:
     threshold: float | None = None
     message: str = "This content was filtered by policy."
     ablate_always: bool = False
+    direction: str = "refusal"
+    strength: float | None = None
 
     @property
     def on_prompt(self) -> bool:
@@ -59,7 +64,7 @@ class Policy:
         return self.stage in (Stage.OUTPUT, Stage.BOTH)
 
 
-_FIELDS = {"name", "probe", "stage", "action", "threshold", "message", "ablate_always"}
+_FIELDS = {"name", "probe", "stage", "action", "threshold", "message", "ablate_always", "direction", "strength"}
 
 
 def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
@@ -101,6 +106,13 @@ def _policy(entry: object, where: str) -> Policy:
         raise PolicyError(f"{where}: 'threshold' must be a number between 0 and 1")
     if action is Action.ABLATE and stage is Stage.PROMPT:
         raise PolicyError(f"{where}: action 'ablate' changes generated tokens; its stage must be 'output' or 'both'")
+    if action is not Action.REFUSE and ({"direction", "strength"} & set(entry)):
+        raise PolicyError(f"{where}: 'direction' and 'strength' are for action 'refuse'")
+    strength = entry.get("strength")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)):
+        raise PolicyError(f"{where}: 'strength' must be a number")
+    if not isinstance(entry.get("direction", "refusal"), str) or not entry.get("direction", "refusal"):
+        raise PolicyError(f"{where}: 'direction' must be a non-empty string")
     return Policy(
         name=entry["name"],
         probe=entry["probe"],
@@ -109,4 +121,6 @@ def _policy(entry: object, where: str) -> Policy:
         threshold=float(threshold) if threshold is not None else None,
         message=str(entry.get("message", Policy.message)),
         ablate_always=bool(entry.get("ablate_always", False)),
+        direction=entry.get("direction", "refusal"),
+        strength=float(strength) if strength is not None else None,
     )

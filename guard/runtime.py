@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass
 
 from guard.engine import Engine
-from guard.policy import load_policies
+from guard.policy import Action, load_policies
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
+from probes.catalog import resolve_direction
+from probes.direction import Direction
 from probes.lm.model import load_model
 from probes.registry import LocalRegistry, open_registry, signing_key
 
@@ -53,10 +55,16 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         log.info(
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
+    directions = {
+        p.direction: Direction.load(resolve_direction(p.direction, lm.fingerprint), model_fingerprint=lm.fingerprint)
+        for p in policies
+        if p.action is Action.REFUSE
+    }
     engine = Engine(
         lm,
         policies,
         probes,
+        directions=directions,
         max_batch=settings.max_batch,
         max_waiting=settings.max_waiting,
         threads=settings.threads or None,

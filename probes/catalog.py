@@ -22,22 +22,34 @@ def resolve_probe(reference: str | Path, model_fingerprint: str | None = None) -
     Shipped policies exist per numeric path with its own fingerprint (``shipped/<name>`` for float32
     and bfloat16, ``shipped/int8/<name>``): the one trained on ``model_fingerprint`` wins.
     """
+    shipped = [p for p in sorted(SHIPPED_DIR.glob(f"*/{reference}")) if p.parent.name != "directions"]
+    found = _resolve(reference, model_fingerprint, (SHIPPED_DIR / str(reference), *shipped))
+    if found is None:
+        raise ProbeError(
+            f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
+        )
+    return found
+
+
+def resolve_direction(reference: str | Path, model_fingerprint: str | None = None) -> Path:
+    """A direction directory from a path, or a shipped direction's name (``shipped/[int8/]directions/<name>``)."""
+    shipped = (SHIPPED_DIR / "directions" / str(reference), *sorted(SHIPPED_DIR.glob(f"*/directions/{reference}")))
+    found = _resolve(reference, model_fingerprint, shipped)
+    if found is None:
+        raise ProbeError(f"{reference!r} is neither a direction directory nor a shipped direction")
+    return found
+
+
+def _resolve(reference: str | Path, model_fingerprint: str | None, shipped) -> Path | None:
+    """``reference`` if it is an artifact directory, else the shipped candidate for the model, else any."""
     path = Path(reference)
     if (path / "manifest.json").is_file():
         return path
-    found = [
-        candidate
-        for candidate in (SHIPPED_DIR / str(reference), *sorted(SHIPPED_DIR.glob(f"*/{reference}")))
-        if (candidate / "manifest.json").is_file()
-    ]
+    found = [candidate for candidate in shipped if (candidate / "manifest.json").is_file()]
     for candidate in found:
         if json.loads((candidate / "manifest.json").read_text()).get("model_fingerprint") == model_fingerprint:
             return candidate
-    if found:
-        return found[0]  # loading it with a fingerprint check then says which model it belongs to
-    raise ProbeError(
-        f"{reference!r} is neither a probe directory nor a shipped policy ({', '.join(shipped_names()) or 'none'})"
-    )
+    return found[0] if found else None  # loading it with a fingerprint check then says which model it is for
 
 
 def load_shipped(name: str, *, model_fingerprint: str | None = None) -> LinearProbe:

@@ -12,7 +12,6 @@ class means per layer (violating minus acceptable), in raw residual-stream units
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,15 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from probes import artifact
+from probes.artifact import FORMAT_VERSION, ArtifactError
+
 ARRAYS_FILE = "probe.safetensors"
-MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
 # Manifest keys written from the probe's own fields; on load they are checked and not kept twice.
 _DERIVED_KEYS = {"format", "name", "layers", "pooling", "threshold", "arrays_sha256"}
 
 
-class ProbeError(ValueError):
-    """An artifact that is missing, corrupt, or does not belong to the loaded model."""
+ProbeError = ArtifactError  # a probe artifact that is missing, corrupt, or of another model
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -123,26 +122,12 @@ class LinearProbe:
         return blob, manifest
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        blob, manifest = self.to_bytes()
-        (directory / ARRAYS_FILE).write_bytes(blob)
-        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        return directory
+        return artifact.write(directory, ARRAYS_FILE, *self.to_bytes())
 
     @classmethod
     def from_bytes(cls, blob: bytes, manifest: dict[str, Any], *, model_fingerprint: str | None = None) -> LinearProbe:
         """Rebuild from the arrays file and manifest, checking the checksum and (if given) the model fingerprint."""
-        if hashlib.sha256(blob).hexdigest() != manifest.get("arrays_sha256"):
-            raise ProbeError(f"probe {manifest.get('name')!r}: arrays do not match the manifest's sha256 (corrupt)")
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ProbeError(f"probe {manifest.get('name')!r}: unknown artifact format {manifest.get('format')!r}")
-        expected = manifest.get("model_fingerprint")
-        if model_fingerprint is not None and expected != model_fingerprint:
-            raise ProbeError(
-                f"probe {manifest.get('name')!r} was trained on model {str(expected)[:19]}… but the loaded model is "
-                f"{model_fingerprint[:19]}…: retrain it on this model (guard train --model …)"
-            )
+        artifact.check(blob, manifest, "probe", model_fingerprint)
         arrays = st_load(blob)
         kept = {k: v for k, v in manifest.items() if k not in _DERIVED_KEYS}
         if kept.get("version") == manifest["arrays_sha256"][:12]:
@@ -162,14 +147,7 @@ class LinearProbe:
 
     @classmethod
     def load(cls, directory: str | Path, *, model_fingerprint: str | None = None) -> LinearProbe:
-        directory = Path(directory)
-        try:
-            blob = (directory / ARRAYS_FILE).read_bytes()
-            manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        except FileNotFoundError as exc:
-            raise ProbeError(f"{directory} is not a probe artifact: {exc.filename} is missing") from None
-        except json.JSONDecodeError as exc:
-            raise ProbeError(f"{directory / MANIFEST_FILE}: not valid JSON ({exc.msg})") from None
+        blob, manifest = artifact.read(directory, ARRAYS_FILE, "probe")
         return cls.from_bytes(blob, manifest, model_fingerprint=model_fingerprint)
 
     def with_threshold(self, threshold: float, **manifest_updates: Any) -> LinearProbe:

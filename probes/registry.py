@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from probes.probe import ARRAYS_FILE, MANIFEST_FILE, LinearProbe, ProbeError
+from probes.artifact import MANIFEST_FILE
+from probes.probe import ARRAYS_FILE, LinearProbe, ProbeError
 
 CHANNEL = "guard:registry:changes"
 _PREFIX = "guard:registry"

@@ -550,3 +550,77 @@ def test_a_shadow_version_is_scored_beside_the_active_one_and_never_acts(tiny_lm
     engine.replace_shadow("toy", never)
     engine.replace_shadow("toy", None)
     assert engine.shadows() == {} and asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))[1].shadow == {}
+
+
+def direction_for(lm, layer: int = 2, strength: float = 4.0, seed: int = 5):
+    from probes.direction import Direction
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(lm.num_layers, lm.hidden_size))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms = np.ones(lm.num_layers, np.float32)
+    layers, manifest = tuple(range(lm.num_layers)), {"model_fingerprint": lm.fingerprint}
+    return Direction("refusal", layers, vectors.astype(np.float32), norms, layer, strength, manifest)
+
+
+def steered_reference(lm, req: GenerationRequest, direction, strength: float, first: int) -> str:
+    """Greedy decoding by transformers' own forward, recomputed in full each token, with a hook adding the
+    steering at the direction's layer from position ``first`` on."""
+    from probes.lm.hooks import hooks, layer_output, replace_output
+
+    vector = torch.tensor(direction.vector(direction.layer))
+
+    def add(module, args, output):
+        hidden = layer_output(output).clone()
+        hidden[:, first:] += strength * vector
+        return replace_output(output, hidden)
+
+    ids = list(req.prompt_ids)
+    with torch.inference_mode(), hooks(lm.model, {direction.layer: add}, layer_path=lm.layer_path):
+        for _ in range(req.sampling.max_tokens):
+            token = int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            if token == lm.tokenizer.eos_token_id:
+                break
+            ids.append(token)
+    return lm.tokenizer.decode(ids[len(req.prompt_ids) :])
+
+
+@pytest.mark.parametrize("path", ["lean-step", "transformers"])
+def test_refuse_on_the_prompt_steers_from_the_first_token_and_shares_the_batch(tiny_lm, engine_for, path):
+    direction = direction_for(tiny_lm)
+    refuse = Policy("toy", "toy", Stage.PROMPT, Action.REFUSE, threshold=0.0, direction="refusal")
+    engine = engine_for(
+        [refuse], [probe_for(tiny_lm)], fast_decode=path != "transformers", directions={"refusal": direction}
+    )
+    steered = request(tiny_lm, PROMPTS[2], 12)
+    text, done, events = asyncio.run(run(engine, steered))
+    verdict = events[0].verdicts["toy"]
+    assert verdict.action == "refuse" and verdict.filtered and verdict.steered_from_token == 0
+    assert done.reason in {"stop", "length"} and not events[0].blocked  # the reply is the model's own
+    assert text == steered_reference(tiny_lm, steered, direction, direction.strength, len(steered.prompt_ids) - 1)
+    assert text != steered_reference(tiny_lm, steered, direction, 0.0, 0)  # the steering changed the reply
+    # batched with rows that are not steered (their policy subset has no refuse), each reply is the one alone
+    plain = [replace(request(tiny_lm, p, 12), policies=frozenset()) for p in PROMPTS]
+
+    async def together():
+        return await asyncio.gather(run(engine, steered), *(run(engine, r, delay=0.01) for r in plain))
+
+    outcomes = asyncio.run(together())
+    assert outcomes[0][0] == text
+    for r, outcome in zip(plain, outcomes[1:], strict=True):
+        assert outcome[0] == steered_reference(tiny_lm, r, direction, 0.0, 0)
+
+
+def test_refuse_on_the_output_recomputes_the_crossing_token_under_steering(tiny_lm, engine_for):
+    direction = direction_for(tiny_lm)
+    flag = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.0)
+    refuse = Policy("toy", "toy", Stage.OUTPUT, Action.REFUSE, threshold=0.0, strength=6.0)
+    flagged = asyncio.run(run(engine_for([flag], [probe_for(tiny_lm)]), request(tiny_lm, PROMPTS[1], 12)))
+    engine = engine_for([refuse], [probe_for(tiny_lm)], directions={"refusal": direction})
+    req = request(tiny_lm, PROMPTS[1], 12)
+    text, done, _ = asyncio.run(run(engine, req))
+    verdict = done.verdicts["toy"]
+    assert verdict.filtered and verdict.steered_from_token == 0 and verdict.action == "refuse"
+    assert text == steered_reference(tiny_lm, req, direction, 6.0, len(req.prompt_ids) - 1) != flagged[0]
+    with pytest.raises(ValueError, match="not loaded"):
+        Engine(tiny_lm, [refuse], [probe_for(tiny_lm)])

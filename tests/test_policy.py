@@ -44,6 +44,14 @@ def test_json_and_yaml(tmp_path):
     assert policy.on_prompt and policy.on_output
 
 
+def test_refuse_defaults_to_the_shipped_refusal_direction(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policies: [{name: a, probe: b, action: refuse}, {name: c, probe: d, action: refuse, strength: 9}]")
+    first, second = load_policies(path)
+    assert first.action is Action.REFUSE and first.direction == "refusal" and first.strength is None
+    assert second.strength == 9.0
+
+
 @pytest.mark.parametrize(
     ("document", "message"),
     [
@@ -55,6 +63,9 @@ def test_json_and_yaml(tmp_path):
         ("policies: [{name: a, probe: b, colour: red}]", "unknown field"),
         ("policies: [{name: a, probe: b, action: ablate}]", "stage must be 'output' or 'both'"),
         ("policies: [{name: a, probe: b}, {name: a, probe: c}]", "unique"),
+        ("policies: [{name: a, probe: b, action: block, strength: 3}]", "are for action 'refuse'"),
+        ("policies: [{name: a, probe: b, action: refuse, strength: strong}]", "'strength' must be a number"),
+        ("policies: [{name: a, probe: b, action: refuse, direction: ''}]", "'direction' must be a non-empty"),
         ("policies: [", "not valid YAML"),
     ],
 )

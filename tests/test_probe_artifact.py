@@ -3,8 +3,9 @@ import json
 import numpy as np
 import pytest
 
+from probes.artifact import MANIFEST_FILE
 from probes.metrics import binary_metrics, threshold_for_fpr
-from probes.probe import ARRAYS_FILE, MANIFEST_FILE, LinearProbe, ProbeError
+from probes.probe import ARRAYS_FILE, LinearProbe, ProbeError
 
 
 def make_probe(layers=(3, 7), d=8, seed=0) -> LinearProbe:
@@ -108,3 +109,26 @@ def test_binary_metrics_known_values():
     assert m["n"] == 4 and m["n_positive"] == 2
     single = binary_metrics([1, 1], [0.2, 0.9], threshold=0.5)
     assert single["auroc"] is None and single["tpr_at_threshold"] == 0.5
+
+
+def test_a_direction_round_trips_and_refuses_corruption_and_another_model(tmp_path):
+    from probes.artifact import ArtifactError
+    from probes.direction import ARRAYS_FILE as DIRECTION_FILE
+    from probes.direction import Direction, from_means
+
+    rng = np.random.default_rng(0)
+    positive, negative = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    made = from_means("refusal", positive, negative, layer=1, strength=2.5, model_fingerprint="sha256:abc")
+    assert np.allclose(np.linalg.norm(made.vectors, axis=1), 1.0)
+    assert np.allclose(made.norms, np.linalg.norm(positive - negative, axis=1), rtol=1e-6)
+    made.save(tmp_path / "d")
+    loaded = Direction.load(tmp_path / "d", model_fingerprint="sha256:abc")
+    assert loaded.layer == 1 and loaded.strength == 2.5 and np.array_equal(loaded.vectors, made.vectors)
+    assert loaded.version == made.version
+    with pytest.raises(ArtifactError, match="retrain it on this model"):
+        Direction.load(tmp_path / "d", model_fingerprint="sha256:other")
+    blob = bytearray((tmp_path / "d" / DIRECTION_FILE).read_bytes())
+    blob[-1] ^= 1
+    (tmp_path / "d" / DIRECTION_FILE).write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="corrupt"):
+        Direction.load(tmp_path / "d")

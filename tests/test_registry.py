@@ -113,9 +113,7 @@ def test_cli_round_trip(redis_server, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_a_registry_that_answers_it_has_no_version_means_the_shipped_probe_not_last_known_good(
-    redis_server, tmp_path
-):
+def test_a_registry_that_answers_it_has_no_version_means_the_shipped_probe_not_last_known_good(redis_server, tmp_path):
     """Last-known-good stands in for a registry that is down, never for one that answers."""
     from guard.policy import Policy
     from guard.reload import ProbeSource

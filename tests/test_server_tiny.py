@@ -38,6 +38,14 @@ def test_api_keys(keyed, tiny_model_dir):
     assert httpx.get(keyed.url + "/healthz").status_code == 200  # probes stay open for the kubelet
 
 
+def failed_readiness(server: Server) -> httpx.Response:
+    """``/readyz`` once the server is no longer loading (within a minute)."""
+    deadline = time.monotonic() + 60
+    while httpx.get(server.url + "/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return httpx.get(server.url + "/readyz")
+
+
 def test_failed_load_is_503_not_a_crash(setup, tmp_path):
     _directory, policy_file, env = setup
     other = make_tiny_model(tmp_path / "other", seed=3)  # the probe's fingerprint does not match this model
@@ -45,10 +53,7 @@ def test_failed_load_is_503_not_a_crash(setup, tmp_path):
         "--model", str(other), "--policy-file", str(policy_file), env=env, log=tmp_path / "failed.log", ready=False
     )
     try:
-        deadline = time.monotonic() + 60
-        while httpx.get(server.url + "/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        ready = httpx.get(server.url + "/readyz")
+        ready = failed_readiness(server)
         assert ready.status_code == 503 and "retrain it on this model" in ready.json()["error"]
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.InternalServerError) as caught:
@@ -140,3 +145,37 @@ def test_verdicts_carry_explanations_only_when_asked(keyed, tiny_model_dir):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**ask, extra_body={"guard": {"explain": "yes"}})
     assert caught.value.status_code == 400 and "guard.explain" in str(caught.value.body)
+
+
+def test_a_refuse_policy_served_steers_and_says_so(setup, tiny_lm, tiny_model_dir, tmp_path):
+    from test_engine import direction_for, probe_for
+
+    env = setup[2]
+    probe_for(tiny_lm).save(tmp_path / "probe")
+    direction_for(tiny_lm).save(tmp_path / "direction")
+    refuse = {"name": "toy", "probe": str(tmp_path / "probe"), "action": "refuse", "threshold": 0.0}
+    policies = tmp_path / "policies.json"
+    policies.write_text(json.dumps({"policies": [{**refuse, "direction": str(tmp_path / "direction")}]}))
+    server = Server("--model", str(tiny_model_dir), "--policy-file", str(policies), env=env, log=tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        ask = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        reply = client.chat.completions.create(**ask)
+        verdict = reply.model_extra["prompt_filter_results"][0]["content_filter_results"]["toy"]
+        assert verdict["action"] == "refuse" and verdict["filtered"] and verdict["steered_from_token"] == 0
+        assert reply.choices[0].finish_reason in {"stop", "length"}  # the reply is the model's own
+    finally:
+        server.stop()
+    policies.write_text(json.dumps({"policies": [{**refuse, "direction": str(tmp_path / "nowhere")}]}))
+    failed = Server(
+        "--model", str(tiny_model_dir), "--policy-file", str(policies), env=env, log=tmp_path / "log2", ready=False
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(failed.url + "/readyz").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (
+            "neither a direction directory nor a shipped direction" in httpx.get(failed.url + "/readyz").json()["error"]
+        )
+    finally:
+        failed.stop()

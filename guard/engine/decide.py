@@ -2,7 +2,9 @@
 
 A policy *crosses* when it is checked (the request's and the stage's) and its score exceeds its
 threshold. What a crossing does is the policy's action: ``block`` ends the reply with
-``content_filter``, ``ablate`` projects the policy's direction out from then on, ``flag`` only reports.
+``content_filter``, ``ablate`` projects the policy's direction out from then on, ``refuse`` steers
+along the refusal direction from then on (so the model declines in its own words), ``flag`` only
+reports.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Decision:
     crossed: torch.Tensor
     blocking: torch.Tensor
     ablating: torch.Tensor
+    refusing: torch.Tensor
 
 
 class Decider:
@@ -33,13 +36,14 @@ class Decider:
         self.policies = tuple(policies)
         self.blocks = torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool)
         self.ablates = torch.tensor([p.action is Action.ABLATE for p in policies], dtype=torch.bool)
+        self.refuses = torch.tensor([p.action is Action.REFUSE for p in policies], dtype=torch.bool)
         self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
         self.on_output = torch.tensor([p.on_output for p in policies], dtype=torch.bool)
 
     def decide(self, scores: torch.Tensor, thresholds: torch.Tensor, checked: torch.Tensor) -> Decision:
         """``scores`` and ``checked`` ``[..., n_policies]``: the policies that cross, and what their actions are."""
         crossed = checked & (scores > thresholds)
-        return Decision(crossed, crossed & self.blocks, crossed & self.ablates)
+        return Decision(crossed, crossed & self.blocks, crossed & self.ablates, crossed & self.refuses)
 
     def message(self, blocking: torch.Tensor) -> str | None:
         """The refusal text of the first blocking policy of one row, if any blocks."""
@@ -55,9 +59,12 @@ class Decider:
         detected_at: Mapping[str, int] | None = None,
         ablated_from: Mapping[str, int] | None = None,
         explanations: Mapping[str, Explanation] | None = None,
+        steered_from: Mapping[str, int] | None = None,
     ) -> dict[str, Verdict]:
-        """One row's verdict for every checked policy; ``detected_at``, ``ablated_from``: token indices (output)."""
+        """One row's verdict for every checked policy; ``detected_at``, ``ablated_from``, ``steered_from``: token
+        indices."""
         detected_at, ablated_from, explanations = detected_at or {}, ablated_from or {}, explanations or {}
+        steered_from = steered_from or {}
         out = {}
         for i, policy in enumerate(self.policies):
             if not checked[i]:
@@ -71,6 +78,7 @@ class Decider:
                 action=policy.action.value,
                 detected_at_token=detected_at.get(policy.name),
                 ablated_from_token=ablated_from.get(policy.name),
+                steered_from_token=steered_from.get(policy.name),
                 **({"explanation": explanations[policy.name]} if policy.name in explanations else {}),
             )
         return out

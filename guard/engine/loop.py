@@ -11,6 +11,10 @@ one-token delay and no extra pass. What a crossing does is decided in ``guard.en
 - ``ablate``: the policy's direction is projected out for the rest of the generation, and the step
   that produced the offending token is recomputed under ablation, so the token sent comes from the
   ablated pass.
+- ``refuse``: the row is steered along the refusal direction for the rest of the generation, so the
+  model declines in its own words. On the prompt stage the prompt's last token is recomputed under
+  steering, so the first token is steered too; on the output stage the offending token is recomputed,
+  as for an ablation.
 - ``flag``: recorded in the verdicts, the text is untouched.
 
 Hidden states reach the loop by one route, the step's layer callback (``guard.engine.tap``), on every
@@ -25,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,10 +44,12 @@ from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
 from guard.engine.tap import LayerTap
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
+from guard.interventions import Steering
 from guard.policy import Action, Policy
 from guard.sampling import sample
 from guard.scoring import ProbeBank, ProbeSet, Shadow
 from guard.textstream import TextStream
+from probes.direction import Direction
 from probes.lm.model import LoadedModel
 from probes.lm.prefix import PrefixCache
 from probes.lm.step import Segment
@@ -76,7 +82,9 @@ class Engine:
         max_waiting: int = 64,
         threads: int | None = None,
         fast_decode: bool = True,
+        directions: Mapping[str, Direction] | None = None,
     ) -> None:
+        """``directions``: by name, the directions ``refuse`` policies steer along."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
@@ -84,6 +92,15 @@ class Engine:
         self.probes = ProbeSet.build(policies, probes)
         self.decider = Decider(policies)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
+        refusing = [p for p in policies if p.action is Action.REFUSE]
+        missing = sorted({p.direction for p in refusing} - set(directions or {}))
+        if missing:
+            raise ValueError(f"refuse policies steer along directions that were not loaded: {missing}")
+        self.steering = Steering([directions[p.direction] for p in refusing])
+        self.steer_index = {p.name: i for i, p in enumerate(refusing)}
+        self.strengths = torch.tensor(
+            [p.strength if p.strength is not None else directions[p.direction].strength for p in refusing]
+        )
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
@@ -135,6 +152,7 @@ class Engine:
             sums=torch.zeros(n),
             score=torch.zeros(n),
             crossed=torch.zeros(n, dtype=torch.bool),
+            steering=torch.zeros(self.steering.count),
             shadow_sums=torch.zeros(shadowed),
             shadow_score=torch.zeros(shadowed),
             shadow_crossed=torch.zeros(shadowed, dtype=torch.bool),
@@ -257,7 +275,7 @@ class Engine:
                 kept.append(i)
         self._batch.keep(kept + rework)
         for reply in [rows[i] for i in rework]:
-            self._isolated(reply, "generation", self._recompute_under_ablation, reply)
+            self._isolated(reply, "generation", self._recompute, reply, 2)
 
     def _leaves_before_step(self, reply: Reply) -> bool:
         if reply.handle.cancelled:
@@ -274,6 +292,12 @@ class Engine:
         prefill, else one each); ``None`` without policies, when the model runs exactly as without guard."""
         if not self.policies:
             return None
+        steered = None
+        if self.steering.count and any(bool(row.steering.any()) for row in rows):
+            strengths = torch.stack([row.steering for row in rows])
+            if tokens is not None:
+                strengths = strengths.repeat_interleave(torch.tensor(tokens), 0)
+            steered = (self.steering, strengths)
         ablations, keep = [], set()
         for probes, index in _groups(rows):
             keep.update(probes.layers)
@@ -284,7 +308,7 @@ class Engine:
                     mask = mask.repeat_interleave(torch.tensor(tokens), 0)
                 if bool(mask.any()):
                     ablations.append((probes.ablation, mask))
-        return LayerTap(ablations, keep)
+        return LayerTap(ablations, keep, steered)
 
     def _prefill_pass(self) -> None:
         """One pass over the next chunks of the prompts being prefilled; those it completes are checked and join
@@ -315,9 +339,12 @@ class Engine:
                 self._prefilling.remove(work)
             elif work.finished:
                 self._prefilling.remove(work)
-                if self._isolated(work.reply, "prefill", self._check_prompt, work):
+                outcome = self._isolated(work.reply, "prefill", self._check_prompt, work)
+                if outcome in ("sampled", "steered"):
                     ids = work.reply.request.prompt_ids
                     self._batch.join(work.reply, work.lanes[-1].cache, len(ids))
+                if outcome == "steered":  # the first token comes from the last prompt token's pass, steered
+                    self._isolated(work.reply, "prefill", self._recompute, work.reply, 1)
 
     def _absorb(self, work: PromptWork, chunks: list[tuple[int, Chunk]], tap: LayerTap | None, logits) -> bool:
         """What a pass gave one prompt: the scored tokens' contributions, how far each lane got, its logits."""
@@ -365,11 +392,13 @@ class Engine:
         self._report("decode_step", seconds)
         self.step_seconds = _moving(self.step_seconds, seconds)
 
-    def _recompute_under_ablation(self, reply: Reply) -> bool:
-        """Redo the pass that chose the offending token, with this row's ablation on, and re-join the batch.
+    def _recompute(self, reply: Reply, drop: int) -> bool:
+        """Redo the pass that chose the pending token (feeding ``previous``), with this row's interventions as
+        they are now, and re-join the batch. ``drop``: cached tokens to forget, 2 after a decode step (the
+        previous and the pending token), 1 after the prompt (its last token).
 
         Only this row's: it leaves the batch first, so a failure here is its own."""
-        cache, length = self._batch.take_out(reply, drop_last=2)
+        cache, length = self._batch.take_out(reply, drop_last=drop)
         ids, positions = torch.tensor([[reply.previous]]), torch.tensor([[reply.position - 1]])
         logits = self.step(ids, positions, cache, None, self._tap([reply]))
         reply.pending = sample(logits[0], reply.request.sampling, reply.generator)
@@ -377,10 +406,11 @@ class Engine:
         return True
 
     # -- the engine thread: checks and replies ---------------------------------------------------------
-    def _check_prompt(self, work: PromptWork) -> bool:
-        """Prompt-stage verdicts from the span's per-token contributions; then block, or sample the first token.
+    def _check_prompt(self, work: PromptWork) -> str:
+        """Prompt-stage verdicts from the span's per-token contributions; then block, steer or sample.
 
-        True when the reply goes on to the batch."""
+        ``blocked``, ``sampled`` (the first token), or ``steered``: a refuse policy crossed, and the first
+        token is to come from the prompt's last pass redone under steering."""
         reply, logits = work.reply, work.logits
         bank = reply.probes.bank
         scores = bank.scores(_pooled(torch.cat(work.parts), reply.probes.mean_pooled))
@@ -390,22 +420,31 @@ class Engine:
         if reply.request.explain and work.terms:
             ids = (reply.request.score_ids or reply.request.prompt_ids)[work.span[0] : work.span[1]]
             explained = explanations(reply.probes, checked, torch.cat(work.terms), ids, self.lm.tokenizer)
-        verdicts = self.decider.verdicts(scores, checked, decision.crossed, bank.versions, explanations=explained)
-        message = self.decider.message(decision.blocking)
         blocked = bool(decision.blocking.any())
-        shadow = reply.probes.shadow
-        shadowed = {}
-        if shadow is not None and work.shadow_parts:
-            shadow_scores = shadow.bank.scores(_pooled(torch.cat(work.shadow_parts), shadow.mean_pooled))
-            shadowed = _shadowed(shadow, shadow_scores, shadow_scores > shadow.bank.thresholds, checked)
-        reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, shadowed))
+        refused = [] if blocked else self._steer(reply, decision.refusing, 0)
+        verdicts = self.decider.verdicts(
+            scores, checked, decision.crossed, bank.versions, explanations=explained, steered_from=reply.steered_from
+        )
+        message = self.decider.message(decision.blocking)
+        reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, _prompt_shadow(work, checked)))
         if blocked:
             self._finish(reply, "content_filter")
-            return False
+            return "blocked"
         ids = reply.request.prompt_ids
         reply.previous, reply.position = ids[-1], len(ids)
+        if refused:
+            return "steered"
         reply.pending = sample(logits, reply.request.sampling, reply.generator)
-        return True
+        return "sampled"
+
+    def _steer(self, reply: Reply, refusing: torch.Tensor, token: int) -> list[str]:
+        """Steer the row along the refusal direction of each newly crossed ``refuse`` policy, from ``token``."""
+        fired = [self.policies[i].name for i in refusing.nonzero().flatten().tolist()]
+        fired = [name for name in fired if name not in reply.steered_from]
+        for name in fired:
+            reply.steered_from[name] = token
+            reply.steering[self.steer_index[name]] = self.strengths[self.steer_index[name]]
+        return fired
 
     def _check_tokens(self, rows: list[Reply], tap: LayerTap | None) -> list[str]:
         """Score every row's pending token: ``emit`` it, ``rework`` it under a newly fired ablation, or ``blocked``.
@@ -457,11 +496,11 @@ class Engine:
             return "blocked"
         fired = [self.policies[i].name for i in decision.ablating[row].nonzero().flatten().tolist()]
         fired = [name for name in fired if name not in reply.ablated_from]
-        if fired:  # the token is recomputed under ablation: its scores do not count
-            for name in fired:
-                reply.ablated_from[name] = reply.completion_tokens
-                reply.ablating[self.ablate_index[name]] = 1.0
-            return "rework"
+        for name in fired:
+            reply.ablated_from[name] = reply.completion_tokens
+            reply.ablating[self.ablate_index[name]] = 1.0
+        if self._steer(reply, decision.refusing[row], reply.completion_tokens) or fired:
+            return "rework"  # the token is recomputed under the new intervention: its scores do not count
         _accept(reply, scored)
         return "emit"
 
@@ -514,6 +553,7 @@ class Engine:
                 reply.detected_at,
                 reply.ablated_from,
                 explained,
+                reply.steered_from,
             )
             if reply.probes.shadow is not None:
                 shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)
@@ -562,6 +602,15 @@ def _running(
     contributions = _contributions(bank, tap, rows)
     total = torch.stack(sums) + contributions
     return total, bank.scores(torch.where(mean_pooled, total / tokens, contributions))
+
+
+def _prompt_shadow(work: PromptWork, checked: torch.Tensor) -> dict[str, Shadowed]:
+    """The shadow versions' prompt-stage verdicts, from the contributions the prefill kept for them."""
+    shadow = work.reply.probes.shadow
+    if shadow is None or not work.shadow_parts:
+        return {}
+    scores = shadow.bank.scores(_pooled(torch.cat(work.shadow_parts), shadow.mean_pooled))
+    return _shadowed(shadow, scores, scores > shadow.bank.thresholds, checked)
 
 
 def _shadowed(

@@ -23,6 +23,7 @@ class Reply:
     sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
+    steering: torch.Tensor  # [n_steered]: this row's strength along each refuse policy's direction
     shadow_sums: torch.Tensor  # [n_shadowed]: the same three for the probe set's shadow versions
     shadow_score: torch.Tensor
     shadow_crossed: torch.Tensor
@@ -33,6 +34,7 @@ class Reply:
     submitted: float = field(default_factory=time.perf_counter)
     ablated_from: dict[str, int] = field(default_factory=dict)
     detected_at: dict[str, int] = field(default_factory=dict)
+    steered_from: dict[str, int] = field(default_factory=dict)
     # explained: each scored token that counted and its contributions per layer ``[layers, n_policies]``
     trace: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 

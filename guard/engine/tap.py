@@ -12,13 +12,19 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from guard.interventions import Ablation
+from guard.interventions import Ablation, Steering
 
 
 class LayerTap:
-    def __init__(self, ablations: Sequence[tuple[Ablation, torch.Tensor]], keep: Collection[int]) -> None:
-        """``ablations``: each probe set's directions and its mask ``[tokens, n_directions]`` for the pass's rows."""
-        self.ablations, self.keep = ablations, keep
+    def __init__(
+        self,
+        ablations: Sequence[tuple[Ablation, torch.Tensor]],
+        keep: Collection[int],
+        steering: tuple[Steering, torch.Tensor] | None = None,
+    ) -> None:
+        """``ablations``: each probe set's directions and its mask ``[tokens, n_directions]`` for the pass's rows;
+        ``steering``: the steered directions and their strengths ``[tokens, n_directions]``."""
+        self.ablations, self.keep, self.steering = ablations, keep, steering
         self._parts: dict[int, list[torch.Tensor]] = {}
         self._rows: dict[int, int] = {}  # per layer: rows seen so far in this pass
 
@@ -27,6 +33,9 @@ class LayerTap:
         self._rows[layer] = start + hidden.shape[0]
         for ablation, mask in self.ablations:
             hidden = ablation.apply(layer, hidden, mask[start : start + hidden.shape[0]])
+        if self.steering is not None:
+            steering, strengths = self.steering
+            hidden = steering.apply(layer, hidden, strengths[start : start + hidden.shape[0]])
         if layer in self.keep:
             self._parts.setdefault(layer, []).append(hidden)
         return hidden
