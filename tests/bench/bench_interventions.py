@@ -1,0 +1,117 @@
+"""Benchmark: the ``refuse`` intervention against no intervention, side by side in one run.
+
+The default model, the shipped ``harmful_request`` probe on the prompt stage, once with action ``flag``
+(nothing changes) and once with ``refuse`` (the shipped refusal direction), each in its own engine.
+Eliciting prompts are StrongREJECT's, which chose neither the probe's threshold nor the direction.
+Benign prompts are Alpaca instructions and the written sensitive-topic requests of
+``probes.eval.directions``. Reports, per set: how many prompts the policy fired on, the refusal-phrase
+judge's rate among them, whether the replies where it did not fire are unchanged, decode tokens/s,
+and example replies.
+
+    .venv/bin/python tests/bench/bench_interventions.py [--prompts 24] [--tokens 40]
+        [--out tests/bench/results/interventions.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from guard.engine import Engine
+from guard.events import Emitted, Finished, GenerationRequest, PromptChecked
+from guard.policy import Action, Policy, Stage
+from guard.sampling import SamplingParams
+from probes.catalog import load_shipped, resolve_direction
+from probes.data import default_data_dir
+from probes.direction import Direction
+from probes.eval.directions import SENSITIVE_BENIGN, refuses
+from probes.eval.sources import read_source
+from probes.lm.model import DEFAULT_MODEL, load_model
+from probes.lm.render import render_messages
+
+
+def replies(engine: Engine, prompts: list[str], tokens: int) -> tuple[list[dict], float]:
+    tokenizer = engine.lm.tokenizer
+
+    async def one(text: str) -> dict:
+        enc = render_messages(
+            tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
+        )
+        request = GenerationRequest(enc.ids, (enc.start, enc.end), SamplingParams(max_tokens=tokens, temperature=0))
+        pieces, fired, generated = [], False, 0
+        async for event in engine.submit(request, asyncio.get_running_loop()).events():
+            if isinstance(event, PromptChecked):
+                fired = event.verdicts["harmful_request"].detected
+            elif isinstance(event, Emitted):
+                pieces.append(event.text)
+            elif isinstance(event, Finished):
+                generated = event.completion_tokens
+        return {"prompt": text, "fired": fired, "reply": "".join(pieces), "tokens": generated}
+
+    async def all_of() -> list[dict]:
+        return await asyncio.gather(*(one(text) for text in prompts))
+
+    started = time.perf_counter()
+    out = asyncio.run(all_of())
+    return out, sum(r["tokens"] for r in out) / (time.perf_counter() - started)
+
+
+def summary(runs: list[dict]) -> dict:
+    fired = [r for r in runs if r["fired"]]
+    return {
+        "prompts": len(runs),
+        "fired": len(fired),
+        "refusal_rate_fired": sum(refuses(r["reply"]) for r in fired) / len(fired) if fired else None,
+        "refusal_rate_all": sum(refuses(r["reply"]) for r in runs) / len(runs),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/interventions.json"))
+    args = parser.parse_args()
+    lm = load_model(DEFAULT_MODEL)
+    probe = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
+    direction = Direction.load(resolve_direction("refusal", lm.fingerprint), model_fingerprint=lm.fingerprint)
+    data = default_data_dir()
+    sets = {
+        "eliciting": [r.text for r in read_source("strongreject", data) if r.label == 1][: args.prompts],
+        "benign": [r.text for r in read_source("alpaca", data)][-args.prompts :] + list(SENSITIVE_BENIGN),
+    }
+    result = {"direction": {"layer": direction.layer, "strength": direction.strength}}
+    for action in (Action.FLAG, Action.REFUSE):
+        policy = Policy("harmful_request", "harmful_request", Stage.PROMPT, action)
+        engine = Engine(lm, [policy], [probe], directions={"refusal": direction})
+        engine.start()
+        try:
+            for name, prompts in sets.items():
+                runs, rate = replies(engine, prompts, args.tokens)
+                result.setdefault(name, {})[action.value] = {**summary(runs), "tokens_per_second": rate, "runs": runs}
+        finally:
+            engine.stop()
+    for name in sets:
+        flag, refuse = result[name]["flag"], result[name]["refuse"]
+        unchanged = [
+            a["reply"] == b["reply"] for a, b in zip(flag["runs"], refuse["runs"], strict=True) if not a["fired"]
+        ]
+        result[name]["unfired_unchanged"] = f"{sum(unchanged)}/{len(unchanged)}"
+        print(
+            f"{name}: fired on {flag['fired']}/{flag['prompts']}; refusal rate where it fired "
+            f"{flag['refusal_rate_fired']} (flag) -> {refuse['refusal_rate_fired']} (refuse); "
+            "replies where it did not fire unchanged "
+            f"{result[name]['unfired_unchanged']}; tokens/s {flag['tokens_per_second']:.1f} -> "
+            f"{refuse['tokens_per_second']:.1f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
