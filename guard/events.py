@@ -47,6 +47,7 @@ class GenerationRequest:
     # prompt rendered as a user message), and ``prompt_span`` indexes those instead of ``prompt_ids``.
     score_ids: tuple[int, ...] | None = None
     explain: bool = False  # verdicts carry their top contributing tokens
+    steer: dict[str, float] = field(default_factory=dict)  # dial name -> strength, the whole sequence
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ A policy file is YAML or JSON::
         ablate_always: false          # ablate: from the first token, not only once the policy fires
         direction: refusal            # refuse: the direction steered along (shipped name or directory)
         strength: 24.0                # refuse: optional; default: the direction's recommended strength
+    dials:                            # optional: directions a request may steer along, within bounds
+      - name: refusal
+        direction: refusal
+        min: -120
+        max: 120
+
+A request turns a dial with ``"guard": {"steer": {"refusal": 40}}``: every position of its prompt and
+reply is steered by that strength along the dial's direction at the direction's layer.
 """
 
 from __future__ import annotations
@@ -67,16 +75,53 @@ class Policy:
 _FIELDS = {"name", "probe", "stage", "action", "threshold", "message", "ablate_always", "direction", "strength"}
 
 
-def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
+@dataclass(frozen=True)
+class Dial:
+    name: str
+    direction: str
+    low: float
+    high: float
+
+
+def load_dials(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Dial, ...]:
+    """The policy file's ``dials``: what requests may steer along, and how far (none when absent)."""
+    document, path = _document(path), Path(path)
+    entries = document.get("dials", []) if isinstance(document, dict) else []
+    if not isinstance(entries, list):
+        raise PolicyError(f"{path}: 'dials' must be a list")
+    dials = tuple(_dial(entry, f"{path}: dials[{i}]") for i, entry in enumerate(entries))
+    if len({d.name for d in dials}) != len(dials):
+        raise PolicyError(f"{path}: dial names must be unique")
+    return dials
+
+
+def _dial(entry: object, where: str) -> Dial:
+    if not isinstance(entry, dict) or set(entry) - {"name", "direction", "min", "max"}:
+        raise PolicyError(f"{where}: expected a mapping of name, direction, min and max")
+    name, direction = entry.get("name"), entry.get("direction", entry.get("name"))
+    low, high = entry.get("min"), entry.get("max")
+    if not isinstance(name, str) or not name or not isinstance(direction, str) or not direction:
+        raise PolicyError(f"{where}: 'name' (and 'direction') must be non-empty strings")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or not low < high:
+        raise PolicyError(f"{where}: 'min' and 'max' must be numbers with min < max")
+    return Dial(name, direction, float(low), float(high))
+
+
+def _document(path: str | Path) -> object:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file ({exc.strerror})") from None
     try:
-        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
+
+
+def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
+    path = Path(path)
+    document = _document(path)
     entries = document.get("policies") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise PolicyError(f"{path}: expected a 'policies' list (an empty list serves the model unguarded)")

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from guard.engine import Engine
-from guard.policy import Action, load_policies
+from guard.policy import Action, load_dials, load_policies
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
 from probes.catalog import resolve_direction
@@ -55,16 +55,18 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         log.info(
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
+    dials = load_dials(settings.policy_file)
+    names = {p.direction for p in policies if p.action is Action.REFUSE} | {d.direction for d in dials}
     directions = {
-        p.direction: Direction.load(resolve_direction(p.direction, lm.fingerprint), model_fingerprint=lm.fingerprint)
-        for p in policies
-        if p.action is Action.REFUSE
+        name: Direction.load(resolve_direction(name, lm.fingerprint), model_fingerprint=lm.fingerprint)
+        for name in names
     }
     engine = Engine(
         lm,
         policies,
         probes,
         directions=directions,
+        dials=dials,
         max_batch=settings.max_batch,
         max_waiting=settings.max_waiting,
         threads=settings.threads or None,

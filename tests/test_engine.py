@@ -624,3 +624,23 @@ def test_refuse_on_the_output_recomputes_the_crossing_token_under_steering(tiny_
     assert text == steered_reference(tiny_lm, req, direction, 6.0, len(req.prompt_ids) - 1) != flagged[0]
     with pytest.raises(ValueError, match="not loaded"):
         Engine(tiny_lm, [refuse], [probe_for(tiny_lm)])
+
+
+def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for):
+    from guard.policy import Dial
+
+    direction = direction_for(tiny_lm)
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG, threshold=1.0)
+    engine = engine_for(
+        [policy], [probe_for(tiny_lm)], directions={"refusal": direction}, dials=[Dial("refusal", "refusal", -9, 9)]
+    )
+    turned = replace(request(tiny_lm, PROMPTS[0], 12), steer={"refusal": 3.0})
+    plain = request(tiny_lm, PROMPTS[3], 12)
+
+    async def together():
+        return await asyncio.gather(run(engine, turned), run(engine, plain, delay=0.01))
+
+    (text, _, _), (other, _, _) = asyncio.run(together())
+    assert text == steered_reference(tiny_lm, turned, direction, 3.0, 0)  # every position, the prompt's too
+    assert text != steered_reference(tiny_lm, turned, direction, 0.0, 0)
+    assert other == steered_reference(tiny_lm, plain, direction, 0.0, 0)

@@ -76,3 +76,16 @@ def test_bad_policy_files(tmp_path, document, message):
         load_policies(path)
     with pytest.raises(PolicyError, match="cannot read"):
         load_policies(tmp_path / "missing.yaml")
+
+
+def test_dials_name_a_direction_and_its_bounds(tmp_path):
+    from guard.policy import Dial, load_dials
+
+    path = tmp_path / "p.yaml"
+    path.write_text("policies: []\ndials: [{name: polite, direction: refusal, min: -5, max: 40}]")
+    assert load_dials(path) == (Dial("polite", "refusal", -5.0, 40.0),)
+    path.write_text("policies: []")
+    assert load_dials(path) == ()
+    path.write_text("policies: []\ndials: [{name: polite, min: 5, max: 1}]")
+    with pytest.raises(PolicyError, match="min < max"):
+        load_dials(path)

@@ -179,3 +179,30 @@ def test_a_refuse_policy_served_steers_and_says_so(setup, tiny_lm, tiny_model_di
         )
     finally:
         failed.stop()
+
+
+def test_a_request_turns_only_the_dials_the_operator_allowed_within_bounds(setup, tiny_lm, tiny_model_dir, tmp_path):
+    from test_engine import direction_for, probe_for
+
+    env = setup[2]
+    probe_for(tiny_lm).save(tmp_path / "probe")
+    direction_for(tiny_lm).save(tmp_path / "direction")
+    document = {
+        "policies": [{"name": "toy", "probe": str(tmp_path / "probe"), "action": "flag"}],
+        "dials": [{"name": "polite", "direction": str(tmp_path / "direction"), "min": -10, "max": 10}],
+    }
+    policies = tmp_path / "policies.json"
+    policies.write_text(json.dumps(document))
+    server = Server("--model", str(tiny_model_dir), "--policy-file", str(policies), env=env, log=tmp_path / "log")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        ask = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+        plain = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+        turned = client.chat.completions.create(**ask, temperature=0, extra_body={"guard": {"steer": {"polite": 8}}})
+        assert turned.choices[0].message.content != plain
+        for steer, param in (({"rude": 1}, "guard.steer"), ({"polite": 11}, "guard.steer.polite")):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(**ask, extra_body={"guard": {"steer": steer}})
+            assert caught.value.body["param"] == param
+    finally:
+        server.stop()

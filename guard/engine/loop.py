@@ -45,7 +45,7 @@ from guard.engine.reply import Reply
 from guard.engine.tap import LayerTap
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
 from guard.interventions import Steering
-from guard.policy import Action, Policy
+from guard.policy import Action, Dial, Policy
 from guard.sampling import sample
 from guard.scoring import ProbeBank, ProbeSet, Shadow
 from guard.textstream import TextStream
@@ -83,8 +83,9 @@ class Engine:
         threads: int | None = None,
         fast_decode: bool = True,
         directions: Mapping[str, Direction] | None = None,
+        dials: Sequence[Dial] = (),
     ) -> None:
-        """``directions``: by name, the directions ``refuse`` policies steer along."""
+        """``directions``: by name, the directions ``refuse`` policies and ``dials`` steer along."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
@@ -93,11 +94,13 @@ class Engine:
         self.decider = Decider(policies)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
         refusing = [p for p in policies if p.action is Action.REFUSE]
-        missing = sorted({p.direction for p in refusing} - set(directions or {}))
+        self.dials = tuple(dials)
+        missing = sorted({p.direction for p in refusing} | {d.direction for d in dials} - set(directions or {}))
         if missing:
-            raise ValueError(f"refuse policies steer along directions that were not loaded: {missing}")
-        self.steering = Steering([directions[p.direction] for p in refusing])
+            raise ValueError(f"refuse policies and dials steer along directions that were not loaded: {missing}")
+        self.steering = Steering([directions[p.direction] for p in refusing] + [directions[d.direction] for d in dials])
         self.steer_index = {p.name: i for i, p in enumerate(refusing)}
+        self.dial_index = {d.name: len(refusing) + i for i, d in enumerate(dials)}
         self.strengths = torch.tensor(
             [p.strength if p.strength is not None else directions[p.direction].strength for p in refusing]
         )
@@ -142,6 +145,9 @@ class Engine:
             if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
                 ablating[self.ablate_index[p.name]] = 1.0
         n, shadowed = len(self.policies), len(probes.shadow.bank) if probes.shadow else 0
+        steering = torch.zeros(self.steering.count)
+        for name, strength in request.steer.items():  # a dial steers the whole sequence
+            steering[self.dial_index[name]] = strength
         reply = Reply(
             handle,
             probes,
@@ -152,7 +158,7 @@ class Engine:
             sums=torch.zeros(n),
             score=torch.zeros(n),
             crossed=torch.zeros(n, dtype=torch.bool),
-            steering=torch.zeros(self.steering.count),
+            steering=steering,
             shadow_sums=torch.zeros(shadowed),
             shadow_score=torch.zeros(shadowed),
             shadow_crossed=torch.zeros(shadowed, dtype=torch.bool),
@@ -247,7 +253,7 @@ class Engine:
         the raw text it generates from."""
         request = reply.request
         split = request.prompt_span[0]
-        if reply.ablating.any() or split > PREFIX_TOKENS:  # an ablated prefix is its own; a long one is chunked
+        if reply.ablating.any() or reply.steering.any() or split > PREFIX_TOKENS:  # an intervened prefix is its own
             split = 0
         scored = request.score_ids or request.prompt_ids
         lanes = [Lane(scored, self._prefixes.segment(scored, split).cache, split, split)]

@@ -37,6 +37,7 @@ class GuardOptions(Struct, forbid_unknown_fields=True):
 
     policies: list[str] | None = None
     explain: bool = False
+    steer: dict[str, float] | None = None  # dial name -> strength, within the operator's bounds
 
 
 class _GenerationRequest(Struct, kw_only=True):

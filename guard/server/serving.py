@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -208,7 +209,24 @@ class Serving:
             stop=stop,
         )
         explain = body.guard is not None and body.guard.explain
-        return GenerationRequest(encoded.ids, (encoded.start, encoded.end), sampling, policies, explain=explain)
+        steer = self._dials(body.guard.steer if body.guard is not None else None)
+        return GenerationRequest(
+            encoded.ids, (encoded.start, encoded.end), sampling, policies, explain=explain, steer=steer
+        )
+
+    def _dials(self, steer: dict[str, float] | None) -> dict[str, float]:
+        """The request's dial strengths, each a dial the operator allowed and within its bounds."""
+        dials = {dial.name: dial for dial in self.engine.dials}
+        for name, strength in (steer or {}).items():
+            dial = dials.get(name)
+            if dial is None:
+                allowed = sorted(dials) or "none"
+                raise APIError(400, f"unknown dial {name!r}; this server allows {allowed}", param="guard.steer")
+            if not math.isfinite(strength) or not dial.low <= strength <= dial.high:
+                raise APIError(
+                    400, f"dial {name!r} goes from {dial.low:g} to {dial.high:g}", param=f"guard.steer.{name}"
+                )
+        return dict(steer or {})
 
     # -- running ---------------------------------------------------------------------------------------
     async def start(self, request: GenerationRequest, endpoint: str, started: float, request_id: str) -> Running:
