@@ -40,3 +40,5 @@ lint: install
 presets: install
 	$(VENV)/bin/guard train --preset default
 	$(VENV)/bin/guard train --preset default --dtype int8 --out probes/shipped/int8
+	$(VENV)/bin/guard directions --preset refusal --out probes/shipped/directions/refusal
+	$(VENV)/bin/guard directions --preset refusal --dtype int8 --out probes/shipped/int8/directions/refusal

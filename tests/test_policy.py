@@ -13,17 +13,20 @@ def test_default_policy_file_uses_shipped_probes():
         assert resolve_probe(policy.probe).is_dir()
 
 
-def test_every_shipped_policy_has_an_int8_twin():
+def test_every_shipped_policy_and_direction_has_an_int8_twin():
     """`make presets` trains both sets; the int8 one is trained on its own model fingerprint."""
-    from probes.catalog import SHIPPED_DIR, shipped_names
+    from probes.catalog import SHIPPED_DIR, resolve_direction, shipped_names
 
     names = shipped_names()
-    assert "harmful_reply" in names and sorted(names) == sorted(p.name for p in (SHIPPED_DIR / "int8").iterdir())
+    int8_names = [p.name for p in (SHIPPED_DIR / "int8").iterdir() if (p / "manifest.json").is_file()]
+    assert "harmful_reply" in names and sorted(names) == sorted(int8_names)
     fingerprint = {json.loads((SHIPPED_DIR / n / "manifest.json").read_text())["model_fingerprint"] for n in names}
     int8 = {json.loads((SHIPPED_DIR / "int8" / n / "manifest.json").read_text())["model_fingerprint"] for n in names}
     assert len(fingerprint) == len(int8) == 1 and fingerprint != int8
     for name in names:
         assert resolve_probe(name, int8.copy().pop()) == SHIPPED_DIR / "int8" / name
+    assert resolve_direction("refusal", int8.copy().pop()) == SHIPPED_DIR / "int8" / "directions" / "refusal"
+    assert resolve_direction("refusal", fingerprint.pop()) == SHIPPED_DIR / "directions" / "refusal"
 
 
 def test_empty_list_means_unguarded(tmp_path):
