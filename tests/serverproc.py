@@ -28,7 +28,11 @@ class Server:
             self.process = subprocess.Popen(
                 command, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
             )
-        self.wait("/readyz" if ready else "/healthz")
+        try:
+            self.wait("/readyz" if ready else "/healthz")
+        except BaseException:  # a server that never became ready does not outlive its test
+            self.stop()
+            raise
 
     def wait(self, path: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout

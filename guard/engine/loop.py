@@ -95,7 +95,8 @@ class Engine:
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
         refusing = [p for p in policies if p.action is Action.REFUSE]
         self.dials = tuple(dials)
-        missing = sorted({p.direction for p in refusing} | {d.direction for d in dials} - set(directions or {}))
+        needed = {p.direction for p in refusing} | {d.direction for d in dials}
+        missing = sorted(needed - set(directions or {}))
         if missing:
             raise ValueError(f"refuse policies and dials steer along directions that were not loaded: {missing}")
         self.steering = Steering([directions[p.direction] for p in refusing] + [directions[d.direction] for d in dials])
