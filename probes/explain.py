@@ -9,6 +9,7 @@ layers; a probe on several layers also reports each layer's part. Nothing is app
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> Spans
     """
     whole = tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    @functools.cache  # the policies of one verdict ask for many of the same tokens
     def agreed(n: int) -> int:
         prefix = tokenizer.decode(list(ids[:n]), skip_special_tokens=False) if n else ""
         pairs = enumerate(zip(prefix, whole, strict=False))

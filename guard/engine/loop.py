@@ -355,19 +355,16 @@ class Engine:
 
     def _absorb(self, work: PromptWork, chunks: list[tuple[int, Chunk]], tap: LayerTap | None, logits) -> bool:
         """What a pass gave one prompt: the scored tokens' contributions, how far each lane got, its logits."""
+        probes = work.reply.probes
         for index, chunk in chunks:
             rows = chunk.span_rows()
-            if rows is not None:  # without policies there is no tap and nothing to score
-                probes = work.reply.probes
-                scored = (
-                    _contributions(probes.bank, tap, rows)
-                    if tap is not None
-                    else torch.zeros((rows.stop - rows.start, 0))
-                )
-                work.parts.append(scored)
-                if tap is not None and work.reply.request.explain:
+            if rows is not None and tap is None:  # without policies there is no tap and nothing to score
+                work.parts.append(torch.zeros((rows.stop - rows.start, 0)))
+            elif rows is not None:
+                work.parts.append(_contributions(probes.bank, tap, rows))
+                if work.reply.request.explain:
                     work.terms.append(_layer_contributions(probes.bank, tap, rows).transpose(0, 1))
-                if tap is not None and probes.shadow is not None:
+                if probes.shadow is not None:
                     work.shadow_parts.append(_contributions(probes.shadow.bank, tap, rows))
             work.lanes[chunk.lane].done = chunk.stop
             if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):

@@ -87,6 +87,7 @@ class Serving:
         self.writer, self.capture = writer, capture
         self.policy_names = {p.name for p in engine.policies}
         self.probe_names = {p.name: p.probe for p in engine.policies}
+        self.dials = {dial.name: dial for dial in engine.dials}
 
     # -- validation ------------------------------------------------------------------------------------
     def chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
@@ -216,11 +217,10 @@ class Serving:
 
     def _dials(self, steer: dict[str, float] | None) -> dict[str, float]:
         """The request's dial strengths, each a dial the operator allowed and within its bounds."""
-        dials = {dial.name: dial for dial in self.engine.dials}
         for name, strength in (steer or {}).items():
-            dial = dials.get(name)
+            dial = self.dials.get(name)
             if dial is None:
-                allowed = sorted(dials) or "none"
+                allowed = sorted(self.dials) or "none"
                 raise APIError(400, f"unknown dial {name!r}; this server allows {allowed}", param="guard.steer")
             if not math.isfinite(strength) or not dial.low <= strength <= dial.high:
                 raise APIError(

@@ -134,12 +134,7 @@ def generate(
     tokens: int = REPLY_TOKENS,
 ) -> list[str]:
     """Greedy replies, steered (the whole sequence, at ``layer``) when a direction is given."""
-    tokenizer = lm.tokenizer
-    tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    batch = tokenizer.apply_chat_template(
-        chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
-    )
+    batch = _chat_batch(lm, prompts)
     factories = {}
     if direction is not None:
         vector = torch.tensor(direction.vector(layer))
@@ -149,9 +144,18 @@ def generate(
 
         factories = {layer: add}
     with torch.inference_mode(), hooks(lm.model, factories, layer_path=lm.layer_path):
-        out = lm.model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = lm.model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def _chat_batch(lm: LoadedModel, prompts: Sequence[str]) -> dict:
+    """``prompts`` as user turns, rendered up to the assistant's turn and left-padded into one batch."""
+    lm.tokenizer.padding_side = "left"
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    return lm.tokenizer.apply_chat_template(
+        chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
+    )
 
 
 def _rate(replies: list[str]) -> float:
@@ -161,12 +165,7 @@ def _rate(replies: list[str]) -> float:
 def _ablated_kl(lm: LoadedModel, direction: Direction, prompts: Sequence[str]) -> list[float]:
     """Per layer: the mean KL of the next-token distribution after ``prompts`` with that layer's vector
     projected out of every layer's output, against the model as it is."""
-    tokenizer = lm.tokenizer
-    tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    batch = tokenizer.apply_chat_template(
-        chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
-    )
+    batch = _chat_batch(lm, prompts)
     with torch.inference_mode():
         reference = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
         out = []
