@@ -27,6 +27,7 @@ gives each output the same int8 weights as the separate product it replaces.
 
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -271,7 +272,17 @@ def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     code = DecodeStep._layers.__code__.replace()
     layers = types.FunctionType(code, DecodeStep._layers.__globals__, "_layers")
     options = {"emulate_precision_casts": True, "guard_filter_fn": _input_guards}
-    return torch.compile(types.MethodType(layers, step), dynamic=True, fullgraph=True, options=options)
+    compiled = torch.compile(types.MethodType(layers, step), dynamic=True, fullgraph=True, options=options)
+
+    @functools.wraps(compiled)  # keeps what the compiler marks its function with (its variants are looked up by it)
+    def run(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # The model's float attributes (norm epsilons, rotary scaling) are constants. Traced as symbols
+        # (``dynamic=True`` makes floats symbolic too), they fail a compiler pass that then restarts the
+        # whole analysis, and the restarted graph misses the compiled-code cache every time.
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(ids, positions)
+
+    return run
 
 
 def _input_guards(entries: Sequence[object]) -> list[bool]:
