@@ -122,7 +122,7 @@ def load_model(
         model.to(torch.bfloat16)
     decoder = DecodeStep(model, compiled) if layer_path is None and supports(model) else None
     if dtype == "int8":
-        ranges = input_ranges(model, tokenizer)
+        ranges = input_ranges(model, tokenizer, cache_dir, fingerprint)
         if decoder is not None:
             quantize_int8(decoder, decoder.input_ranges(ranges))
         quantize_int8(model, ranges)

@@ -9,7 +9,7 @@ leaves with its object.
   the cache (``probes.lm.step``); ``handle`` stands for an object whose ``callbacks`` are ``(attend, on_layer)``.
 - ``guard::layer_out(hidden, handle, layer)``: a layer's output handed to the pass's ``on_layer``.
 - ``guard::int8_linear(x, handle, out_features)``: torch's int8 product (``probes.lm.quantize``);
-  ``handle`` stands for a ``torch.ao`` dynamic quantized Linear.
+  ``handle`` stands for a ``probes.lm.quantize.PackedInt8``.
 
 Their arguments may be buffers the compiled code reuses once it has read them, so what outlives a call
 is a copy: the cache's new keys and values and the hidden state the callback keeps; so is what they
@@ -58,7 +58,7 @@ def _layer_out(hidden: torch.Tensor, handle: torch.Tensor, layer: int) -> torch.
 
 
 def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, resolve(handle)._packed_params._packed_params, True)
+    return torch.ops.quantized.linear_dynamic(x, resolve(handle).packed, True)
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:

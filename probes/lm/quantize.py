@@ -19,17 +19,27 @@ Two choices keep int8 hidden states close to float32 and the same wherever a tok
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from probes.lm import ops
 from probes.lm.render import render_messages
+
+# torch announces the end of its quantized tensors, which the int8 products rest on; 2.13 has them. Set
+# once here, not per call: ``catch_warnings`` is not thread-safe, and weights are quantised on threads.
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel", category=UserWarning)
 
 SMOOTHING = 0.7  # s = range ** SMOOTHING; 0 is no smoothing
 _FLOOR = 1e-2  # ranges below this (dead channels) are not amplified
@@ -56,7 +66,7 @@ class RowInt8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         smooth = torch.ones(self.in_features) if input_range is None else _smoothing(input_range)
-        self.inner = _quantized(linear.weight.detach() * smooth)
+        self.inner = PackedInt8(linear.weight.detach() * smooth)
         self.register_buffer("inverse", (1.0 / smooth).to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_buffer("handle", ops.handle(self.inner), persistent=False)
@@ -76,47 +86,91 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def input_ranges(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[nn.Module, torch.Tensor]:
-    """Every ``nn.Linear``'s largest input magnitude per channel over ``CALIBRATION``, from the float model."""
+def input_ranges(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None = None, fingerprint: str = ""
+) -> dict[nn.Module, torch.Tensor]:
+    """Every ``nn.Linear``'s largest input magnitude per channel over ``CALIBRATION``, from the float model.
+
+    With ``cache_dir``, the ranges are kept there as safetensors, keyed by the float model's ``fingerprint``
+    and the calibration prompts' tokens: a later load of the same model reads them instead of running
+    the prompts.
+    """
+    prompts = [
+        render_messages(tokenizer, [{"role": "user", "content": text}], span_message=0).ids for text in CALIBRATION
+    ]
+    names = {module: name for name, module in model.named_modules() if type(module) is nn.Linear}
+    key = hashlib.sha256(json.dumps([fingerprint, prompts]).encode()).hexdigest()[:24]
+    stored = cache_dir / "int8-ranges" / f"{key}.safetensors" if cache_dir and fingerprint else None
+    if stored is not None and stored.is_file():
+        saved = load_file(stored)
+        if set(saved) == set(names.values()):
+            return {module: saved[name] for module, name in names.items()}
+    ranges = _measure_ranges(model, list(names), prompts)
+    if stored is not None:
+        _save_atomically({names[module]: value for module, value in ranges.items()}, stored)
+    return ranges
+
+
+def _measure_ranges(model: PreTrainedModel, linears: list[nn.Module], prompts: list[list[int]]) -> dict:
     ranges: dict[nn.Module, torch.Tensor] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
         seen = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
         ranges[module] = seen if module not in ranges else torch.maximum(ranges[module], seen)
 
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
     hooked = [m.register_forward_pre_hook(record) for m in linears]
     try:
         with torch.inference_mode():
-            for text in CALIBRATION:
-                encoded = render_messages(tokenizer, [{"role": "user", "content": text}], span_message=0)
-                model(input_ids=torch.tensor([encoded.ids]))
+            for ids in prompts:
+                model(input_ids=torch.tensor([ids]))
     finally:
         for hook in hooked:
             hook.remove()
     return ranges
 
 
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write then rename: a reader (another replica on the same cache) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=".ranges-", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({name: value.contiguous() for name, value in tensors.items()}, staging)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
 def quantize_int8(model: nn.Module, ranges: Mapping[nn.Module, torch.Tensor] | None = None) -> None:
-    """Swap every ``nn.Linear`` under ``model`` for a ``RowInt8Linear`` (smoothed by ``ranges``), in place."""
+    """Swap every ``nn.Linear`` under ``model`` for a ``RowInt8Linear`` (smoothed by ``ranges``), in place.
+
+    The products are quantised and packed on every core at once (torch's operators release the GIL).
+    """
     ranges = ranges or {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, RowInt8Linear(child, ranges.get(child)))
+    slots = [
+        (parent, name, child)
+        for parent in list(model.modules())
+        for name, child in list(parent.named_children())
+        if type(child) is nn.Linear
+    ]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        swapped = list(pool.map(lambda slot: RowInt8Linear(slot[2], ranges.get(slot[2])), slots))
+    for (parent, name, _), quantized in zip(slots, swapped, strict=True):
+        setattr(parent, name, quantized)
 
 
 def _smoothing(input_range: torch.Tensor) -> torch.Tensor:
     return input_range.clamp_min(_FLOOR) ** SMOOTHING
 
 
-def _quantized(weight: torch.Tensor) -> QuantizedLinear:
-    """torch's dynamic int8 Linear with per-channel weights and no bias (the bias is added in float after)."""
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; 2.13 has it
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig
+class PackedInt8:
+    """torch's packed int8 weight (per output channel, symmetric) for ``guard::int8_linear``, without a bias."""
 
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        plain.weight = nn.Parameter(weight.float(), requires_grad=False)
-        plain.qconfig = per_channel_dynamic_qconfig
-        return QuantizedLinear.from_float(plain)
+    def __init__(self, weight: torch.Tensor) -> None:
+        weight = weight.float()
+        # torch.ao's per-channel symmetric observer: scale = max |w| / 127.5, at least float32's eps
+        scale = torch.clamp(weight.abs().amax(1) / 127.5, min=torch.finfo(torch.float32).eps)
+        zero = torch.zeros(weight.shape[0], dtype=torch.int64)
+        quantized = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(quantized, None)
