@@ -38,7 +38,7 @@ lint: install
 
 # the shipped default policies: float32 (also served on bfloat16) and int8 (a model of its own for probes)
 presets: install
-	$(VENV)/bin/guard train --preset default
-	$(VENV)/bin/guard train --preset default --dtype int8 --out probes/shipped/int8
-	$(VENV)/bin/guard directions --preset refusal --out probes/shipped/directions/refusal
+	$(VENV)/bin/guard train --preset default --dtype float32
+	$(VENV)/bin/guard train --preset default --dtype int8
+	$(VENV)/bin/guard directions --preset refusal --dtype float32 --out probes/shipped/directions/refusal
 	$(VENV)/bin/guard directions --preset refusal --dtype int8 --out probes/shipped/int8/directions/refusal

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
 from guard.settings import Settings
-from probes.catalog import SHIPPED_DIR, resolve_probe
+from probes.catalog import resolve_probe, shipped_home
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
 from probes.eval.presets import PRESET_LAYERS, PRESETS, RECIPES
 from probes.eval.sources import SOURCES, read_source
@@ -179,14 +179,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             lm,
             names,
             settings.data_dir,
-            args.out or SHIPPED_DIR,
+            args.out or shipped_home(settings.dtype),
             config,
             cache_dir=settings.cache_dir,
             progress=not args.no_progress,
             extra=_extra(args),
         )
         for name, result in results.items():
-            _print_trained(name, result.probe, args.out or SHIPPED_DIR)
+            _print_trained(name, result.probe, args.out or shipped_home(settings.dtype))
         return 0
     if args.extra:
         raise ValueError("--extra adds rows to a preset's policy; without --preset, pass them as --data")

@@ -19,7 +19,7 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     threads: int = 0  # torch intra-op threads; 0: torch's default (decoding on int8: 1, see engine.default_threads)
     layer_path: str = ""  # dotted path to the decoder layers; empty: guessed
-    dtype: str = "float32"  # numeric path: float32, bfloat16 or int8
+    dtype: str = "int8"  # numeric path: int8 (the fast path), bfloat16 or float32 (the reference)
     fast_decode: bool = True  # decode Llama-family models with the lean step (probes.lm.step), else transformers
     compile: bool = True  # run the lean step through torch.compile (serving; compiled once at start-up)
     # -- serving --

@@ -10,6 +10,11 @@ from probes.probe import LinearProbe, ProbeError
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
+def shipped_home(numeric: str) -> Path:
+    """Where the shipped probes of a numeric path live: int8 has a fingerprint of its own, bfloat16 shares float32's."""
+    return SHIPPED_DIR / "int8" if numeric == "int8" else SHIPPED_DIR
+
+
 def shipped_names() -> list[str]:
     return (
         sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "manifest.json").is_file()) if SHIPPED_DIR.is_dir() else []

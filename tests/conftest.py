@@ -206,7 +206,8 @@ def setup(tmp_path_factory, tiny_lm, tiny_model_dir):
             {"policies": [{"name": "toy", "probe": str(directory / "probe"), "stage": "both", "action": "flag"}]}
         )
     )
-    env = {"GUARD_CACHE_DIR": str(directory / "cache"), "GUARD_COMPILE": "0"}  # compiled: tests/test_server_real
+    # the tiny probe is float32 (the default int8 path, compiled: tests/test_server_real)
+    env = {"GUARD_CACHE_DIR": str(directory / "cache"), "GUARD_COMPILE": "0", "GUARD_DTYPE": "float32"}
     return directory, policy_file, env
 
 

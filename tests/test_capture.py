@@ -80,7 +80,7 @@ def captured(tmp_path, redis_server, tiny_lm, tiny_model_dir):
         ]
     }
     (tmp_path / "policies.json").write_text(json.dumps(policies))
-    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_COMPILE": "0"}
+    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_COMPILE": "0", "GUARD_DTYPE": "float32"}
     flags = ("--policy-file", str(tmp_path / "policies.json"), "--redis-url", redis_server.url)
     server = Server(
         "--model", str(tiny_model_dir), *flags, "--capture", "--admin-key", "adm", env=env, log=tmp_path / "log"

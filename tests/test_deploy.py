@@ -64,7 +64,7 @@ def test_prometheus_scrapes_guard_and_every_referenced_metric_exists(tmp_path, t
         str(tiny_model_dir),
         "--policy-file",
         str(tmp_path / "policies.json"),
-        env={"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_COMPILE": "0"},
+        env={"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_COMPILE": "0", "GUARD_DTYPE": "float32"},
         log=tmp_path / "guard.log",
     )
     port = free_port()

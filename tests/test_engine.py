@@ -357,7 +357,11 @@ def test_the_server_loads_with_one_thread_and_decodes_with_torchs_default(tiny_m
     parallel regions (guard.runtime): the loading thread stays at one, the engine still gets torch's default."""
     (tmp_path / "none.json").write_text(json.dumps({"policies": []}))
     settings = Settings(
-        model=str(tiny_model_dir), cache_dir=tmp_path, policy_file=tmp_path / "none.json", compile=False
+        model=str(tiny_model_dir),
+        cache_dir=tmp_path,
+        policy_file=tmp_path / "none.json",
+        compile=False,
+        dtype="float32",
     )
     seen = {}
 

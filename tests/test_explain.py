@@ -98,7 +98,7 @@ def test_cli_explain_prints_json_and_writes_a_report(tiny_lm, tiny_model_dir, tm
     rows = tmp_path / "rows.jsonl"
     texts = ["How do I kill a Python process?", "Tell me <b>how</b> to bake bread."]
     rows.write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t in texts))
-    common = ["explain", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")]
+    common = ["explain", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--dtype", "float32"]
     assert main([*common, "--probe", str(tmp_path / "probe"), "--json", texts[0]]) == 0
     record = json.loads(capsys.readouterr().out)
     assert set(record) == {"score", "logit", "bias", "threshold", "tokens", "layers"}

@@ -61,6 +61,7 @@ def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
             "GUARD_CACHE_DIR": str(tmp_path / f"cache-{name}"),
             "GUARD_RELOAD_INTERVAL": "1",
             "GUARD_COMPILE": "0",
+            "GUARD_DTYPE": "float32",
             **(extra_env or {}),
         }
         server = Server(
@@ -132,7 +133,12 @@ def test_redis_outage_and_restart(cluster, redis_server, tiny_lm, tiny_model_dir
         str(tmp_path / "policies.json"),
         "--redis-url",
         redis_server.url,
-        env={"GUARD_CACHE_DIR": str(tmp_path / "cache-a"), "GUARD_RELOAD_INTERVAL": "1", "GUARD_COMPILE": "0"},
+        env={
+            "GUARD_CACHE_DIR": str(tmp_path / "cache-a"),
+            "GUARD_RELOAD_INTERVAL": "1",
+            "GUARD_COMPILE": "0",
+            "GUARD_DTYPE": "float32",
+        },
         log=tmp_path / "c.log",
     )
     try:
@@ -196,7 +202,12 @@ def test_signed_mode_refuses_unsigned_pushes(cluster, tiny_lm, tmp_path, redis_s
 
 
 def test_local_directory_registry_without_redis(tmp_path, tiny_lm, tiny_model_dir):
-    env = {"GUARD_CACHE_DIR": str(tmp_path / "cache"), "GUARD_RELOAD_INTERVAL": "0.5", "GUARD_COMPILE": "0"}
+    env = {
+        "GUARD_CACHE_DIR": str(tmp_path / "cache"),
+        "GUARD_RELOAD_INTERVAL": "0.5",
+        "GUARD_COMPILE": "0",
+        "GUARD_DTYPE": "float32",
+    }
     push = [sys.executable, "-m", "guard.cli", "registry", "push"]
     for seed in (1, 2):
         probe_dir = probe_for(tiny_lm, seed=seed).with_threshold(0.5).save(tmp_path / f"toy{seed}")

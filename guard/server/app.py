@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -80,8 +81,11 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         metrics.refused.labels(probe, reason).inc()
 
     try:
+        started = time.perf_counter()
         runtime = await asyncio.to_thread(factory, settings, refused)
+        loaded = time.perf_counter()
         await asyncio.to_thread(runtime.engine.start)  # compiling the decode step takes a while
+        seconds = (loaded - started, time.perf_counter() - loaded)
     except Exception as exc:  # reported by /readyz; the process stays up for its logs and probes
         log.exception("loading the model or the probes failed")
         app.state.load_error = str(exc)
@@ -110,7 +114,14 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
     metrics.probe_versions(engine.policies, engine.versions())
     metrics.ready.set(1)
-    log.info("ready: %s with %d policies", engine.lm.name, len(engine.policies))
+    log.info(
+        "ready: %s (%s, %s) with %d policies; model, policies and probes loaded in %.1f s, engine started in %.1f s",
+        engine.lm.name,
+        engine.lm.numeric,
+        "compiled" if engine.step.compiled else "not compiled",
+        len(engine.policies),
+        *seconds,
+    )
 
 
 def _writer(settings: Settings, metrics: Metrics) -> RedisWriter | None:

@@ -124,7 +124,8 @@ def bench_capture(requests: int) -> dict:
             entry["threshold"] = 0.0  # every reply is flagged, so every request is recorded
     (work / "policies.yaml").write_text(yaml.safe_dump(policies))
     redis_server = RedisServer(work)
-    common = ("--policy-file", str(work / "policies.yaml"), "--redis-url", redis_server.url)
+    # float32, as the in-process explanation rounds above (docs/debugging.md's figures are on float32)
+    common = ("--policy-file", str(work / "policies.yaml"), "--redis-url", redis_server.url, "--dtype", "float32")
     servers = {
         "none": Server(*common, log=work / "none.log"),
         "capture": Server(*common, "--capture", log=work / "capture.log"),

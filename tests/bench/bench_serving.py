@@ -13,13 +13,13 @@ since the two numeric paths may end some replies at different lengths.
 Every (concurrency, server) cell is measured ``--rounds`` times, the servers' order alternating per
 round; the report gives each metric's median over rounds, and guarded/unguarded per round (the
 spread between rounds is this VM's noise). ``--dtype`` picks the numeric path of both servers
-(float32, bfloat16 or int8). Both run the lean step compiled, as ``guard serve`` does by default;
+(int8, the default, bfloat16 or float32). Both run the lean step compiled, as ``guard serve`` does by default;
 ``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``).
 ``--before DIR`` adds an unguarded and a guarded server running the code of another checkout (``DIR``,
 e.g. a ``git worktree`` of an earlier commit, on the same virtual environment), measured in the same
 rounds, so a change's effect on serving speed is measured side by side.
 
-    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype int8]
+    .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype float32]
         [--eager-too] [--before DIR] [--out tests/bench/results/serving.json]
 """
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level (prompts cycled)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", help="numeric path of both servers")
+    parser.add_argument("--dtype", default="int8", help="numeric path of both servers")
     parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
     parser.add_argument("--eager-too", action="store_true", help="also a guarded server with --no-compile")
     parser.add_argument("--before", type=Path, help="also unguarded and guarded servers on this checkout's code")

@@ -72,7 +72,8 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="guard-debugging-"))
     redis_server = RedisServer(work)
-    env = {**os.environ, "GUARD_REDIS_URL": redis_server.url, "GUARD_RELOAD_INTERVAL": "1"}
+    # the worked example in docs/debugging.md is on the float32 reference path
+    env = {**os.environ, "GUARD_REDIS_URL": redis_server.url, "GUARD_RELOAD_INTERVAL": "1", "GUARD_DTYPE": "float32"}
     seconds, figures = {}, {}
     started = time.perf_counter()
     server = Server("--capture", "--admin-key", "admin", env=env, log=work / "server.log")
