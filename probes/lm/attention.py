@@ -62,11 +62,6 @@ def _rows_of(cache: torch.Tensor) -> torch.Tensor:
     return cache if cache.stride(3) == 1 else cache.contiguous()
 
 
-def build() -> None:
-    """Build the kernel now (it is built at its first call otherwise)."""
-    _kernel()
-
-
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -28,7 +28,6 @@ gives each output the same int8 weights as the separate product it replaces.
 from __future__ import annotations
 
 import functools
-import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,7 +41,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from probes.lm import ops
-from probes.lm.attention import build, decode_attention
+from probes.lm.attention import decode_attention
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -102,12 +101,6 @@ class DecodeStep(nn.Module):
         # decode attention through the C kernel: compiled, on float32 activations (float32 and int8 models)
         self.native = compiled and model.dtype == torch.float32
         self._run = _compile(self) if compiled else self._layers
-        # what compiling waits on in subprocesses (the C compiler, the compiler's instruction-set probes),
-        # started now so that it overlaps loading and quantising; ``warm_up`` waits for it
-        self._tooling: threading.Thread | None = None
-        if compiled:
-            self._tooling = threading.Thread(target=_prepare_tooling, args=(self.native,), daemon=True)
-            self._tooling.start()
 
     def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
         """The fused products' input ranges from their parts' (int8 smoothing, ``probes.lm.quantize``)."""
@@ -182,8 +175,6 @@ class DecodeStep(nn.Module):
         """
         cache = DynamicCache(config=self.model[0].config)
         try:
-            if self._tooling is not None:
-                self._tooling.join()
             with torch.inference_mode():
                 self.prefill([Segment((0, 1), cache)])
                 self(torch.tensor([[1]]), torch.tensor([[2]]), cache)
@@ -292,21 +283,6 @@ def _compile(step: DecodeStep) -> Callable[[torch.Tensor, torch.Tensor], torch.T
             return compiled(ids, positions)
 
     return run
-
-
-def _prepare_tooling(native: bool) -> None:
-    """Build the attention kernel and run the compiler's checks of this processor's vector instructions
-    (a dozen short subprocesses); their results are cached for the process. Best effort: whatever fails
-    here fails again, and is reported, where compiling needs it."""
-    try:
-        if native:
-            build()
-        from torch._inductor import cpu_vec_isa
-
-        for isa in cpu_vec_isa.valid_vec_isa_list():
-            bool(isa)  # the check, cached per instruction set
-    except Exception:
-        return
 
 
 def _input_guards(entries: Sequence[object]) -> list[bool]:
