@@ -19,14 +19,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path, ready: bool = True) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, log: Path, ready: bool = True, code: Path | None = None
+    ) -> None:
+        """``code``: run another checkout's ``guard`` (its root): the child starts there, so ``python -m`` finds
+        that tree first (the current directory precedes both PYTHONPATH and this tree's editable install)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "guard.cli", "serve", "--port", str(self.port), *args]
+        extra = {"PYTHONPATH": str(code)} if code else {}
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                command, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+                command, env={**os.environ, **extra, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=code
             )
         try:
             self.wait("/readyz" if ready else "/healthz")

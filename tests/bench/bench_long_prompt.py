@@ -95,12 +95,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="guard-bench-long-"))
     flags = ("--dtype", args.dtype, "--queue-timeout", "600", "--max-prompt-tokens", "8000")
-    kinds = [("after", None)] + ([("before", {"PYTHONPATH": str(args.before.resolve())})] if args.before else [])
+    kinds = [("after", None)] + ([("before", args.before.resolve())] if args.before else [])
     servers = {}
     try:
-        for name, env in kinds:
+        for name, code in kinds:
             extra = flags if name == "after" else flags[:4]  # an older server may not know --max-prompt-tokens
-            servers[name] = Server(*extra, env=env, log=work / f"{name}.log")
+            servers[name] = Server(*extra, log=work / f"{name}.log", code=code)
         runs: dict[str, list[dict]] = {name: [] for name in servers}
         for round_ in range(args.rounds):
             order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))

@@ -185,11 +185,11 @@ def main() -> None:
     if args.eager_too:
         kinds.append(("guarded_eager", "guarded", ("--no-compile",), None))
     if args.before:
-        before = {"PYTHONPATH": str(args.before.resolve())}  # found before the editable install of this tree
+        before = args.before.resolve()
         kinds += [("unguarded_before", "unguarded", (), before), ("guarded_before", "guarded", (), before)]
     servers = {
-        name: Server("--policy-file", str(work / f"{policy}.json"), *flags, *extra, env=env, log=work / f"{name}.log")
-        for name, policy, extra, env in kinds
+        name: Server("--policy-file", str(work / f"{policy}.json"), *flags, *extra, log=work / f"{name}.log", code=code)
+        for name, policy, extra, code in kinds
     }
     runs: dict[tuple[int, str], list[dict]] = {(c, name): [] for c in levels for name in servers}
     replies: dict[tuple[int, str], list[str]] = {}  # the first round's replies

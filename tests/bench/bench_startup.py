@@ -29,9 +29,8 @@ SPLIT = re.compile(r"loaded in ([0-9.]+) s, engine started in ([0-9.]+) s")  # t
 
 
 def start_once(flags: list[str], log: Path, code: Path | None) -> dict:
-    env = {"PYTHONPATH": str(code)} if code else None
     started = time.perf_counter()
-    server = Server(*flags, env=env, log=log)
+    server = Server(*flags, log=log, code=code)
     ready = time.perf_counter() - started
     server.stop()
     split = SPLIT.search(log.read_text())
