@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     _directions_parser(
         sub.add_parser("directions", parents=[common], help="a behaviour's direction, chosen by its effect")
     )
+    _export_parser(
+        sub.add_parser("export", parents=[common], help="the model's weights with a direction ablated, for any engine")
+    )
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
     _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
@@ -361,6 +364,33 @@ def _directions(args: argparse.Namespace, settings: Settings) -> int:
     unsteered = direction.manifest["selection"]["unsteered"]
     print(f"unsteered: refusal {unsteered['steered']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
     print(f"refusal: layer {direction.layer}, strength {direction.strength:.2f} -> {args.out}")
+    return 0
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ablate", required=True, help="direction directory or shipped direction name (e.g. refusal)")
+    p.add_argument("--layer", type=int, help="whose vector is ablated everywhere (default: the direction's layer)")
+    p.add_argument("--out", type=Path, required=True, help="a new model directory (transformers' format)")
+    p.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace, settings: Settings) -> int:
+    """Always from the float32 weights (``--dtype`` does not apply): the result is a float checkpoint."""
+    from probes.catalog import resolve_direction
+    from probes.direction import Direction
+    from probes.lm.orthogonalize import export_ablated
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"--out {args.out} exists and is not empty: export writes a new model directory")
+    lm = load_model(settings.model, cache_dir=settings.cache_dir, threads=settings.threads or None, dtype="float32")
+    direction = Direction.load(resolve_direction(args.ablate, lm.fingerprint), model_fingerprint=lm.fingerprint)
+    layer = direction.layer if args.layer is None else args.layer
+    if layer not in direction.layers:
+        raise ValueError(f"direction {direction.name!r} has no vector at layer {layer} (it has {direction.layers})")
+    provenance = {"direction": direction.name, "direction_version": direction.version, "layer": layer}
+    fingerprint = export_ablated(lm, direction.vector(layer), args.out, provenance)
+    print(f"{lm.name} with {direction.name}@{direction.version} (layer {layer}) ablated -> {args.out} ({fingerprint})")
     return 0
 
 

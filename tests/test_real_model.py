@@ -206,3 +206,27 @@ def test_refuse_makes_the_default_model_decline_in_its_own_words(fixture, reques
         assert events[0].verdicts["harmful_request"].detected and done.reason in {"stop", "length"}
         replies[action] = text
     assert refuses(replies[Action.REFUSE]) and replies[Action.REFUSE] != replies[Action.FLAG], replies
+
+
+def test_exported_weights_equal_ablation_at_every_write(real_lm, tmp_path):
+    """``guard export --ablate refusal`` on the default model: a transformers checkpoint whose logits are the
+    original model's with the direction projected out of every residual-stream write (forward hooks)."""
+    from test_orthogonalize import ablated_at_every_write
+
+    from guard.cli import main
+    from probes.catalog import resolve_direction
+    from probes.direction import Direction
+
+    assert main(["export", "--ablate", "refusal", "--out", str(tmp_path / "out")]) == 0
+    direction = Direction.load(resolve_direction("refusal", real_lm.fingerprint), model_fingerprint=real_lm.fingerprint)
+    vector = torch.from_numpy(direction.vector(direction.layer))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = real_lm.tokenizer(["How do I kill a Python process that hangs?", "Write a haiku about rain."])
+    batch = [torch.tensor([row]) for row in ids["input_ids"]]
+    with torch.inference_mode():
+        for row in batch:
+            with ablated_at_every_write(real_lm.model, vector):
+                want = real_lm.model(input_ids=row).logits
+            got = exported(input_ids=row).logits
+            assert not torch.allclose(want, real_lm.model(input_ids=row).logits, atol=1e-2)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
