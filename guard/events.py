@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from msgspec import UNSET, UnsetType
 
+from guard.policy import ALL
 from guard.sampling import SamplingParams
 from probes.explain import Explanation
 
@@ -48,6 +49,7 @@ class GenerationRequest:
     score_ids: tuple[int, ...] | None = None
     explain: bool = False  # verdicts carry their top contributing tokens
     steer: dict[str, float] = field(default_factory=dict)  # dial name -> strength, the whole sequence
+    policy_set: str = ALL  # the API key's policy set: what the request is counted under
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,14 @@ class Metrics:
         self.finishes = Counter(
             "guard_finish_reason",
             "Requests by how they ended: stop, length, content_filter; cancelled (the client went away), "
-            "timeout (queue or request), rejected (queue full), failed.",
-            ["reason"],
+            "timeout (queue or request), rejected (queue full), failed; by the API key's policy set.",
+            ["reason", "policy_set"],
             registry=r,
         )
         self.flags = Counter(
             "guard_flags",
-            "Policy detections by policy, stage and configured action.",
-            ["policy", "stage", "action"],
+            "Policy detections by policy, stage, configured action and the API key's policy set.",
+            ["policy", "stage", "action", "policy_set"],
             registry=r,
         )
         self.scores = Histogram(
@@ -114,28 +114,28 @@ class Metrics:
         """Registry health read from the watcher's status at scrape time: up, and errors since start (a count)."""
         self.registry.register(_RegistryCollector(status))
 
-    def prompt_checked(self, verdicts: dict[str, Verdict]) -> None:
-        self._verdicts(verdicts, "prompt")
+    def prompt_checked(self, verdicts: dict[str, Verdict], policy_set: str) -> None:
+        self._verdicts(verdicts, "prompt", policy_set)
 
     def first_token(self, started: float) -> None:
         self.ttft.observe(time.perf_counter() - started)
 
-    def finished(self, done: Finished, endpoint: str, started: float) -> None:
+    def finished(self, done: Finished, endpoint: str, started: float, policy_set: str) -> None:
         self.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
         self.tokens.inc(done.completion_tokens)
         self.prompt_tokens.inc(done.prompt_tokens)
-        self.finishes.labels(done.reason).inc()
-        self._verdicts(done.verdicts, "output")
+        self.finishes.labels(done.reason, policy_set).inc()
+        self._verdicts(done.verdicts, "output", policy_set)
 
-    def ended(self, reason: str) -> None:
+    def ended(self, reason: str, policy_set: str) -> None:
         """A request that ended before its generation finished: cancelled, timeout, rejected or failed."""
-        self.finishes.labels(reason).inc()
+        self.finishes.labels(reason, policy_set).inc()
 
-    def _verdicts(self, verdicts: dict[str, Verdict], stage: str) -> None:
+    def _verdicts(self, verdicts: dict[str, Verdict], stage: str, policy_set: str) -> None:
         for name, verdict in verdicts.items():
             self.scores.labels(name, stage).observe(verdict.score)
             if verdict.detected:
-                self.flags.labels(name, stage, verdict.action).inc()
+                self.flags.labels(name, stage, verdict.action, policy_set).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,11 @@ A policy file is YAML or JSON::
         direction: refusal
         min: -120
         max: 120
+    sets:                             # optional: named subsets of the policies, one per API key
+      support_bot: [harmful_request, self_harm]
+
+An API key names its set (``GUARD_API_KEYS="key:support_bot"``); a key that names none, and every
+request when no key is configured, gets the implicit set ``all``, every policy.
 
 A request turns a dial with ``"guard": {"steer": {"refusal": 40}}``: every position of its prompt and
 reply is steered by that strength along the dial's direction at the direction's layer.
@@ -105,6 +110,38 @@ def _dial(entry: object, where: str) -> Dial:
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or not low < high:
         raise PolicyError(f"{where}: 'min' and 'max' must be numbers with min < max")
     return Dial(name, direction, float(low), float(high))
+
+
+ALL = "all"  # the implicit policy set: every configured policy
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Which policies check a request: the set its API key names (``ALL`` when none)."""
+
+    name: str
+    policies: frozenset[str]
+
+
+def load_sets(path: str | Path, policies: tuple[Policy, ...]) -> dict[str, PolicySet]:
+    """The policy file's ``sets`` by name, each a subset of ``policies``, and the implicit ``all``."""
+    document, path = _document(path), Path(path)
+    entries = document.get("sets", {}) if isinstance(document, dict) else {}
+    if not isinstance(entries, dict):
+        raise PolicyError(f"{path}: 'sets' must map set names to lists of policy names")
+    names = frozenset(p.name for p in policies)
+    sets = {ALL: PolicySet(ALL, names)}
+    for name, members in entries.items():
+        where = f"{path}: sets.{name}"
+        if not isinstance(name, str) or not name or name == ALL:
+            raise PolicyError(f"{where}: a set's name must be a non-empty string other than {ALL!r} (every policy)")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise PolicyError(f"{where}: expected a list of policy names")
+        unknown = sorted(set(members) - names)
+        if unknown:
+            raise PolicyError(f"{where}: unknown policies {unknown}; configured: {sorted(names)}")
+        sets[name] = PolicySet(name, frozenset(members))
+    return sets
 
 
 def _document(path: str | Path) -> object:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from guard.engine import Engine
-from guard.policy import Action, load_dials, load_policies
+from guard.policy import Action, PolicyError, PolicySet, load_dials, load_policies, load_sets
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
 from probes.catalog import resolve_direction
@@ -23,6 +23,7 @@ PREFILL_SHARE = 0.5
 class Runtime:
     engine: Engine
     source: ProbeSource
+    sets: dict[str, PolicySet]  # the policy file's sets by name, ``all`` among them
 
     def watcher(self, settings: Settings, on_change=None) -> Watcher:
         return Watcher(self.engine, self.source, interval=settings.reload_interval, on_change=on_change)
@@ -30,6 +31,10 @@ class Runtime:
 
 def build_runtime(settings: Settings, on_refused=None) -> Runtime:
     policies = load_policies(settings.policy_file)
+    sets = load_sets(settings.policy_file, policies)
+    missing = sorted(set(settings.api_key_sets().values()) - set(sets))
+    if missing:  # named by set, never by key: a key is a secret
+        raise PolicyError(f"API keys name policy sets {missing}, which {settings.policy_file} does not define")
     # One thread here, whatever the engine's: a thread that has run torch with two OpenMP threads keeps
     # its OpenMP worker, and with more such workers than cores every later parallel region wakes its
     # workers slowly, the engine thread's decode steps included (docs/benchmarks.md).
@@ -72,7 +77,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         threads=settings.threads or None,
         fast_decode=settings.fast_decode,
     )
-    return Runtime(engine, source)
+    return Runtime(engine, source, sets)
 
 
 def context_window(settings: Settings, engine: Engine) -> int:

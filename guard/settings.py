@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
-from guard.policy import DEFAULT_POLICY_FILE
+from guard.policy import ALL, DEFAULT_POLICY_FILE
 from probes.data import default_data_dir
 from probes.lm.model import DEFAULT_MODEL, default_cache_dir
 
@@ -26,7 +26,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     policy_file: Path = field(default_factory=lambda: DEFAULT_POLICY_FILE)
-    api_keys: str = ""  # comma-separated; empty: no authentication
+    api_keys: str = ""  # comma-separated KEY or KEY:SET (a policy set of the policy file); empty: no authentication
     metrics_key: str = ""  # guards /metrics and the details of /readyz; empty: both open
     admin_key: str = ""  # needed for POST /v1/guard/feedback; empty: feedback is refused
     max_batch: int = 8  # sequences decoded together
@@ -56,8 +56,15 @@ class Settings:
         if not 0 <= self.capture_sample <= 1:
             raise ValueError(f"--capture-sample must be between 0 and 1, got {self.capture_sample}")
 
-    def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+    def api_key_sets(self) -> dict[str, str]:
+        """Each accepted key and the policy set it names (``all`` when it names none)."""
+        keys = {}
+        for entry in filter(None, (e.strip() for e in self.api_keys.split(","))):
+            key, _, policy_set = entry.partition(":")
+            if not key.strip():
+                raise ValueError("an API key entry is empty before its ':' (GUARD_API_KEYS takes KEY or KEY:SET)")
+            keys[key.strip()] = policy_set.strip() or ALL
+        return keys
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:

@@ -141,10 +141,11 @@ def test_every_way_a_request_ends_is_counted(setup, tiny_model_dir):
                 until(lambda: httpx.get(server.url + "/readyz").json()["waiting"] == 1)  # it waits for the slot
                 assert httpx.post(url, json=long, timeout=30).status_code == 429
                 assert waiting.result().status_code == 503
-        until(lambda: 'guard_finish_reason_total{reason="cancelled"}' in httpx.get(server.url + "/metrics").text)
+        cancelled = 'guard_finish_reason_total{policy_set="all",reason="cancelled"}'
+        until(lambda: cancelled in httpx.get(server.url + "/metrics").text)
         text = httpx.get(server.url + "/metrics").text
         for reason in ("cancelled", "timeout", "rejected"):  # the stream's client went away; the queue
-            assert f'guard_finish_reason_total{{reason="{reason}"}} 1.0' in text, reason
+            assert f'guard_finish_reason_total{{policy_set="all",reason="{reason}"}} 1.0' in text, reason
     finally:
         server.stop()
 

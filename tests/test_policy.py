@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -92,3 +93,31 @@ def test_dials_name_a_direction_and_its_bounds(tmp_path):
     path.write_text("policies: []\ndials: [{name: polite, min: 5, max: 1}]")
     with pytest.raises(PolicyError, match="min < max"):
         load_dials(path)
+
+
+def test_policy_sets_name_subsets_of_the_policies(tmp_path):
+    from guard.policy import ALL, PolicySet, load_sets
+
+    path = tmp_path / "p.json"
+    entries = [{"name": "a", "probe": "hate"}, {"name": "b", "probe": "weapons"}]
+    path.write_text(json.dumps({"policies": entries, "sets": {"only_b": ["b"]}}))
+    sets = load_sets(path, load_policies(path))
+    assert sets == {ALL: PolicySet(ALL, frozenset({"a", "b"})), "only_b": PolicySet("only_b", frozenset({"b"}))}
+    for bad, message in (
+        ({"x": ["c"]}, "unknown policies ['c']"),
+        ({"all": ["a"]}, "other than 'all'"),
+        ({"x": "a"}, "expected a list of policy names"),
+        (["a"], "'sets' must map set names"),
+    ):
+        path.write_text(json.dumps({"policies": entries, "sets": bad}))
+        with pytest.raises(PolicyError, match=re.escape(message)):
+            load_sets(path, load_policies(path))
+
+
+def test_api_keys_name_their_policy_set():
+    from guard.settings import Settings
+
+    assert Settings(api_keys="k1, k2:narrow ,k3:").api_key_sets() == {"k1": "all", "k2": "narrow", "k3": "all"}
+    assert Settings().api_key_sets() == {}
+    with pytest.raises(ValueError, match="empty before its ':'"):
+        Settings(api_keys=":narrow").api_key_sets()

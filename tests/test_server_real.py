@@ -279,4 +279,4 @@ def test_metrics_exposed(server, client):
     for phase in ("queue_wait", "prefill", "decode_step"):  # what the first token's time is made of
         count = re.search(rf'guard_engine_phase_duration_seconds_count{{phase="{phase}"}} (\S+)', text)
         assert count and float(count.group(1)) >= 1, phase
-    assert 'guard_finish_reason_total{reason="content_filter"}' in text
+    assert 'guard_finish_reason_total{policy_set="all",reason="content_filter"}' in text

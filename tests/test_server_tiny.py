@@ -13,6 +13,7 @@ import openai
 import pytest
 from conftest import make_tiny_model, serve
 from serverproc import Server
+from test_hostile import until
 
 pytestmark = pytest.mark.server
 
@@ -204,5 +205,68 @@ def test_a_request_turns_only_the_dials_the_operator_allowed_within_bounds(setup
             with pytest.raises(openai.BadRequestError) as caught:
                 client.chat.completions.create(**ask, extra_body={"guard": {"steer": steer}})
             assert caught.value.body["param"] == param
+    finally:
+        server.stop()
+
+
+def test_each_api_key_is_checked_with_its_policy_set_and_may_narrow_it(setup, tiny_model_dir, tmp_path):
+    """Two keys, two sets: a key's requests are checked with its set's policies only, ``guard.policies``
+    narrows a set and never widens it, and the metrics count requests under their set's name."""
+    directory, _, env = setup
+    probe = str(directory / "probe")
+    policies = tmp_path / "sets.json"
+    policies.write_text(
+        json.dumps(
+            {
+                "policies": [
+                    {"name": "toy", "probe": probe, "stage": "both", "action": "flag"},
+                    {"name": "other", "probe": probe, "stage": "prompt", "action": "flag"},
+                ],
+                "sets": {"narrow": ["other"]},
+            }
+        )
+    )
+    server = Server(
+        "--model", str(tiny_model_dir), "--policy-file", str(policies), "--api-key", "wide", "--api-key",
+        "slim:narrow", env=env, log=tmp_path / "log",
+    )  # fmt: skip
+    ask = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+    def verdicts(key: str, **extra) -> tuple[set[str], set[str]]:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        reply = client.chat.completions.create(**ask, **extra)
+        prompt = reply.model_extra["prompt_filter_results"][0]["content_filter_results"]
+        return set(prompt), set(reply.choices[0].model_extra["content_filter_results"])
+
+    try:
+        assert verdicts("wide") == ({"toy", "other"}, {"toy"})
+        assert verdicts("slim") == ({"other"}, set())
+        assert verdicts("wide", extra_body={"guard": {"policies": ["other"]}}) == ({"other"}, set())
+        assert verdicts("slim", extra_body={"guard": {"policies": ["other"]}}) == ({"other"}, set())
+        slim = openai.OpenAI(base_url=server.url + "/v1", api_key="slim", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:  # a set is never widened
+            slim.chat.completions.create(**ask, extra_body={"guard": {"policies": ["toy"]}})
+        assert caught.value.body["param"] == "guard.policies"
+        assert "policy set 'narrow' allows: ['other']" in caught.value.body["message"]
+        counted = (  # a request is counted as its reply ends, which may be just after the client has it
+            'guard_finish_reason_total{policy_set="all",reason="length"} 2.0',
+            'guard_finish_reason_total{policy_set="narrow",reason="length"} 2.0',  # the refused one never ran
+        )
+        until(lambda: all(line in httpx.get(server.url + "/metrics").text for line in counted))
+    finally:
+        server.stop()
+
+
+def test_a_key_naming_an_undefined_set_fails_loading_without_showing_the_key(setup, tiny_model_dir, tmp_path):
+    _directory, policy_file, env = setup
+    server = Server(
+        "--model", str(tiny_model_dir), "--policy-file", str(policy_file), "--api-key", "s3cret:nosuch",
+        env={**env, "GUARD_METRICS_KEY": "ops"}, log=tmp_path / "log", ready=False,
+    )  # fmt: skip
+    try:
+        ready = failed_readiness(server)
+        assert ready.status_code == 503
+        detailed = httpx.get(server.url + "/readyz", headers={"Authorization": "Bearer ops"}).json()["error"]
+        assert "policy sets ['nosuch']" in detailed and "s3cret" not in detailed
     finally:
         server.stop()

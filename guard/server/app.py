@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from guard.capture import Capture, find, give_feedback
 from guard.metrics import Metrics
+from guard.policy import ALL, PolicySet
 from guard.runtime import Runtime, build_runtime, context_window, prompt_limit
 from guard.server.errors import APIError, error_body
 from guard.server.protocol import ChatCompletionRequest, CompletionRequest, Feedback, Model, ModelList, encoder
@@ -85,11 +86,25 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         runtime = await asyncio.to_thread(factory, settings, refused)
         loaded = time.perf_counter()
         await asyncio.to_thread(runtime.engine.start)  # compiling the decode step takes a while
-        seconds = (loaded - started, time.perf_counter() - loaded)
+        _serve(app, settings, runtime, metrics)
     except Exception as exc:  # reported by /readyz; the process stays up for its logs and probes
         log.exception("loading the model or the probes failed")
         app.state.load_error = str(exc)
         return
+    engine = runtime.engine
+    log.info(
+        "ready: %s (%s, %s) with %d policies; model, policies and probes loaded in %.1f s, engine started in %.1f s",
+        engine.lm.name,
+        engine.lm.numeric,
+        "compiled" if engine.step.compiled else "not compiled",
+        len(engine.policies),
+        loaded - started,
+        time.perf_counter() - loaded,
+    )
+
+
+def _serve(app: Litestar, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
+    """What serves once the engine runs: the registry watcher, the serving side, the metrics that read them."""
     engine = runtime.engine
 
     def changed(policy: str, version: str) -> None:
@@ -109,19 +124,12 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
     )
     writer = _writer(settings, metrics)
     capture = _capture(settings, engine, writer)
-    app.state.serving = Serving(engine, engine.lm.name, limits, metrics, writer, capture)
+    serving = Serving(engine, engine.lm.name, limits, metrics, writer, capture, runtime.sets)
     metrics.watch_engine(engine)
     metrics.model_info.labels(engine.lm.name, engine.lm.fingerprint).set(1)
     metrics.probe_versions(engine.policies, engine.versions())
     metrics.ready.set(1)
-    log.info(
-        "ready: %s (%s, %s) with %d policies; model, policies and probes loaded in %.1f s, engine started in %.1f s",
-        engine.lm.name,
-        engine.lm.numeric,
-        "compiled" if engine.step.compiled else "not compiled",
-        len(engine.policies),
-        *seconds,
-    )
+    app.state.serving = serving  # last: a server with serving set is ready
 
 
 def _writer(settings: Settings, metrics: Metrics) -> RedisWriter | None:
@@ -158,9 +166,15 @@ def _bearer(connection: ASGIConnection) -> str:
 
 
 def _authorised(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    keys = connection.app.state.settings.api_key_set()
+    keys = connection.app.state.settings.api_key_sets()
     if keys and _bearer(connection) not in keys:
         raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _policy_set(request: Request, serving: Serving) -> PolicySet:
+    """The policy set of the request's API key (``all`` without keys); ``_authorised`` has checked the key."""
+    keys = request.app.state.settings.api_key_sets()
+    return serving.sets[keys[_bearer(request)] if keys else ALL]
 
 
 def _operator(connection: ASGIConnection) -> bool:
@@ -184,12 +198,14 @@ class OpenAIController(Controller):
     @post("/chat/completions", status_code=200)
     async def chat_completions(self, request: Request) -> Response:
         serving = _serving(request)
-        return await _answer(await _decode(request, ChatCompletionRequest), serving.chat_stream, serving.chat)
+        body = await _decode(request, ChatCompletionRequest)
+        return await _answer(body, _policy_set(request, serving), serving.chat_stream, serving.chat)
 
     @post("/completions", status_code=200)
     async def completions(self, request: Request) -> Response:
         serving = _serving(request)
-        return await _answer(await _decode(request, CompletionRequest), serving.completion_stream, serving.completion)
+        body = await _decode(request, CompletionRequest)
+        return await _answer(body, _policy_set(request, serving), serving.completion_stream, serving.completion)
 
     @get("/models")
     async def models(self, request: Request) -> Response:
@@ -317,12 +333,17 @@ async def _decode(request: Request, kind: type[T]) -> T:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
 
 
-async def _answer(body: ChatCompletionRequest | CompletionRequest, stream: Callable, whole: Callable) -> Response:
+async def _answer(
+    body: ChatCompletionRequest | CompletionRequest, allowed: PolicySet, stream: Callable, whole: Callable
+) -> Response:
     if body.stream:
         return Stream(
-            await stream(body), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, status_code=200
+            await stream(body, allowed),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            status_code=200,
         )
-    return _json(await whole(body))
+    return _json(await whole(body, allowed))
 
 
 def _json(payload: msgspec.Struct) -> Response:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -23,6 +23,7 @@ from guard.capture import Capture, Seen
 from guard.engine import Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed, Verdict
 from guard.metrics import Metrics
+from guard.policy import ALL, PolicySet
 from guard.sampling import SamplingParams
 from guard.server.errors import APIError
 from guard.server.protocol import (
@@ -70,6 +71,7 @@ class Running:
     endpoint: str
     started: float  # ``time.perf_counter()`` at arrival
     id: str  # the response id
+    policy_set: str  # the API key's policy set, a label of its metrics
 
 
 class Serving:
@@ -81,16 +83,19 @@ class Serving:
         metrics: Metrics,
         writer: RedisWriter | None = None,
         capture: Capture | None = None,
+        sets: Mapping[str, PolicySet] | None = None,
     ) -> None:
-        """``writer``: where shadow counts go (and ``capture``'s records), with Redis."""
+        """``writer``: where shadow counts go (and ``capture``'s records), with Redis. ``sets``: the policy
+        sets API keys name (``all``, every policy, when none are given)."""
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
         self.writer, self.capture = writer, capture
         self.policy_names = {p.name for p in engine.policies}
+        self.sets = dict(sets or {ALL: PolicySet(ALL, frozenset(self.policy_names))})
         self.probe_names = {p.name: p.probe for p in engine.policies}
         self.dials = {dial.name: dial for dial in engine.dials}
 
     # -- validation ------------------------------------------------------------------------------------
-    def chat_request(self, body: ChatCompletionRequest) -> GenerationRequest:
+    def chat_request(self, body: ChatCompletionRequest, allowed: PolicySet) -> GenerationRequest:
         self._common(body)
         if not body.messages:
             raise APIError(400, "'messages' must contain at least one message", param="messages")
@@ -118,10 +123,12 @@ class Serving:
             self.engine.lm.tokenizer, messages, span_message=users[-1], add_generation_prompt=True
         )
         if body.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-            return self._generation(encoded, body, body.max_completion_tokens, "max_completion_tokens", "messages")
-        return self._generation(encoded, body, body.max_tokens, "max_tokens", "messages")
+            return self._generation(
+                encoded, body, allowed, body.max_completion_tokens, "max_completion_tokens", "messages"
+            )
+        return self._generation(encoded, body, allowed, body.max_tokens, "max_tokens", "messages")
 
-    def completion_request(self, body: CompletionRequest) -> GenerationRequest:
+    def completion_request(self, body: CompletionRequest, allowed: PolicySet) -> GenerationRequest:
         self._common(body)
         prompt = body.prompt
         if prompt is None:
@@ -138,7 +145,8 @@ class Serving:
         scored = render_messages(self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0)
         # a legacy completion's default is OpenAI's, whether max_tokens is omitted or null
         max_tokens = LEGACY_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        request = self._generation(Encoded(ids, scored.start, scored.end), body, max_tokens, "max_tokens", "prompt")
+        encoded = Encoded(ids, scored.start, scored.end)
+        request = self._generation(encoded, body, allowed, max_tokens, "max_tokens", "prompt")
         return replace(request, score_ids=scored.ids)
 
     def _common(self, body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -163,11 +171,13 @@ class Serving:
         self,
         encoded: Encoded,
         body: ChatCompletionRequest | CompletionRequest,
+        allowed: PolicySet,
         max_tokens: int | None,
         param: str,
         prompt_param: str,
     ) -> GenerationRequest:
-        """``param``: the field ``max_tokens`` came from; ``prompt_param``: the field the prompt came from."""
+        """``allowed``: the policies the request may be checked with (``guard.policies`` narrows them);
+        ``param``: the field ``max_tokens`` came from; ``prompt_param``: the field the prompt came from."""
         room = self.limits.context_window - len(encoded.ids)
         if room <= 0:
             raise APIError(
@@ -192,13 +202,14 @@ class Serving:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
-        policies = None
+        policies = None if allowed.name == ALL else allowed.policies
         if body.guard is not None and body.guard.policies is not None:
-            unknown = set(body.guard.policies) - self.policy_names
-            if unknown:
+            outside = set(body.guard.policies) - allowed.policies
+            if outside:
+                where = "configured" if allowed.name == ALL else f"policy set {allowed.name!r} allows"
                 raise APIError(
                     400,
-                    f"unknown policies {sorted(unknown)}; configured: {sorted(self.policy_names)}",
+                    f"unknown policies {sorted(outside)}; {where}: {sorted(allowed.policies)}",
                     param="guard.policies",
                 )
             policies = frozenset(body.guard.policies)
@@ -212,7 +223,13 @@ class Serving:
         explain = body.guard is not None and body.guard.explain
         steer = self._dials(body.guard.steer if body.guard is not None else None)
         return GenerationRequest(
-            encoded.ids, (encoded.start, encoded.end), sampling, policies, explain=explain, steer=steer
+            encoded.ids,
+            (encoded.start, encoded.end),
+            sampling,
+            policies,
+            explain=explain,
+            steer=steer,
+            policy_set=allowed.name,
         )
 
     def _dials(self, steer: dict[str, float] | None) -> dict[str, float]:
@@ -235,7 +252,7 @@ class Serving:
         try:
             handle = self.engine.submit(request, asyncio.get_running_loop())
         except QueueFull as exc:
-            self.metrics.ended("rejected")
+            self.metrics.ended("rejected", request.policy_set)
             raise APIError(
                 429, f"the server is busy ({exc}); retry shortly", code="queue_full", headers={"Retry-After": "1"}
             ) from None
@@ -244,7 +261,7 @@ class Serving:
             first = await _next(events, _deadline(started, self.limits.queue_timeout))
         except TimeoutError:
             handle.cancel()  # leaves the queue, or the batch at its next token
-            self.metrics.ended("timeout")
+            self.metrics.ended("timeout", request.policy_set)
             raise APIError(
                 503,
                 f"no batch slot within {self.limits.queue_timeout:g} s; retry shortly",
@@ -253,17 +270,17 @@ class Serving:
             ) from None
         except asyncio.CancelledError:  # the client went away while waiting
             handle.cancel()
-            self.metrics.ended("cancelled")
+            self.metrics.ended("cancelled", request.policy_set)
             raise
         if isinstance(first, Failed):
-            self.metrics.ended("failed")
+            self.metrics.ended("failed", request.policy_set)
             raise APIError(500, first.error, code="generation_failed")
-        self.metrics.prompt_checked(first.verdicts)
+        self.metrics.prompt_checked(first.verdicts, request.policy_set)
         self._compare(request_id, first.verdicts, first.shadow)
         if first.blocked:
             async for event in events:
                 if isinstance(event, Finished):
-                    self.metrics.finished(event, endpoint, started)
+                    self.metrics.finished(event, endpoint, started, request.policy_set)
                     self._captured(request_id, endpoint, handle, first, event)
             raise APIError(
                 400,
@@ -273,7 +290,7 @@ class Serving:
                 filters=first.verdicts,
                 headers={"x-request-id": request_id},
             )
-        return Running(handle, events, first, endpoint, started, request_id)
+        return Running(handle, events, first, endpoint, started, request_id, request.policy_set)
 
     async def reply(self, running: Running) -> AsyncIterator[PromptChecked | Emitted | Finished | APIError]:
         """What every answer is made of, streamed or not: the prompt verdict, text pieces, then how it finished
@@ -291,7 +308,7 @@ class Serving:
                     event = await _next(events, deadline)
                 except TimeoutError:
                     ended = True
-                    self.metrics.ended("timeout")
+                    self.metrics.ended("timeout", running.policy_set)
                     yield self._timed_out()
                     return
                 if isinstance(event, Emitted):
@@ -303,19 +320,19 @@ class Serving:
                     yield event
                 elif isinstance(event, Failed):
                     ended = True
-                    self.metrics.ended("failed")
+                    self.metrics.ended("failed", running.policy_set)
                     yield APIError(500, event.error, code="generation_failed")
                     return
                 elif isinstance(event, Finished):
                     ended = True
-                    self.metrics.finished(event, endpoint, started)
+                    self.metrics.finished(event, endpoint, started, running.policy_set)
                     self._compare(running.id, event.verdicts, event.shadow)
                     self._captured(running.id, endpoint, handle, checked, event, "".join(pieces or ()))
                     yield event
                     return
         finally:
             if not ended:  # the client went away: the stream was closed, or the request cancelled
-                self.metrics.ended("cancelled")
+                self.metrics.ended("cancelled", running.policy_set)
             handle.cancel()  # no-op once finished; stops generation if the client went away or timed out
 
     async def collect(self, running: Running) -> tuple[str, Finished]:
@@ -372,9 +389,9 @@ class Serving:
             code="timeout",
         )
 
-    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion:
+    async def chat(self, body: ChatCompletionRequest, allowed: PolicySet) -> ChatCompletion:
         started, request_id = time.perf_counter(), _id("chatcmpl")
-        running = await self.start(self.chat_request(body), "chat", started, request_id)
+        running = await self.start(self.chat_request(body, allowed), "chat", started, request_id)
         text, done = await self.collect(running)
         refusal = done.message if done.reason == "content_filter" else None
         choice = ChatChoice(
@@ -393,9 +410,10 @@ class Serving:
             prompt_filter_results=_prompt_results(running.checked),
         )
 
-    async def completion(self, body: CompletionRequest) -> Completion:
+    async def completion(self, body: CompletionRequest, allowed: PolicySet) -> Completion:
         started, request_id = time.perf_counter(), _id("cmpl")
-        running = await self.start(self.completion_request(body), "completions", started, request_id)
+        request = self.completion_request(body, allowed)
+        running = await self.start(request, "completions", started, request_id)
         text, done = await self.collect(running)
         choice = CompletionChoice(0, text, done.reason, content_filter_results=done.verdicts)
         return Completion(
@@ -408,7 +426,7 @@ class Serving:
             prompt_filter_results=_prompt_results(running.checked),
         )
 
-    async def chat_stream(self, body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def chat_stream(self, body: ChatCompletionRequest, allowed: PolicySet) -> AsyncIterator[bytes]:
         meta = {"id": _id("chatcmpl"), "created": int(time.time()), "model": self.model_name}
 
         def chunk(choices: list[ChunkChoice], **extra: object) -> ChatCompletionChunk:
@@ -426,9 +444,9 @@ class Serving:
             closing=closing,
             usage=lambda usage: chunk([], usage=usage),
         )
-        return await self._stream(self.chat_request(body), "chat", body, meta, shape)
+        return await self._stream(self.chat_request(body, allowed), "chat", body, meta, shape)
 
-    async def completion_stream(self, body: CompletionRequest) -> AsyncIterator[bytes]:
+    async def completion_stream(self, body: CompletionRequest, allowed: PolicySet) -> AsyncIterator[bytes]:
         meta = {"id": _id("cmpl"), "created": int(time.time()), "model": self.model_name}
 
         def chunk(choices: list[CompletionChoice], **extra: object) -> Completion:
@@ -440,7 +458,8 @@ class Serving:
             closing=lambda done: chunk([CompletionChoice(0, "", done.reason, content_filter_results=done.verdicts)]),
             usage=lambda usage: chunk([], usage=usage),
         )
-        return await self._stream(self.completion_request(body), "completions", body, meta, shape)
+        request = self.completion_request(body, allowed)
+        return await self._stream(request, "completions", body, meta, shape)
 
     async def _stream(
         self,
