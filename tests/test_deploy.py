@@ -106,3 +106,18 @@ def test_prometheus_scrapes_guard_and_every_referenced_metric_exists(tmp_path, t
         prometheus.terminate()
         prometheus.wait(timeout=20)
         guard.stop()
+
+
+def test_the_dockerfiles_python_steps_import_what_exists():
+    """The image runs Python snippets at build time; each module they import must exist in this tree (the
+    image cannot be built here, so a moved module would only show when someone builds it)."""
+    import importlib.util
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    snippets = re.findall(r'python -c "([^"]+)"', dockerfile)
+    modules = [m for snippet in snippets for m in re.findall(r"from ([\w.]+) import|import ([\w.]+)", snippet)]
+    names = [a or b for a, b in modules]
+    assert names, "no python -c step found"
+    for name in names:
+        assert importlib.util.find_spec(name) is not None, name
+    assert "dtype='int8'" in dockerfile  # the default numeric path's calibration is cached in the image
