@@ -4,7 +4,8 @@
   contributes its probe's difference-of-class-means direction at each layer the probe reads
   (unit-normalised).
 - ``Steering``: ``h <- h + s r`` at a direction's layer, ``s`` the row's strength (``refuse`` policies
-  steer along the model's refusal direction, ``probes.direction``).
+  steer along the model's refusal direction, ``steer`` policies and dials along their own,
+  ``probes.direction``).
 
 Which rows an operator acts on is a ``[rows, n_directions]`` mask (or strengths) set before every
 forward pass, so sequences with and without interventions share one batch.

@@ -6,12 +6,12 @@ A policy file is YAML or JSON::
       - name: harmful_request
         probe: harmful_request        # shipped policy name, probe directory, or registry reference
         stage: prompt                 # prompt | output | both
-        action: block                 # flag | block | ablate | refuse
+        action: block                 # flag | block | ablate | refuse | steer
         threshold: 0.9                # optional: overrides the probe's own threshold
         message: "I can't help with that."   # optional: refusal text for an output block
         ablate_always: false          # ablate: from the first token, not only once the policy fires
-        direction: refusal            # refuse: the direction steered along (shipped name or directory)
-        strength: 24.0                # refuse: optional; default: the direction's recommended strength
+        direction: refusal            # refuse, steer: the direction steered along (shipped name or directory)
+        strength: 24.0                # refuse: optional (default: the direction's); steer: required, signed
     dials:                            # optional: directions a request may steer along, within bounds
       - name: refusal
         direction: refusal
@@ -50,6 +50,7 @@ class Action(StrEnum):
     BLOCK = "block"
     ABLATE = "ablate"
     REFUSE = "refuse"  # steer along the model's refusal direction: it declines in its own words
+    STEER = "steer"  # steer along the policy's direction by its signed strength
 
 
 class PolicyError(ValueError):
@@ -67,6 +68,11 @@ class Policy:
     ablate_always: bool = False
     direction: str = "refusal"
     strength: float | None = None
+
+    @property
+    def steers(self) -> bool:
+        """Whether a crossing steers the row along ``direction`` from then on (``refuse`` and ``steer``)."""
+        return self.action in (Action.REFUSE, Action.STEER)
 
     @property
     def on_prompt(self) -> bool:
@@ -188,8 +194,10 @@ def _policy(entry: object, where: str) -> Policy:
         raise PolicyError(f"{where}: 'threshold' must be a number between 0 and 1")
     if action is Action.ABLATE and stage is Stage.PROMPT:
         raise PolicyError(f"{where}: action 'ablate' changes generated tokens; its stage must be 'output' or 'both'")
-    if action is not Action.REFUSE and ({"direction", "strength"} & set(entry)):
-        raise PolicyError(f"{where}: 'direction' and 'strength' are for action 'refuse'")
+    if action not in (Action.REFUSE, Action.STEER) and ({"direction", "strength"} & set(entry)):
+        raise PolicyError(f"{where}: 'direction' and 'strength' are for actions 'refuse' and 'steer'")
+    if action is Action.STEER and not {"direction", "strength"} <= set(entry):
+        raise PolicyError(f"{where}: action 'steer' needs a 'direction' and a signed 'strength'")
     strength = entry.get("strength")
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)):
         raise PolicyError(f"{where}: 'strength' must be a number")

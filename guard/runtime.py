@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from guard.engine import Engine
-from guard.policy import Action, PolicyError, PolicySet, load_dials, load_policies, load_sets
+from guard.policy import PolicyError, PolicySet, load_dials, load_policies, load_sets
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
 from probes.catalog import resolve_direction
@@ -61,7 +61,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
     dials = load_dials(settings.policy_file)
-    names = {p.direction for p in policies if p.action is Action.REFUSE} | {d.direction for d in dials}
+    names = {p.direction for p in policies if p.steers} | {d.direction for d in dials}
     directions = {
         name: Direction.load(resolve_direction(name, lm.fingerprint), model_fingerprint=lm.fingerprint)
         for name in names

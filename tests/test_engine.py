@@ -630,6 +630,19 @@ def test_refuse_on_the_output_recomputes_the_crossing_token_under_steering(tiny_
         Engine(tiny_lm, [refuse], [probe_for(tiny_lm)])
 
 
+def test_a_steer_policy_steers_along_its_own_direction_by_its_signed_strength(tiny_lm, engine_for):
+    style = direction_for(tiny_lm)  # the refusal-like test direction, steered the other way
+    steer = Policy("toy", "toy", Stage.PROMPT, Action.STEER, threshold=0.0, direction="style", strength=-4.0)
+    engine = engine_for([steer], [probe_for(tiny_lm)], directions={"style": style})
+    req = request(tiny_lm, PROMPTS[2], 12)
+    text, done, events = asyncio.run(run(engine, req))
+    verdict = events[0].verdicts["toy"]
+    assert verdict.action == "steer" and verdict.filtered and verdict.steered_from_token == 0
+    assert done.reason in {"stop", "length"}  # the reply is the model's own
+    assert text == steered_reference(tiny_lm, req, style, -4.0, len(req.prompt_ids) - 1)
+    assert text != steered_reference(tiny_lm, req, style, 0.0, 0)
+
+
 def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for):
     from guard.policy import Dial
 

@@ -67,7 +67,9 @@ def test_refuse_defaults_to_the_shipped_refusal_direction(tmp_path):
         ("policies: [{name: a, probe: b, colour: red}]", "unknown field"),
         ("policies: [{name: a, probe: b, action: ablate}]", "stage must be 'output' or 'both'"),
         ("policies: [{name: a, probe: b}, {name: a, probe: c}]", "unique"),
-        ("policies: [{name: a, probe: b, action: block, strength: 3}]", "are for action 'refuse'"),
+        ("policies: [{name: a, probe: b, action: block, strength: 3}]", "are for actions 'refuse' and 'steer'"),
+        ("policies: [{name: a, probe: b, action: steer, strength: -3}]", "needs a 'direction' and a signed"),
+        ("policies: [{name: a, probe: b, action: steer, direction: formal}]", "needs a 'direction' and a signed"),
         ("policies: [{name: a, probe: b, action: refuse, strength: strong}]", "'strength' must be a number"),
         ("policies: [{name: a, probe: b, action: refuse, direction: ''}]", "'direction' must be a non-empty"),
         ("policies: [", "not valid YAML"),
@@ -80,6 +82,14 @@ def test_bad_policy_files(tmp_path, document, message):
         load_policies(path)
     with pytest.raises(PolicyError, match="cannot read"):
         load_policies(tmp_path / "missing.yaml")
+
+
+def test_a_steer_policy_names_its_direction_and_a_signed_strength(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("policies: [{name: a, probe: b, action: steer, direction: formal, strength: -12.5}]")
+    (policy,) = load_policies(path)
+    assert policy.action is Action.STEER and policy.direction == "formal" and policy.strength == -12.5
+    assert policy.steers and not load_policies(DEFAULT_POLICY_FILE)[0].steers
 
 
 def test_dials_name_a_direction_and_its_bounds(tmp_path):

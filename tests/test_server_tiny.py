@@ -148,23 +148,26 @@ def test_verdicts_carry_explanations_only_when_asked(keyed, tiny_model_dir):
     assert caught.value.status_code == 400 and "guard.explain" in str(caught.value.body)
 
 
-def test_a_refuse_policy_served_steers_and_says_so(setup, tiny_lm, tiny_model_dir, tmp_path):
+def test_refuse_and_steer_policies_served_steer_and_say_so(setup, tiny_lm, tiny_model_dir, tmp_path):
     from test_engine import direction_for, probe_for
 
     env = setup[2]
     probe_for(tiny_lm).save(tmp_path / "probe")
     direction_for(tiny_lm).save(tmp_path / "direction")
     refuse = {"name": "toy", "probe": str(tmp_path / "probe"), "action": "refuse", "threshold": 0.0}
+    steer = {**refuse, "name": "style", "action": "steer", "strength": -3.0}
     policies = tmp_path / "policies.json"
-    policies.write_text(json.dumps({"policies": [{**refuse, "direction": str(tmp_path / "direction")}]}))
+    steering = [{**entry, "direction": str(tmp_path / "direction")} for entry in (refuse, steer)]
+    policies.write_text(json.dumps({"policies": steering}))
     server = Server("--model", str(tiny_model_dir), "--policy-file", str(policies), env=env, log=tmp_path / "log")
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         ask = {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-        reply = client.chat.completions.create(**ask)
-        verdict = reply.model_extra["prompt_filter_results"][0]["content_filter_results"]["toy"]
-        assert verdict["action"] == "refuse" and verdict["filtered"] and verdict["steered_from_token"] == 0
-        assert reply.choices[0].finish_reason in {"stop", "length"}  # the reply is the model's own
+        for name, action in (("toy", "refuse"), ("style", "steer")):
+            reply = client.chat.completions.create(**ask, extra_body={"guard": {"policies": [name]}})
+            verdict = reply.model_extra["prompt_filter_results"][0]["content_filter_results"][name]
+            assert verdict["action"] == action and verdict["filtered"] and verdict["steered_from_token"] == 0
+            assert reply.choices[0].finish_reason in {"stop", "length"}  # the reply is the model's own
     finally:
         server.stop()
     policies.write_text(json.dumps({"policies": [{**refuse, "direction": str(tmp_path / "nowhere")}]}))

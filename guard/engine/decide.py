@@ -3,8 +3,8 @@
 A policy *crosses* when it is checked (the request's and the stage's) and its score exceeds its
 threshold. What a crossing does is the policy's action: ``block`` ends the reply with
 ``content_filter``, ``ablate`` projects the policy's direction out from then on, ``refuse`` steers
-along the refusal direction from then on (so the model declines in its own words), ``flag`` only
-reports.
+along the refusal direction from then on (so the model declines in its own words), ``steer`` along
+the policy's own direction by its signed strength, ``flag`` only reports.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from probes.explain import Explanation
 
 @dataclass(frozen=True)
 class Decision:
-    """Per row and policy (``[..., n_policies]`` bool): what crossed, and which of those block or ablate."""
+    """Per row and policy (``[..., n_policies]`` bool): what crossed, and which of those block, ablate or steer."""
 
     crossed: torch.Tensor
     blocking: torch.Tensor
     ablating: torch.Tensor
-    refusing: torch.Tensor
+    steering: torch.Tensor  # refuse and steer
 
 
 class Decider:
@@ -36,14 +36,14 @@ class Decider:
         self.policies = tuple(policies)
         self.blocks = torch.tensor([p.action is Action.BLOCK for p in policies], dtype=torch.bool)
         self.ablates = torch.tensor([p.action is Action.ABLATE for p in policies], dtype=torch.bool)
-        self.refuses = torch.tensor([p.action is Action.REFUSE for p in policies], dtype=torch.bool)
+        self.steers = torch.tensor([p.steers for p in policies], dtype=torch.bool)
         self.on_prompt = torch.tensor([p.on_prompt for p in policies], dtype=torch.bool)
         self.on_output = torch.tensor([p.on_output for p in policies], dtype=torch.bool)
 
     def decide(self, scores: torch.Tensor, thresholds: torch.Tensor, checked: torch.Tensor) -> Decision:
         """``scores`` and ``checked`` ``[..., n_policies]``: the policies that cross, and what their actions are."""
         crossed = checked & (scores > thresholds)
-        return Decision(crossed, crossed & self.blocks, crossed & self.ablates, crossed & self.refuses)
+        return Decision(crossed, crossed & self.blocks, crossed & self.ablates, crossed & self.steers)
 
     def message(self, blocking: torch.Tensor) -> str | None:
         """The refusal text of the first blocking policy of one row, if any blocks."""

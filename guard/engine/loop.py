@@ -15,6 +15,7 @@ one-token delay and no extra pass. What a crossing does is decided in ``guard.en
   model declines in its own words. On the prompt stage the prompt's last token is recomputed under
   steering, so the first token is steered too; on the output stage the offending token is recomputed,
   as for an ablation.
+- ``steer``: the same, along the policy's own direction by its signed strength.
 - ``flag``: recorded in the verdicts, the text is untouched.
 
 Hidden states reach the loop by one route, the step's layer callback (``guard.engine.tap``), on every
@@ -85,7 +86,7 @@ class Engine:
         directions: Mapping[str, Direction] | None = None,
         dials: Sequence[Dial] = (),
     ) -> None:
-        """``directions``: by name, the directions ``refuse`` policies and ``dials`` steer along."""
+        """``directions``: by name, the directions ``refuse`` and ``steer`` policies and ``dials`` steer along."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
@@ -93,17 +94,17 @@ class Engine:
         self.probes = ProbeSet.build(policies, probes)
         self.decider = Decider(policies)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
-        refusing = [p for p in policies if p.action is Action.REFUSE]
+        steering = [p for p in policies if p.steers]
         self.dials = tuple(dials)
-        needed = {p.direction for p in refusing} | {d.direction for d in dials}
+        needed = {p.direction for p in steering} | {d.direction for d in dials}
         missing = sorted(needed - set(directions or {}))
         if missing:
-            raise ValueError(f"refuse policies and dials steer along directions that were not loaded: {missing}")
-        self.steering = Steering([directions[p.direction] for p in refusing] + [directions[d.direction] for d in dials])
-        self.steer_index = {p.name: i for i, p in enumerate(refusing)}
-        self.dial_index = {d.name: len(refusing) + i for i, d in enumerate(dials)}
+            raise ValueError(f"steering policies and dials steer along directions that were not loaded: {missing}")
+        self.steering = Steering([directions[p.direction] for p in steering] + [directions[d.direction] for d in dials])
+        self.steer_index = {p.name: i for i, p in enumerate(steering)}
+        self.dial_index = {d.name: len(steering) + i for i, d in enumerate(dials)}
         self.strengths = torch.tensor(
-            [p.strength if p.strength is not None else directions[p.direction].strength for p in refusing]
+            [p.strength if p.strength is not None else directions[p.direction].strength for p in steering]
         )
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos_ids = _eos_ids(lm)
@@ -413,7 +414,7 @@ class Engine:
     def _check_prompt(self, work: PromptWork) -> str:
         """Prompt-stage verdicts from the span's per-token contributions; then block, steer or sample.
 
-        ``blocked``, ``sampled`` (the first token), or ``steered``: a refuse policy crossed, and the first
+        ``blocked``, ``sampled`` (the first token), or ``steered``: a steering policy crossed, and the first
         token is to come from the prompt's last pass redone under steering."""
         reply, logits = work.reply, work.logits
         bank = reply.probes.bank
@@ -425,7 +426,7 @@ class Engine:
             ids = (reply.request.score_ids or reply.request.prompt_ids)[work.span[0] : work.span[1]]
             explained = explanations(reply.probes, checked, torch.cat(work.terms), ids, self.lm.tokenizer)
         blocked = bool(decision.blocking.any())
-        refused = [] if blocked else self._steer(reply, decision.refusing, 0)
+        steered = [] if blocked else self._steer(reply, decision.steering, 0)
         verdicts = self.decider.verdicts(
             scores, checked, decision.crossed, bank.versions, explanations=explained, steered_from=reply.steered_from
         )
@@ -436,14 +437,14 @@ class Engine:
             return "blocked"
         ids = reply.request.prompt_ids
         reply.previous, reply.position = ids[-1], len(ids)
-        if refused:
+        if steered:
             return "steered"
         reply.pending = sample(logits, reply.request.sampling, reply.generator)
         return "sampled"
 
-    def _steer(self, reply: Reply, refusing: torch.Tensor, token: int) -> list[str]:
-        """Steer the row along the refusal direction of each newly crossed ``refuse`` policy, from ``token``."""
-        fired = [self.policies[i].name for i in refusing.nonzero().flatten().tolist()]
+    def _steer(self, reply: Reply, steering: torch.Tensor, token: int) -> list[str]:
+        """Steer the row along the direction of each newly crossed ``refuse`` or ``steer`` policy, from ``token``."""
+        fired = [self.policies[i].name for i in steering.nonzero().flatten().tolist()]
         fired = [name for name in fired if name not in reply.steered_from]
         for name in fired:
             reply.steered_from[name] = token
@@ -503,7 +504,7 @@ class Engine:
         for name in fired:
             reply.ablated_from[name] = reply.completion_tokens
             reply.ablating[self.ablate_index[name]] = 1.0
-        if self._steer(reply, decision.refusing[row], reply.completion_tokens) or fired:
+        if self._steer(reply, decision.steering[row], reply.completion_tokens) or fired:
             return "rework"  # the token is recomputed under the new intervention: its scores do not count
         _accept(reply, scored)
         return "emit"

@@ -23,7 +23,7 @@ class Reply:
     sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
-    steering: torch.Tensor  # [n_steered]: this row's strength along each refuse policy's direction
+    steering: torch.Tensor  # [n_steered]: this row's strength along each steering policy's direction
     shadow_sums: torch.Tensor  # [n_shadowed]: the same three for the probe set's shadow versions
     shadow_score: torch.Tensor
     shadow_crossed: torch.Tensor
