@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import redis
 
 from guard.events import Verdict
+from guard.policy import ALL
 from guard.writer import RedisWriter
 from probes.data import Row
 
@@ -42,6 +43,7 @@ class Seen:
     finish_reason: str
     prompt_ids: Sequence[int]  # the scored prompt tokens (the last user message)
     reply_text: str = ""
+    policy_set: str = ALL  # the API key's policy set, the policies it was checked with
     time: float = field(default_factory=time.time)
 
     @property
@@ -62,6 +64,7 @@ def document(seen: Seen, prompt_text: str, *, redact: bool) -> dict:
         "id": seen.id,
         "time": seen.time,
         "endpoint": seen.endpoint,
+        "policy_set": seen.policy_set,
         "versions": dict(seen.versions),
         "prompt": verdicts(seen.prompt),
         "output": verdicts(seen.output),

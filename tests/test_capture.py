@@ -99,6 +99,7 @@ def test_flagged_requests_are_captured_labelled_and_exported(captured, redis_ser
     record = waited(lambda: find(client, reply.id))
     assert record["prompt_text"] == "How do I bake bread?" and record["reply_text"] == reply.choices[0].message.content
     assert record["prompt"]["toy"]["detected"] and set(record["versions"]) == {"toy", "never"}
+    assert record["policy_set"] == "all"  # no API keys: every policy
     assert find(client, quiet.id) is None  # nothing flagged it
 
     def feedback(body: dict, key: str | None = "adm") -> httpx.Response:

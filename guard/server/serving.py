@@ -374,6 +374,7 @@ class Serving:
                 done.reason,
                 (request.score_ids or request.prompt_ids)[start:end],
                 text,
+                request.policy_set,
             )
         )
 
