@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings.from_env().override_from(args)  # flags win over GUARD_* variables
     try:
+        settings = Settings.from_env().override_from(args)  # flags win over GUARD_* variables
         return args.run(args, settings)
     except (
         DatasetError,

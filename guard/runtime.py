@@ -32,7 +32,7 @@ class Runtime:
 def build_runtime(settings: Settings, on_refused=None) -> Runtime:
     policies = load_policies(settings.policy_file)
     sets = load_sets(settings.policy_file, policies)
-    missing = sorted(set(settings.api_key_sets().values()) - set(sets))
+    missing = sorted(set(settings.api_key_sets.values()) - set(sets))
     if missing:  # named by set, never by key: a key is a secret
         raise PolicyError(f"API keys name policy sets {missing}, which {settings.policy_file} does not define")
     # One thread here, whatever the engine's: a thread that has run torch with two OpenMP threads keeps

@@ -46,6 +46,11 @@ class Settings:
     capture_sample: float = 0.0  # also record this fraction of requests nothing flagged
     capture_maxlen: int = 100_000  # records the stream keeps at most
     capture_retention: float = 7 * 86400.0  # seconds a record is kept
+    # each accepted key and the policy set it names (``all`` when none), parsed from api_keys once
+    api_key_sets: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_key_sets", _key_sets(self.api_keys))
 
     def registry_dir(self) -> Path:
         return self.cache_dir / "registry"
@@ -56,21 +61,11 @@ class Settings:
         if not 0 <= self.capture_sample <= 1:
             raise ValueError(f"--capture-sample must be between 0 and 1, got {self.capture_sample}")
 
-    def api_key_sets(self) -> dict[str, str]:
-        """Each accepted key and the policy set it names (``all`` when it names none)."""
-        keys = {}
-        for entry in filter(None, (e.strip() for e in self.api_keys.split(","))):
-            key, _, policy_set = entry.partition(":")
-            if not key.strip():
-                raise ValueError("an API key entry is empty before its ':' (GUARD_API_KEYS takes KEY or KEY:SET)")
-            keys[key.strip()] = policy_set.strip() or ALL
-        return keys
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Defaults overridden by ``GUARD_<FIELD>`` variables (``GUARD_MODEL``, ``GUARD_CACHE_DIR``, ...)."""
         values = {}
-        for f in fields(cls):
+        for f in (f for f in fields(cls) if f.init):
             raw = env.get(f"GUARD_{f.name.upper()}")
             if raw is None:
                 continue
@@ -87,7 +82,18 @@ class Settings:
 
     def override_from(self, args: object) -> Settings:
         """A copy with every parsed flag named like a field (``--max-batch`` is ``max_batch``) that was given."""
-        return self.override(**{f.name: getattr(args, f.name, None) for f in fields(self)})
+        return self.override(**{f.name: getattr(args, f.name, None) for f in fields(self) if f.init})
+
+
+def _key_sets(api_keys: str) -> dict[str, str]:
+    """``KEY`` or ``KEY:SET`` entries, comma-separated: a bad one fails the settings, never a request."""
+    keys = {}
+    for entry in filter(None, (e.strip() for e in api_keys.split(","))):
+        key, _, policy_set = entry.partition(":")
+        if not key.strip():
+            raise ValueError("an API key entry is empty before its ':' (GUARD_API_KEYS takes KEY or KEY:SET)")
+        keys[key.strip()] = policy_set.strip() or ALL
+    return keys
 
 
 def _boolean(raw: str) -> bool:

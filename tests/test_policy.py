@@ -127,7 +127,8 @@ def test_policy_sets_name_subsets_of_the_policies(tmp_path):
 def test_api_keys_name_their_policy_set():
     from guard.settings import Settings
 
-    assert Settings(api_keys="k1, k2:narrow ,k3:").api_key_sets() == {"k1": "all", "k2": "narrow", "k3": "all"}
-    assert Settings().api_key_sets() == {}
+    assert Settings(api_keys="k1, k2:narrow ,k3:").api_key_sets == {"k1": "all", "k2": "narrow", "k3": "all"}
+    assert Settings().api_key_sets == {}
+    assert Settings().override(api_keys="k4:narrow").api_key_sets == {"k4": "narrow"}  # parsed again on a copy
     with pytest.raises(ValueError, match="empty before its ':'"):
-        Settings(api_keys=":narrow").api_key_sets()
+        Settings(api_keys=":narrow")

@@ -166,14 +166,14 @@ def _bearer(connection: ASGIConnection) -> str:
 
 
 def _authorised(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    keys = connection.app.state.settings.api_key_sets()
+    keys = connection.app.state.settings.api_key_sets
     if keys and _bearer(connection) not in keys:
         raise APIError(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
 def _policy_set(request: Request, serving: Serving) -> PolicySet:
     """The policy set of the request's API key (``all`` without keys); ``_authorised`` has checked the key."""
-    keys = request.app.state.settings.api_key_sets()
+    keys = request.app.state.settings.api_key_sets
     return serving.sets[keys[_bearer(request)] if keys else ALL]
 
 

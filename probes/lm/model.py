@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,14 +184,22 @@ def _convert_gguf(package_dir: Path, target: Path) -> None:
     log.info("de-quantising %s into %s (once)", _GGUF_FILE, target)
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         tokenizer.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"))
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A fresh directory beside ``target`` to write a model into. Once the block ends it replaces
+    ``target`` whole, so no reader sees half a model; if the block raises, it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

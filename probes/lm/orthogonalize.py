@@ -15,8 +15,6 @@ first, so its logits still read the residual stream through the original matrix.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from probes.lm.layers import decoder_layers
-from probes.lm.model import LoadedModel, fingerprint
+from probes.lm.model import LoadedModel, fingerprint, staged_directory
 
 MANIFEST = "guard_export.json"
 
@@ -71,19 +69,12 @@ def export_ablated(lm: LoadedModel, direction: np.ndarray, out: Path, provenance
     if lm.numeric != "float32":
         raise ValueError(f"export writes float32 weights: load the model on float32, not {lm.numeric}")
     orthogonalize(lm.model, torch.from_numpy(np.asarray(direction, dtype=np.float32)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
+    exported = fingerprint(lm.model)
+    with staged_directory(out) as staging:
         lm.model.save_pretrained(staging)
         lm.tokenizer.save_pretrained(staging)
-        exported = fingerprint(lm.model)
         manifest = {**provenance, "source": lm.name, "source_fingerprint": lm.fingerprint, "fingerprint": exported}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (the caller refuses a directory with files in it)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return exported
 
 
