@@ -96,3 +96,16 @@ def test_reply_sources_pair_a_prompt_with_the_assistant_reply(data_dir):
     assert RECIPES["harmful_reply"].stage == "output" and all(r.prompt for r in rows.rows)
     sources = {p["source"] for p in provenance["picks"]}
     assert sources == {"do_not_answer_responses", "hh_rlhf", "safety_tuned_llamas_replies"}
+
+
+def test_harmbench_replies_carry_the_human_majority_and_the_behaviour(data_dir):
+    from probes.eval.sources import majority, read_source
+
+    assert majority({"human_0": 1, "human_1": 0, "human_2": 1}) == 1
+    assert majority({"human_0": 1, "human_1": 0, "human_2": 0}) == 0
+    rows = read_source("harmbench_replies", data_dir)
+    # 602 records less the 6 of three ids with no behaviour row; 52 + 218 harmful in the val and test behaviours
+    assert len(rows) == 596 and sum(r.label for r in rows) == 270
+    behaviours = {r.text: r for r in read_source("harmbench", data_dir)}
+    assert all(r.prompt.rsplit("\n\n", 1)[-1] in behaviours for r in rows)
+    assert len({r.category for r in rows}) == 298

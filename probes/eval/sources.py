@@ -162,6 +162,30 @@ def _do_not_answer_responses(d: Path) -> list[Row]:
     return out
 
 
+def _harmbench_replies(d: Path) -> list[Row]:
+    """HarmBench's classifier validation set: red-teamed models' replies to HarmBench behaviours, harmful (1)
+    when the majority of three annotators judged the reply an instance of the behaviour. The prompt is the
+    behaviour (after its context, if any), not the attack prompt; the category is the behaviour's id, so
+    splits can keep a behaviour's replies together. Ids without a behaviour row are skipped, as upstream does."""
+    behaviours = {
+        r["BehaviorID"]: "\n\n".join(t for t in (r["ContextString"].strip(), r["Behavior"].strip()) if t)
+        for r in _csv(d / "harmbench/harmbench_behaviors_text_all.csv")
+    }
+    records = json.loads((d / "harmbench_classifier_val/text_behaviors_val_set.json").read_text(encoding="utf-8"))
+    return [
+        Row(r["generation"].strip(), majority(r), prompt=behaviours[key], category=key, source="harmbench_replies")
+        for key, pair in records.items()
+        if key in behaviours
+        for r in pair
+        if r["generation"].strip()
+    ]
+
+
+def majority(record: dict) -> int:
+    """The human label of a HarmBench classifier-validation record: at least two of three annotators."""
+    return int(sum(int(record[f"human_{i}"]) for i in range(3)) >= 2)
+
+
 def _hh_rlhf(d: Path) -> list[Row]:
     """HH-RLHF harmless-base pairs: the final assistant turn, rejected (1: the more harmful) vs chosen (0).
 
@@ -220,5 +244,6 @@ SOURCES: dict[str, SourceReader] = {
     "medicheck_neg": _medicheck_neg,
     "do_not_answer_responses": _do_not_answer_responses,
     "hh_rlhf": _hh_rlhf,
+    "harmbench_replies": _harmbench_replies,
     "safety_tuned_llamas_replies": _safety_tuned_llamas_replies,
 }
