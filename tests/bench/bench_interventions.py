@@ -15,49 +15,38 @@ and example replies.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
 from pathlib import Path
 
 from guard.engine import Engine
-from guard.events import Emitted, Finished, GenerationRequest, PromptChecked
 from guard.policy import Action, Policy, Stage
+from guard.replies import generate
 from guard.sampling import SamplingParams
 from probes.catalog import load_shipped, resolve_direction
 from probes.data import default_data_dir
 from probes.direction import Direction
-from probes.eval.directions import SENSITIVE_BENIGN, refuses
+from probes.eval.directions import SENSITIVE_BENIGN
+from probes.eval.judges import refuses
 from probes.eval.sources import read_source
 from probes.lm.model import DEFAULT_MODEL, load_model
-from probes.lm.render import render_messages
 
 
 def replies(engine: Engine, prompts: list[str], tokens: int) -> tuple[list[dict], float]:
-    tokenizer = engine.lm.tokenizer
-
-    async def one(text: str) -> dict:
-        enc = render_messages(
-            tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
-        )
-        request = GenerationRequest(enc.ids, (enc.start, enc.end), SamplingParams(max_tokens=tokens, temperature=0))
-        pieces, fired, generated = [], False, 0
-        async for event in engine.submit(request, asyncio.get_running_loop()).events():
-            if isinstance(event, PromptChecked):
-                fired = event.verdicts["harmful_request"].detected
-            elif isinstance(event, Emitted):
-                pieces.append(event.text)
-            elif isinstance(event, Finished):
-                generated = event.completion_tokens
-        return {"prompt": text, "fired": fired, "reply": "".join(pieces), "tokens": generated}
-
-    async def all_of() -> list[dict]:
-        return await asyncio.gather(*(one(text) for text in prompts))
-
     started = time.perf_counter()
-    out = asyncio.run(all_of())
-    return out, sum(r["tokens"] for r in out) / (time.perf_counter() - started)
+    out = generate(engine, prompts, SamplingParams(max_tokens=tokens, temperature=0))
+    rate = sum(g.completion_tokens for g in out) / (time.perf_counter() - started)
+    runs = [
+        {
+            "prompt": g.prompt,
+            "fired": g.prompt_verdicts["harmful_request"].detected,
+            "reply": g.reply,
+            "tokens": g.completion_tokens,
+        }
+        for g in out
+    ]
+    return runs, rate
 
 
 def summary(runs: list[dict]) -> dict:
