@@ -313,16 +313,27 @@ def _print_table(report: dict) -> None:
 
 # -- data -----------------------------------------------------------------------------------------------
 def _data_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["policy", "source"], help="a policy's rows or a whole source dataset")
-    p.add_argument("name", help=f"policy ({', '.join(RECIPES)}) or source ({', '.join(SOURCES)})")
+    p.add_argument(
+        "what",
+        choices=["policy", "source", "replies"],
+        help="a policy's rows, a whole source dataset, or the model's own judged replies",
+    )
+    p.add_argument("name", nargs="?", help=f"policy ({', '.join(RECIPES)}) or source ({', '.join(SOURCES)})")
     p.add_argument("--split", choices=["train", "dev", "all"], default="all", help="for a policy")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="where the rows go (replies: also kept in the cache)")
+    p.add_argument("--per-kind", type=int, default=200, help="replies: harmful, jailbreak and benign prompts each")
+    p.add_argument("--max-tokens", type=int, default=128, help="replies: the longest reply, in tokens")
+    p.add_argument("--max-batch", type=int, help="replies: rows decoded together (GUARD_MAX_BATCH)")
     p.set_defaults(run=_data)
 
 
 def _data(args: argparse.Namespace, settings: Settings) -> int:
     from probes.eval.defaults import recipe_splits
 
+    if args.what == "replies":
+        return _replies(args, settings)
+    if args.name is None or args.out is None:
+        raise ValueError(f"guard data {args.what} needs a name and --out")
     if args.what == "source":
         rows = deduplicate(read_source(args.name, settings.data_dir)).rows
     else:
@@ -333,6 +344,58 @@ def _data(args: argparse.Namespace, settings: Settings) -> int:
     write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
     return 0
+
+
+def _replies(args: argparse.Namespace, settings: Settings) -> int:
+    """The model's greedy replies to harmful, jailbreak-wrapped and benign prompts, judged twice, cached."""
+    from guard.engine import Engine
+    from guard.replies import generate
+    from guard.sampling import SamplingParams
+    from probes.eval.baselines import minilm_embedder
+    from probes.eval.judges import harm_judge
+    from probes.eval.replies import cache_key, records, reply_prompts, summary
+
+    if args.per_kind < 1 or args.max_tokens < 1:
+        raise ValueError("--per-kind and --max-tokens must be at least 1")
+    lm = _model(settings)
+    embed = minilm_embedder()
+    judge = harm_judge(settings.data_dir, settings.cache_dir, embed)
+    prompts = reply_prompts(settings.data_dir, args.per_kind)
+    key = cache_key(prompts, args.max_tokens, judge.manifest["recipe"])
+    path = settings.cache_dir / "replies" / f"{lm.fingerprint[:16]}-{lm.numeric}-{key}.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        engine = Engine(lm, [], [], max_batch=settings.max_batch, threads=settings.threads or None)
+        engine.start()
+        try:
+            out = generate(engine, [p.text for p in prompts], SamplingParams(max_tokens=args.max_tokens, temperature=0))
+        finally:
+            engine.stop()
+        replies = [g.reply for g in out]
+        harm = judge.scores(embed, [p.request for p in prompts], replies)
+        rows = records(prompts, replies, [g.finish_reason for g in out], harm, judge.threshold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    for kind, counts in summary(rows).items():
+        print(
+            f"{kind:20s} {counts['replies']:4d} replies: harmful (harm judge) {counts['harmful']:.3f}, "
+            f"refusals (phrase judge) {counts['refusals']:.3f}"
+        )
+    for name, agreement in judge.manifest["agreement_harmbench"].items():
+        print(f"agreement with HarmBench's human labels, {name}: {_agreement_line(agreement)}")
+    for name, agreement in judge.manifest["agreement_do_not_answer"].items():
+        print(f"agreement with Do-Not-Answer's human labels, {name}: {_agreement_line(agreement)}")
+    print(f"{len(rows)} rows in {path}" + (f", copied to {args.out}" if args.out else ""))
+    return 0
+
+
+def _agreement_line(a: dict) -> str:
+    auroc = "" if a["auroc"] is None else f"AUROC {a['auroc']:.3f}, "
+    return f"{auroc}F1 {a['f1']:.3f}, accuracy {a['accuracy']:.3f}, FPR {a['fpr']:.3f} (n={a['n']})"
 
 
 # -- directions -----------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from probes.data import Dataset, Row
 from probes.direction import Direction
-from probes.eval.directions import REFUSAL_PHRASES, refuses, select
+from probes.eval.directions import select
+from probes.eval.judges import REFUSAL_PHRASES, refuses
 
 
 def test_candidates_are_scored_by_their_effect_and_the_choice_is_stored(tiny_lm, tmp_path):

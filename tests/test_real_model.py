@@ -188,7 +188,7 @@ def test_refuse_makes_the_default_model_decline_in_its_own_words(fixture, reques
     """The shipped refusal direction, for each numeric path's fingerprint, steers a fired harmful_request."""
     from probes.catalog import resolve_direction
     from probes.direction import Direction
-    from probes.eval.directions import refuses
+    from probes.eval.judges import refuses
 
     lm = request.getfixturevalue(fixture)
     direction = Direction.load(resolve_direction("refusal", lm.fingerprint), model_fingerprint=lm.fingerprint)
