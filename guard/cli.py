@@ -353,7 +353,7 @@ def _replies(args: argparse.Namespace, settings: Settings) -> int:
     from guard.sampling import SamplingParams
     from probes.eval.baselines import minilm_embedder
     from probes.eval.judges import harm_judge
-    from probes.eval.replies import cache_key, records, reply_prompts, summary
+    from probes.eval.replies import cache_file, cache_key, records, reply_prompts, summary
 
     if args.per_kind < 1 or args.max_tokens < 1:
         raise ValueError("--per-kind and --max-tokens must be at least 1")
@@ -362,7 +362,7 @@ def _replies(args: argparse.Namespace, settings: Settings) -> int:
     judge = harm_judge(settings.data_dir, settings.cache_dir, embed)
     prompts = reply_prompts(settings.data_dir, args.per_kind)
     key = cache_key(prompts, args.max_tokens, judge.manifest["recipe"])
-    path = settings.cache_dir / "replies" / f"{lm.fingerprint[:16]}-{lm.numeric}-{key}.jsonl"
+    path = cache_file(settings.cache_dir, lm.fingerprint, lm.numeric, key)
     if path.exists():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     else:

@@ -119,6 +119,19 @@ def summary(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+def cache_file(cache_dir: Path, fingerprint: str, numeric: str, key: str = "*") -> Path:
+    """Where a model's replies are kept (``key`` ``*``: a pattern for all of them)."""
+    return cache_dir / "replies" / f"{fingerprint.removeprefix('sha256:')[:16]}-{numeric}-{key}.jsonl"
+
+
+def newest(cache_dir: Path, fingerprint: str, numeric: str) -> Path:
+    pattern = cache_file(cache_dir, fingerprint, numeric)
+    found = list(pattern.parent.glob(pattern.name))
+    if not found:
+        raise FileNotFoundError(f"no replies of this model in {pattern.parent}: run `guard data replies` first")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 LABEL_RULE = "harm judge on harmful and wrapped requests; benign requests 0"
 
 
