@@ -1,0 +1,158 @@
+"""Benchmark: the output-stage policy on unseen sources, by its training rows and by how a stream is scored.
+
+``harmful_reply`` is trained on mean-pooled reply features (the shipped layers 9, 15 and 21) and
+scored leave-one-dataset-out (``probes.eval.lodo``) on three sets of rows, side by side:
+
+- ``pool``: the shipped recipe (Do-Not-Answer's labelled replies, HH-RLHF pairs, Safety-Tuned-LLaMAs
+  refusals);
+- ``+harmbench``: plus HarmBench's human-labelled replies (``harmbench_replies``);
+- ``+own``: plus the served model's own judged replies (``guard data replies``, from the cache).
+
+On the last, each way of scoring a reply while it streams gets its own threshold on the fold's dev
+split by the shipped rule (at most 1% of dev negatives flagged) and is scored on the held-out source:
+
+- ``final_mean``: the mean over the whole reply (offline mean pooling; a stream cannot wait for it);
+- ``running_mean``: the served rule, the mean of the token logits so far, firing at its first crossing;
+- ``running_prob``: the mean of the tokens' probabilities so far;
+- ``ema``: an exponential moving average of the token logits (``--alpha``);
+- ``window``: the mean of the last ``--window`` token logits (the running mean before that).
+
+A streamed score is its highest value over the reply. Detection latency is, for the held-out
+positives a scorer catches, the share of the reply's tokens seen when it first crosses (median).
+
+    PYTHONPATH=tests/bench .venv/bin/python tests/bench/bench_reply_scoring.py [--own FILE] [--dtype int8]
+        [--window 16] [--alpha 0.1]
+        [--out tests/bench/results/reply_scoring.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from lodo_report import finish, print_fold
+
+from probes.data import Dataset, Row, deduplicate, default_data_dir
+from probes.eval.defaults import PRESET_CONFIG
+from probes.eval.lodo import Fold, folds, scored_fold
+from probes.eval.presets import RECIPES
+from probes.eval.replies import newest
+from probes.eval.sources import read_source
+from probes.features import token_states
+from probes.lm.model import default_cache_dir, load_model
+from probes.probe import sigmoid
+from probes.train import dev_threshold, train_probe
+
+SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window")
+
+
+def own_replies(path: Path) -> list[Row]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [Row(r["text"], r["label"], r["prompt"], r["category"], "own_replies") for r in records]
+
+
+def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndarray]:
+    """Per scorer, the score after each token (``final_mean`` is the whole reply's at every token)."""
+    steps = np.arange(1, len(logits) + 1)
+    running = np.cumsum(logits) / steps
+    ema = np.empty_like(logits)
+    for t, z in enumerate(logits):
+        ema[t] = z if t == 0 else (1 - alpha) * ema[t - 1] + alpha * z
+    cumulative = np.concatenate([[0.0], np.cumsum(logits)])
+    windowed = running.copy()
+    if len(logits) > window:
+        windowed[window - 1 :] = (cumulative[window:] - cumulative[:-window]) / window
+    return {
+        "final_mean": np.full(len(logits), running[-1]),
+        "running_mean": running,
+        "running_prob": np.cumsum(sigmoid(logits)) / steps,
+        "ema": ema,
+        "window": windowed,
+    }
+
+
+def score_rows(per_row: list[np.ndarray], bias: float, window: int, alpha: float) -> dict[str, list[np.ndarray]]:
+    """Per scorer and row, the probability after each token."""
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SCORERS}
+    for z in per_row:
+        for name, values in streamed(z, window, alpha).items():
+            out[name].append(values if name == "running_prob" else sigmoid(values + bias))
+    return out
+
+
+def latency(test: Dataset, traces: list[np.ndarray], threshold: float) -> float | None:
+    """The median share of a caught positive's tokens seen when its score first crosses ``threshold``."""
+    shares = []
+    for row, values in zip(test.rows, traces, strict=True):
+        crossed = np.flatnonzero(values > threshold)
+        if row.label == 1 and crossed.size:
+            shares.append((crossed[0] + 1) / len(values))
+    return float(np.median(shares)) if shares else None
+
+
+def evaluate(lm, fold: Fold, states, pooled, index, scorers, args) -> dict:
+    """A fold's row: each scorer thresholded on dev and summarised on the held-out source, with its latency."""
+    config = PRESET_CONFIG
+
+    def at(data: Dataset) -> list[int]:
+        return [index[r.key] for r in data.rows]
+
+    features = (pooled[at(fold.train)], pooled[at(fold.dev)])
+    probe = train_probe(lm, fold.train, fold.dev, "harmful_reply", config, features=features, progress=False).probe
+    weight, bias = probe.folded()
+    w = weight.reshape(-1).astype(np.float32)
+
+    def traces(data: Dataset) -> dict[str, list[np.ndarray]]:
+        return score_rows([states[i].astype(np.float32) @ w for i in at(data)], bias, args.window, args.alpha)
+
+    dev, test = traces(fold.dev), traces(fold.test)
+    peaks = {s: (np.array([t.max() for t in dev[s]]), np.array([t.max() for t in test[s]])) for s in scorers}
+    row = scored_fold(fold, peaks, config)
+    for s in scorers:
+        threshold = dev_threshold(fold.dev, peaks[s][0], config.target_fpr, config.traffic_fpr, config.traffic_source)
+        row[s]["median_latency"] = latency(fold.test, test[s], threshold)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--own", type=Path, help="own replies (JSONL); default: the newest in the cache")
+    parser.add_argument("--dtype", default="int8", help="the numeric path (the served default: int8)")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/reply_scoring.json"))
+    args = parser.parse_args()
+    lm = load_model(dtype=args.dtype)
+    data_dir, config = default_data_dir(), PRESET_CONFIG
+    own_path = args.own or newest(default_cache_dir(), lm.fingerprint, lm.numeric)
+    pool = RECIPES["harmful_reply"].rows(data_dir)[0].rows
+    harmbench = tuple(read_source("harmbench_replies", data_dir))
+    variants = {
+        "pool": deduplicate(pool),
+        "+harmbench": deduplicate(pool + harmbench),
+        "+own": deduplicate(pool + harmbench + tuple(own_replies(own_path))),
+    }
+    union = variants["+own"]
+    index = {row.key: i for i, row in enumerate(union.rows)}
+    states: list[np.ndarray] = [np.zeros(0)] * len(union.rows)
+    pooled = np.zeros((len(union.rows), len(config.layers), lm.hidden_size), np.float32)
+    for i, tokens in token_states(lm, union, config.layers, max_text_tokens=config.max_text_tokens):
+        pooled[i] = tokens.mean(0)  # the mean-pooled feature the shipped probe trains on
+        states[i] = tokens.reshape(len(tokens), -1).astype(np.float16)  # [tokens, layers * d_model], kept small
+    report: dict = {"own_replies": str(own_path), "layers": list(config.layers), "variants": {}}
+    for name, dataset in variants.items():
+        scorers = SCORERS if name == "+own" else ("final_mean", "running_mean")
+        results = []
+        for fold in folds(dataset):
+            results.append(evaluate(lm, fold, states, pooled, index, scorers, args))
+            print(name, end=" ")
+            print_fold(results[-1], scorers)
+        report["variants"][name] = results
+        print(f"\n{name}")
+        finish(results, scorers, "scorer", report, args.out)
+
+
+if __name__ == "__main__":
+    main()
