@@ -95,7 +95,7 @@ def test_reply_sources_pair_a_prompt_with_the_assistant_reply(data_dir):
     rows, provenance = RECIPES["harmful_reply"].rows(data_dir)
     assert RECIPES["harmful_reply"].stage == "output" and all(r.prompt for r in rows.rows)
     sources = {p["source"] for p in provenance["picks"]}
-    assert sources == {"do_not_answer_responses", "hh_rlhf", "safety_tuned_llamas_replies"}
+    assert sources == {"do_not_answer_responses", "harmbench_replies", "hh_rlhf", "safety_tuned_llamas_replies"}
 
 
 def test_harmbench_replies_carry_the_human_majority_and_the_behaviour(data_dir):

@@ -208,6 +208,12 @@ HARMFUL_REPLY = Recipe(
     picks=(
         Pick("do_not_answer_responses", 1, _labelled(1), why="replies human-labelled harmful"),
         Pick(
+            "harmbench_replies",
+            1,
+            _labelled(1),
+            why="red-teamed models' replies that carry out a harmful behaviour (human majority)",
+        ),
+        Pick(
             "hh_rlhf",
             1,
             _labelled(1),
@@ -220,6 +226,12 @@ HARMFUL_REPLY = Recipe(
             _labelled(0),
             cap=1200,
             why="hard negatives: safe replies to the same risky questions",
+        ),
+        Pick(
+            "harmbench_replies",
+            0,
+            _labelled(0),
+            why="hard negatives: refusals and vague or off-target replies to the same behaviours",
         ),
         Pick("hh_rlhf", 0, _labelled(0), cap=1000, why="the more harmless reply of a pair"),
         Pick(
