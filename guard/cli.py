@@ -172,6 +172,7 @@ def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = N
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     from probes.eval.defaults import train_recipes
+    from probes.stream import calibrate, is_reply_data
     from probes.train import train_probe
 
     config = _method(args, PRESET_LAYERS if args.preset else None)
@@ -217,8 +218,11 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         cache_dir=settings.cache_dir,
         progress=not args.no_progress,
     )
-    result.probe.save(args.out)
-    _print_trained(args.name, result.probe, args.out.parent)
+    probe = result.probe
+    if is_reply_data(dev):  # an output-stage probe: thresholded as the server streams it
+        probe = calibrate(lm, probe, dev, config.target_fpr)
+    probe.save(args.out)
+    _print_trained(args.name, probe, args.out.parent)
     return 0
 
 
@@ -228,6 +232,12 @@ def _print_trained(name: str, probe: LinearProbe, out: Path) -> None:
         f"{name}: layers {list(probe.layers)}, dev AUROC {dev['auroc']:.4f}, TPR {dev['tpr_at_threshold']:.3f} "
         f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}) -> {out / name}"
     )
+    stream = probe.manifest.get("stream")
+    if stream:
+        print(
+            f"{name}: streamed (moving average, alpha {stream['alpha']}): dev TPR {stream['dev_tpr']:.3f} at FPR "
+            f"{stream['dev_fpr']:.3f} (threshold {stream['threshold']:.4f})"
+        )
 
 
 # -- eval -----------------------------------------------------------------------------------------------

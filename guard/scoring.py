@@ -4,7 +4,8 @@ Each probe is folded to raw-feature weights (standardisation included) and place
 matrix ``W[layer]: [d_model, n_policies]``; probes that do not read a layer have zero columns there.
 A policy's per-token logit contribution is ``sum_layer h[layer] @ W[layer]``; its score for a span is
 ``sigmoid(mean_over_tokens(contribution) + bias)``, which is exactly the probe applied to the
-mean-pooled features it was trained on.
+mean-pooled features it was trained on. A probe calibrated for streaming (``probes.stream``) scores a
+reply by the moving average of its contributions instead (``alpha`` > 0), at its streamed threshold.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ProbeBank:
     thresholds: torch.Tensor  # [n_policies]
     versions: tuple[str, ...]
     pooling: tuple[str, ...]
+    alpha: torch.Tensor  # [n_policies]: the moving average's weight of a new token; 0: the running mean
 
     @classmethod
     def build(
@@ -43,7 +45,7 @@ class ProbeBank:
             folded, bias[j] = probe.folded()
             for i, layer in enumerate(probe.layers):
                 weights[layer][:, j] = folded[i]
-        chosen = [t if t is not None else p.threshold for p, t in zip(probes, thresholds, strict=True)]
+        chosen = [t if t is not None else _threshold(p) for p, t in zip(probes, thresholds, strict=True)]
         return cls(
             names=tuple(names),
             layers=layers,
@@ -52,6 +54,7 @@ class ProbeBank:
             thresholds=torch.tensor(chosen, dtype=torch.float32),
             versions=tuple(p.version for p in probes),
             pooling=tuple(p.pooling for p in probes),
+            alpha=torch.tensor([p.stream[0] if p.stream else 0.0 for p in probes], dtype=torch.float32),
         )
 
     def __len__(self) -> int:
@@ -74,6 +77,11 @@ class ProbeBank:
     def scores(self, mean_logits: torch.Tensor) -> torch.Tensor:
         """Scores from mean per-token contributions ``[..., n_policies]``."""
         return torch.sigmoid(mean_logits + self.bias)
+
+
+def _threshold(probe: LinearProbe) -> float:
+    """A probe's own threshold: its streamed one when it streams (a policy's ``threshold`` overrides either)."""
+    return probe.stream[1] if probe.stream else probe.threshold
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,13 @@ class LinearProbe:
     pooling: str = "mean"
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def stream(self) -> tuple[float, float] | None:
+        """``(alpha, threshold)`` of the moving average a server scores a streamed reply with
+        (``probes.stream``); ``None``: the running mean, at ``threshold``."""
+        stream = self.manifest.get("stream")
+        return None if stream is None else (float(stream["alpha"]), float(stream["threshold"]))
+
     # -- scoring ---------------------------------------------------------------------------------------
     def decision_function(self, features: np.ndarray) -> np.ndarray:
         """Logits for features ``[n, n_layers, d_model]`` (the layers in ``self.layers``, in that order)."""

@@ -603,10 +603,15 @@ def _running(
     sums: list[torch.Tensor],
     tokens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' running sums with their pending token's contributions added, and the scores they give."""
+    """The rows' running sums (moving averages, for a streaming probe) with their pending token's
+    contributions taken in, and the scores they give. ``tokens``: ``[rows, 1]``, the pending token's count."""
     contributions = _contributions(bank, tap, rows)
-    total = torch.stack(sums) + contributions
-    return total, bank.scores(torch.where(mean_pooled, total / tokens, contributions))
+    previous = torch.stack(sums)
+    alpha, streaming = bank.alpha, bank.alpha > 0
+    moving = torch.where(tokens == 1, contributions, (1 - alpha) * previous + alpha * contributions)
+    total = torch.where(streaming, moving, previous + contributions)
+    pooled = torch.where(streaming, total, total / tokens)
+    return total, bank.scores(torch.where(mean_pooled, pooled, contributions))
 
 
 def _prompt_shadow(work: PromptWork, checked: torch.Tensor) -> dict[str, Shadowed]:

@@ -20,7 +20,9 @@ class Reply:
     generator: torch.Generator | None
     active: torch.Tensor  # [n_policies] bool: this request's policies
     ablating: torch.Tensor  # [n_ablations] float: directions ablated for this row
-    sums: torch.Tensor  # [n_policies] running sum of per-token logit contributions
+    sums: (
+        torch.Tensor
+    )  # [n_policies] running sum of per-token logit contributions (a streaming probe: their moving average)
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
     steering: torch.Tensor  # [n_steered]: this row's strength along each steering policy's direction

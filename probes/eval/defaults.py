@@ -18,6 +18,7 @@ from probes.data import Dataset, Row, deduplicate, split
 from probes.eval.presets import PRESET_LAYERS, RECIPES
 from probes.lm.layers import normalise_layer
 from probes.lm.model import LoadedModel
+from probes.stream import calibrate
 from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
 DEV_FRACTION = 0.2
@@ -110,6 +111,8 @@ def train_recipes(
             features=(rows_of(train), rows_of(dev)),
             progress=progress,
         )
+        if RECIPES[name].stage == "output":
+            result = replace(result, probe=calibrate(lm, result.probe, dev, config.target_fpr))
         result.probe.save(out_dir / name)
         results[name] = result
     return results

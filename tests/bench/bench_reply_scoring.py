@@ -43,6 +43,7 @@ from probes.eval.sources import read_source
 from probes.features import token_states
 from probes.lm.model import default_cache_dir, load_model
 from probes.probe import sigmoid
+from probes.stream import ema
 from probes.train import dev_threshold, train_probe
 
 SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window")
@@ -57,9 +58,6 @@ def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndar
     """Per scorer, the score after each token (``final_mean`` is the whole reply's at every token)."""
     steps = np.arange(1, len(logits) + 1)
     running = np.cumsum(logits) / steps
-    ema = np.empty_like(logits)
-    for t, z in enumerate(logits):
-        ema[t] = z if t == 0 else (1 - alpha) * ema[t - 1] + alpha * z
     cumulative = np.concatenate([[0.0], np.cumsum(logits)])
     windowed = running.copy()
     if len(logits) > window:
@@ -68,7 +66,7 @@ def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndar
         "final_mean": np.full(len(logits), running[-1]),
         "running_mean": running,
         "running_prob": np.cumsum(sigmoid(logits)) / steps,
-        "ema": ema,
+        "ema": ema(logits, alpha),
         "window": windowed,
     }
 
