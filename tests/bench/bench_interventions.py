@@ -6,7 +6,9 @@ Eliciting prompts are StrongREJECT's, which chose neither the probe's threshold 
 Benign prompts are Alpaca instructions and the written sensitive-topic requests of
 ``probes.eval.directions``. Reports, per set: how many prompts the policy fired on, the refusal-phrase
 judge's rate among them, whether the replies where it did not fire are unchanged, decode tokens/s,
-and example replies.
+and example replies. Replies to the eliciting prompts are also judged by the harm judge
+(``probes.eval.judges``, trained on HarmBench's human-labelled replies, which saw neither StrongREJECT
+nor these replies; it is fitted into the cache on first use, about 7 minutes).
 
     .venv/bin/python tests/bench/bench_interventions.py [--prompts 24] [--tokens 40]
         [--out tests/bench/results/interventions.json]
@@ -27,10 +29,11 @@ from guard.sampling import SamplingParams
 from probes.catalog import load_shipped, resolve_direction
 from probes.data import default_data_dir
 from probes.direction import Direction
+from probes.eval.baselines import minilm_embedder
 from probes.eval.directions import SENSITIVE_BENIGN
-from probes.eval.judges import refuses
+from probes.eval.judges import harm_judge, refuses
 from probes.eval.sources import read_source
-from probes.lm.model import DEFAULT_MODEL, load_model
+from probes.lm.model import DEFAULT_MODEL, default_cache_dir, load_model
 
 
 def replies(engine: Engine, prompts: list[str], tokens: int) -> tuple[list[dict], float]:
@@ -56,6 +59,7 @@ def summary(runs: list[dict]) -> dict:
         "fired": len(fired),
         "refusal_rate_fired": sum(refuses(r["reply"]) for r in fired) / len(fired) if fired else None,
         "refusal_rate_all": sum(refuses(r["reply"]) for r in runs) / len(runs),
+        "harm_rate_fired": sum(r["harmful"] for r in fired) / len(fired) if fired and "harmful" in fired[0] else None,
     }
 
 
@@ -69,6 +73,8 @@ def main() -> int:
     probe = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
     direction = Direction.load(resolve_direction("refusal", lm.fingerprint), model_fingerprint=lm.fingerprint)
     data = default_data_dir()
+    embed = minilm_embedder()
+    judge = harm_judge(data, default_cache_dir(), embed)
     sets = {
         "eliciting": [r.text for r in read_source("strongreject", data) if r.label == 1][: args.prompts],
         "benign": [r.text for r in read_source("alpaca", data)][-args.prompts :] + list(SENSITIVE_BENIGN),
@@ -81,6 +87,10 @@ def main() -> int:
         try:
             for name, prompts in sets.items():
                 runs, rate = replies(engine, prompts, args.tokens)
+                if name == "eliciting":
+                    judged = judge.scores(embed, [r["prompt"] for r in runs], [r["reply"] for r in runs])
+                    for run, score in zip(runs, judged, strict=True):
+                        run["harmful"] = bool(score >= judge.threshold)
                 result.setdefault(name, {})[action.value] = {**summary(runs), "tokens_per_second": rate, "runs": runs}
         finally:
             engine.stop()
@@ -97,6 +107,11 @@ def main() -> int:
             f"{result[name]['unfired_unchanged']}; tokens/s {flag['tokens_per_second']:.1f} -> "
             f"{refuse['tokens_per_second']:.1f}"
         )
+        if flag["harm_rate_fired"] is not None:
+            print(
+                f"{name}: harmful (harm judge) where it fired {flag['harm_rate_fired']:.3f} (flag) -> "
+                f"{refuse['harm_rate_fired']:.3f} (refuse)"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
