@@ -3,9 +3,9 @@
 ``harmful_reply`` is trained on mean-pooled reply features (the shipped layers 9, 15 and 21) and
 scored leave-one-dataset-out (``probes.eval.lodo``) on three sets of rows, side by side:
 
-- ``pool``: the shipped recipe (Do-Not-Answer's labelled replies, HH-RLHF pairs, Safety-Tuned-LLaMAs
-  refusals);
-- ``+harmbench``: plus HarmBench's human-labelled replies (``harmbench_replies``);
+- ``pool``: the shipped recipe without HarmBench's replies (Do-Not-Answer's labelled replies, HH-RLHF
+  pairs, Safety-Tuned-LLaMAs refusals);
+- ``+harmbench``: plus HarmBench's human-labelled replies (``harmbench_replies``): the shipped recipe;
 - ``+own``: plus the served model's own judged replies (``guard data replies``, from the cache).
 
 On the last, each way of scoring a reply while it streams gets its own threshold on the fold's dev
@@ -125,8 +125,8 @@ def main() -> None:
     lm = load_model(dtype=args.dtype)
     data_dir, config = default_data_dir(), PRESET_CONFIG
     own_path = args.own or newest(default_cache_dir(), lm.fingerprint, lm.numeric)
-    pool = RECIPES["harmful_reply"].rows(data_dir)[0].rows
     harmbench = tuple(read_source("harmbench_replies", data_dir))
+    pool = tuple(r for r in RECIPES["harmful_reply"].rows(data_dir)[0].rows if r.source != "harmbench_replies")
     variants = {
         "pool": deduplicate(pool),
         "+harmbench": deduplicate(pool + harmbench),
