@@ -18,7 +18,7 @@ from probes.data import Dataset, Row, deduplicate, split
 from probes.eval.presets import PRESET_LAYERS, RECIPES
 from probes.lm.layers import normalise_layer
 from probes.lm.model import LoadedModel
-from probes.stream import calibrate
+from probes.stream import calibrate, is_reply_data
 from probes.train import TrainConfig, TrainResult, extract_candidates, train_probe
 
 DEV_FRACTION = 0.2
@@ -111,7 +111,7 @@ def train_recipes(
             features=(rows_of(train), rows_of(dev)),
             progress=progress,
         )
-        if RECIPES[name].stage == "output":
+        if is_reply_data(dev):  # an output-stage policy: thresholded as the server streams it
             result = replace(result, probe=calibrate(lm, result.probe, dev, config.target_fpr))
         result.probe.save(out_dir / name)
         results[name] = result

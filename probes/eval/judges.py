@@ -131,8 +131,8 @@ def fit_harm_judge(data_dir: Path, embed: Embed) -> HarmJudge:
         "harm judge (held-out folds)": _agreement(labels, out_of_fold, threshold),
         "refusal-phrase judge": _agreement(labels, np.array([not refuses(r.text) for r in rows], float), 0.5),
         **{
-            f"{title} (published)": _agreement(labels, np.array(_published(data_dir, rows, column), float), 0.5)
-            for column, title in PUBLISHED.items()
+            f"{title} (published)": _agreement(labels, np.array(verdicts, float), 0.5)
+            for title, verdicts in _published(data_dir, rows).items()
         },
     }
     dna_labels = np.array([r.label for r in dna])
@@ -176,11 +176,12 @@ def _agreement(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict
     }
 
 
-def _published(data_dir: Path, rows, column: str) -> list[int]:
-    """HarmBench's published verdicts of ``column`` for ``rows`` (matched on behaviour and reply)."""
+def _published(data_dir: Path, rows) -> dict[str, list[int]]:
+    """HarmBench's published verdicts for ``rows`` (matched on behaviour and reply), by judge title."""
     records = json.loads((data_dir / "harmbench_classifier_val/text_behaviors_val_set.json").read_text())
-    verdicts = {(key, r["generation"].strip()): int(r[column]) for key, pair in records.items() for r in pair}
-    return [verdicts[(row.category, row.text)] for row in rows]
+    by_reply = {(key, r["generation"].strip()): r for key, pair in records.items() for r in pair}
+    found = [by_reply[(row.category, row.text)] for row in rows]
+    return {title: [int(r[column]) for r in found] for column, title in PUBLISHED.items()}
 
 
 def _key(data_dir: Path) -> str:
