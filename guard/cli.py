@@ -18,8 +18,9 @@ from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
 from guard.settings import Settings
-from probes.catalog import resolve_probe, shipped_home
+from probes.catalog import resolve_direction, resolve_probe, shipped_home
 from probes.data import Dataset, DatasetError, deduplicate, load_datasets, split, write_jsonl
+from probes.direction import Direction
 from probes.eval.presets import PRESET_LAYERS, PRESETS, RECIPES
 from probes.eval.sources import SOURCES, read_source
 from probes.features import POOLINGS
@@ -75,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _data_parser(sub.add_parser("data", parents=[common], help="export rows of the shared data pool as JSONL"))
     _serve_parser(sub.add_parser("serve", parents=[common], help="serve the model behind an OpenAI-compatible API"))
-    _registry_parser(sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes"))
+    _registry_parser(
+        sub.add_parser("registry", parents=[common], help="push, list, activate and roll back probes and directions")
+    )
     _feedback_parser(sub.add_parser("feedback", parents=[common], help="labels given on captured requests"))
     _lodo_parser(
         sub.add_parser(
@@ -410,33 +413,34 @@ def _agreement_line(a: dict) -> str:
 
 # -- directions -----------------------------------------------------------------------------------------
 def _directions_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["refusal"], help="the shipped refusal direction, from the data pool")
+    p.add_argument(
+        "--preset",
+        choices=["refusal", "sentiment"],
+        required=True,
+        help="a shipped direction from the data pool: refusal (for refuse) or sentiment (a tone dial)",
+    )
     p.add_argument("--out", type=Path, required=True, help="the direction's directory")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_directions)
 
 
 def _directions(args: argparse.Namespace, settings: Settings) -> int:
-    from probes.eval.directions import refusal_preset, select
+    from probes.eval.directions import PRESETS, select
 
-    if args.preset != "refusal":
-        raise ValueError("give --preset refusal (the one behaviour with a preset)")
     lm = _model(settings)
-    rows, eliciting, benign, provenance = refusal_preset(settings.data_dir)
-    direction, table = select(
-        lm, "refusal", rows, eliciting, benign, provenance=provenance, progress=not args.no_progress
-    )
+    behaviour = PRESETS[args.preset](settings.data_dir)
+    direction, table = select(lm, behaviour, progress=not args.no_progress)
     direction.save(args.out)
     chosen = direction.manifest["selection"]["chosen"]
     for c in table:
         mark = "*" if (c.layer, c.multiple) == (chosen["layer"], chosen["multiple"]) else " "
         print(
-            f"{mark} layer {c.layer:2d} x{c.multiple:.1f} (strength {c.strength:6.2f}): steered refusal "
+            f"{mark} layer {c.layer:2d} x{c.multiple:.1f} (strength {c.strength:6.2f}): steered {behaviour.judge} "
             f"{c.steered:.3f}, benign refusal {c.benign_refusal:.3f}, ablated KL {c.ablated_kl:.4f}"
         )
     unsteered = direction.manifest["selection"]["unsteered"]
-    print(f"unsteered: refusal {unsteered['steered']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
-    print(f"refusal: layer {direction.layer}, strength {direction.strength:.2f} -> {args.out}")
+    print(f"unsteered: {behaviour.judge} {unsteered['steered']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
+    print(f"{behaviour.name}: layer {direction.layer}, strength {direction.strength:.2f} -> {args.out}")
     return 0
 
 
@@ -450,8 +454,6 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:
     """Always from the float32 weights (``--dtype`` does not apply): the result is a float checkpoint."""
-    from probes.catalog import resolve_direction
-    from probes.direction import Direction
     from probes.lm.orthogonalize import export_ablated
 
     if args.out.exists() and any(args.out.iterdir()):
@@ -576,8 +578,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _registry_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="Redis registry (GUARD_REDIS_URL); default: the local directory registry")
     sub = p.add_subparsers(dest="action", required=True)
-    push = sub.add_parser("push", help="store a probe artifact as a new immutable version")
-    push.add_argument("probe", help="probe directory or shipped policy name")
+    push = sub.add_parser("push", help="store a probe or direction artifact as a new immutable version")
+    push.add_argument("artifact", help="probe or direction directory, or a shipped policy or direction name")
     push.add_argument("--activate", action="store_true", help="also make it the active version")
     listing = sub.add_parser("list", help="names, or one name's versions")
     listing.add_argument("name", nargs="?")
@@ -601,11 +603,11 @@ def _registry_parser(p: argparse.ArgumentParser) -> None:
 def _registry(args: argparse.Namespace, settings: Settings) -> int:
     registry = open_registry(settings.redis_url or None, settings.registry_dir())
     if args.action == "push":
-        probe = LinearProbe.load(resolve_probe(args.probe))
-        version = registry.push(probe, key=signing_key())
+        artifact = _pushed(args.artifact)
+        version = registry.push(artifact, key=signing_key())
         if args.activate:
-            registry.activate(probe.name, version)
-        print(f"pushed {probe.name}@{version}" + (" (active)" if args.activate else ""))
+            registry.activate(artifact.name, version)
+        print(f"pushed {artifact.name}@{version}" + (" (active)" if args.activate else ""))
     elif args.action == "list":
         for name in [args.name] if args.name else registry.names():
             active = registry.active(name)
@@ -640,6 +642,17 @@ def _registry(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
     return 0
+
+
+def _pushed(reference: str) -> LinearProbe | Direction:
+    """A probe or a direction, by directory or shipped name (a directory's manifest says which)."""
+    path = Path(reference) / "manifest.json"
+    if path.is_file() and json.loads(path.read_text()).get("kind") == "direction":
+        return Direction.load(reference)
+    try:
+        return LinearProbe.load(resolve_probe(reference))
+    except ProbeError:
+        return Direction.load(resolve_direction(reference))
 
 
 def _compare(registry, args: argparse.Namespace, settings: Settings) -> None:

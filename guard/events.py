@@ -25,7 +25,9 @@ class Verdict:
     action: str
     detected_at_token: int | None = None  # output stage: index of the first generated token that crossed
     ablated_from_token: int | None = None
-    steered_from_token: int | None = None  # refuse: the first generated token steered (0: the whole reply)
+    steered_from_token: int | None = None  # refuse, steer: the first generated token steered (0: the whole reply)
+    direction_version: str | None = None  # refuse, steer, a dial: the version of the direction steered along
+    strength: float | None = None  # refuse, steer, a dial: the strength steered by
     explanation: Explanation | UnsetType = UNSET  # asked for with the request's ``explain``
 
 

@@ -103,6 +103,10 @@ def load_dials(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Dial, ...]:
     dials = tuple(_dial(entry, f"{path}: dials[{i}]") for i, entry in enumerate(entries))
     if len({d.name for d in dials}) != len(dials):
         raise PolicyError(f"{path}: dial names must be unique")
+    policies = document.get("policies", []) if isinstance(document, dict) else []
+    clash = sorted({d.name for d in dials} & {p.get("name") for p in policies if isinstance(p, dict)})
+    if clash:  # a reply's verdicts name policies and dials alike
+        raise PolicyError(f"{path}: dials {clash} have the names of policies; name them apart")
     return dials
 
 

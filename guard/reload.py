@@ -1,4 +1,5 @@
-"""Hot reload: keep every policy's probe at the registry's active version, on every replica.
+"""Hot reload: keep every policy's probe and every steered direction at the registry's active version, on
+every replica.
 
 A change notification (Redis pub/sub) triggers a reconcile at once; a periodic reconcile heals
 missed messages and restarted Redis servers. Each version served from Redis is also written to a
@@ -14,13 +15,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from guard.policy import Policy
-from probes.catalog import resolve_probe
+from probes.catalog import resolve_direction, resolve_probe
+from probes.direction import Direction
 from probes.probe import LinearProbe, ProbeError
-from probes.registry import CHANNEL, LocalRegistry, Registry, RegistryError
+from probes.registry import CHANNEL, Artifact, LocalRegistry, Registry, RegistryError, Stored
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,8 @@ class RegistryStatus:
 
 
 class ProbeSource:
-    """Where each policy's probe comes from: the registry's active version, else last-known-good, else shipped."""
+    """Where each policy's probe and each steered direction comes from: the registry's active version, else
+    last-known-good, else shipped."""
 
     def __init__(
         self, registry: Registry, lkg: LocalRegistry, fingerprint: str, key: bytes | None, backend: str, on_refused=None
@@ -54,38 +58,44 @@ class ProbeSource:
         self.on_refused = on_refused or (lambda name, reason: None)
 
     def initial(self, policies: Sequence[Policy]) -> list[LinearProbe]:
-        return [self._initial(policy) for policy in policies]
+        return [self._initial(policy.probe, "probe", partial(self._shipped_probe, policy.probe)) for policy in policies]
 
-    def _initial(self, policy: Policy) -> LinearProbe:
+    def initial_directions(self, names: Iterable[str]) -> dict[str, Direction]:
+        return {name: self._initial(name, "direction", partial(self._shipped_direction, name)) for name in names}
+
+    def _initial(self, name: str, kind: str, shipped: Callable[[], Artifact]) -> Artifact:
         """The registry's active version; else, when the registry is down or refused it, last-known-good;
-        else the shipped probe or directory (also when the registry answers that it has no version)."""
+        else the shipped artifact or directory (also when the registry answers that it has no version)."""
         try:
-            version = self.registry.active(policy.probe)
+            version = self.registry.active(name)
             if version is not None:
-                return self.fetch(policy.probe, version)
+                return self.fetch(name, version, kind=kind)
         except (RegistryError, ProbeError) as exc:
-            log.error("policy %s: registry version refused (%s); trying last-known-good", policy.name, exc)
+            log.error("%s %s: registry version refused (%s); trying last-known-good", kind, name, exc)
         except Exception as exc:  # the registry backend is down
             self.down(exc)
-        else:  # the registry answered: it has no version of this probe
-            return self._shipped(policy)
-        if self.lkg is not self.registry and self.lkg.active(policy.probe) is not None:
-            self.status.degraded = "serving last-known-good probes from the local cache"
-            return self.lkg.get(policy.probe).probe(key=self.key, model_fingerprint=self.fingerprint)
-        return self._shipped(policy)
+        else:  # the registry answered: it has no version of this name
+            return shipped()
+        if self.lkg is not self.registry and self.lkg.active(name) is not None:
+            self.status.degraded = "serving last-known-good probes and directions from the local cache"
+            return _checked(self.lkg.get(name), kind, self.key, self.fingerprint)
+        return shipped()
 
-    def _shipped(self, policy: Policy) -> LinearProbe:
-        return LinearProbe.load(resolve_probe(policy.probe, self.fingerprint), model_fingerprint=self.fingerprint)
+    def _shipped_probe(self, name: str) -> LinearProbe:
+        return LinearProbe.load(resolve_probe(name, self.fingerprint), model_fingerprint=self.fingerprint)
 
-    def fetch(self, name: str, version: str, *, active: bool = True) -> LinearProbe:
-        """Load and verify one version; keep a last-known-good copy of an ``active`` one. Raises on a refused
-        version."""
+    def _shipped_direction(self, name: str) -> Direction:
+        return Direction.load(resolve_direction(name, self.fingerprint), model_fingerprint=self.fingerprint)
+
+    def fetch(self, name: str, version: str, *, active: bool = True, kind: str = "probe") -> Artifact:
+        """Load and verify one version of a ``kind``; keep a last-known-good copy of an ``active`` one. Raises
+        on a refused version."""
         tag = f"{name}@{version}"
         if tag in self.status.refused:
             raise RegistryError(self.status.refused[tag])
         stored = self.registry.get(name, version)
         try:
-            probe = stored.probe(key=self.key, model_fingerprint=self.fingerprint)
+            artifact = _checked(stored, kind, self.key, self.fingerprint)
         except (RegistryError, ProbeError) as exc:
             self.status.refused[tag] = str(exc)
             log.error("refusing %s: %s; the version already served stays", tag, exc)
@@ -95,13 +105,17 @@ class ProbeSource:
             self.lkg.put(stored)
             if self.lkg.active(name) != version:
                 self.lkg.activate(name, version)
-        return probe
+        return artifact
 
     def down(self, exc: Exception) -> None:
         self.status.errors += 1
         if self.status.up:
             log.error("probe registry unavailable (%s); serving the probes already loaded", exc)
         self.status.up = False
+
+
+def _checked(stored: Stored, kind: str, key: bytes | None, fingerprint: str) -> Artifact:
+    return (stored.direction if kind == "direction" else stored.probe)(key=key, model_fingerprint=fingerprint)
 
 
 class Watcher:
@@ -135,6 +149,20 @@ class Watcher:
             self.on_change(policy.name, version)
             log.info("policy %s: now serving %s@%s", policy.name, policy.probe, version)
         self._reconcile_shadows()
+        self._reconcile_directions()
+
+    def _reconcile_directions(self) -> None:
+        """Steer along each direction's active registry version if it is new and passes the checks."""
+        for name, served in self.engine.directions().items():
+            version = self.source.registry.active(name)
+            if version is None or version == served:
+                continue
+            try:
+                direction = self.source.fetch(name, version, kind="direction")
+            except (RegistryError, ProbeError):
+                continue  # logged and counted once by fetch
+            self.engine.replace_direction(direction)
+            log.info("direction %s: now steering along %s@%s", name, name, version)
 
     def _reconcile_shadows(self) -> None:
         """Score each policy's shadow version, if the registry names one that passes the checks, beside it."""

@@ -10,8 +10,6 @@ from guard.engine import Engine
 from guard.policy import PolicyError, PolicySet, load_dials, load_policies, load_sets
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
-from probes.catalog import resolve_direction
-from probes.direction import Direction
 from probes.lm.model import load_model
 from probes.registry import LocalRegistry, open_registry, signing_key
 
@@ -62,10 +60,9 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         )
     dials = load_dials(settings.policy_file)
     names = {p.direction for p in policies if p.steers} | {d.direction for d in dials}
-    directions = {
-        name: Direction.load(resolve_direction(name, lm.fingerprint), model_fingerprint=lm.fingerprint)
-        for name in names
-    }
+    directions = source.initial_directions(sorted(names))
+    for name, direction in directions.items():
+        log.info("direction %s@%s at layer %d", name, direction.version, direction.layer)
     engine = Engine(
         lm,
         policies,

@@ -1,10 +1,11 @@
-"""Probe registries: immutable, numbered versions of probe artifacts, one active version per name.
+"""Registries of probes and directions: immutable, numbered versions of artifacts, one active version per name.
 
 Two backends with the same operations: a local directory (the embedded default) and Redis (shared by
 every replica, with change notifications on a pub/sub channel). What is stored is the artifact's
 arrays file and manifest, plain bytes and JSON, never a pickle; every load checks the arrays'
 sha256, and with a signing key (``GUARD_REGISTRY_KEY``) an HMAC over both, refusing unsigned or
-wrongly signed versions.
+wrongly signed versions. A name holds one kind of artifact (its manifest's ``kind``): a probe
+(``probes.probe``) or a direction (``probes.direction``).
 
 Redis layout (prefix ``guard:registry``): ``:names`` (set), ``:{name}:seq`` (counter),
 ``:{name}:v:{version}`` (hash: arrays, manifest, signature, pushed_at), ``:{name}:active`` (version),
@@ -26,7 +27,13 @@ from pathlib import Path
 from typing import Protocol
 
 from probes.artifact import MANIFEST_FILE
-from probes.probe import ARRAYS_FILE, LinearProbe, ProbeError
+from probes.direction import ARRAYS_FILE as DIRECTION_ARRAYS
+from probes.direction import Direction
+from probes.probe import ARRAYS_FILE as PROBE_ARRAYS
+from probes.probe import LinearProbe, ProbeError
+
+Artifact = LinearProbe | Direction
+ARRAYS_FILES = {"probe": PROBE_ARRAYS, "direction": DIRECTION_ARRAYS}
 
 CHANNEL = "guard:registry:changes"
 _PREFIX = "guard:registry"
@@ -47,12 +54,28 @@ class Stored:
     signature: str = ""
     pushed_at: float = 0.0
 
-    def probe(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> LinearProbe:
-        """Verify (checksum, signature when ``key`` is set, model fingerprint) and build the probe."""
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", "probe"))
+
+    def load(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> Artifact:
+        """Verify (checksum, signature when ``key`` is set, model fingerprint) and build the probe or direction."""
         if key is not None and not hmac.compare_digest(self.signature, sign(key, self.arrays, self.manifest)):
             raise RegistryError(f"{self.name}@{self.version}: missing or wrong signature; refusing to load it")
         manifest = {**self.manifest, "version": self.version}
-        return LinearProbe.from_bytes(self.arrays, manifest, model_fingerprint=model_fingerprint)
+        build = Direction.from_bytes if self.kind == "direction" else LinearProbe.from_bytes
+        return build(self.arrays, manifest, model_fingerprint=model_fingerprint)
+
+    def probe(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> LinearProbe:
+        return self._expect("probe", self.load(key=key, model_fingerprint=model_fingerprint))
+
+    def direction(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> Direction:
+        return self._expect("direction", self.load(key=key, model_fingerprint=model_fingerprint))
+
+    def _expect(self, kind: str, artifact: Artifact):
+        if self.kind != kind:
+            raise RegistryError(f"{self.name}@{self.version} is a {self.kind}, not a {kind}")
+        return artifact
 
 
 def sign(key: bytes, arrays: bytes, manifest: dict) -> str:
@@ -66,7 +89,7 @@ def signing_key() -> bytes | None:
 
 
 class Registry(Protocol):
-    def push(self, probe: LinearProbe, *, key: bytes | None = None) -> str: ...
+    def push(self, artifact: Artifact, *, key: bytes | None = None) -> str: ...
     def names(self) -> list[str]: ...
     def versions(self, name: str) -> list[str]: ...
     def get(self, name: str, version: str | None = None) -> Stored: ...
@@ -85,10 +108,18 @@ def open_registry(redis_url: str | None, directory: Path) -> Registry:
     return LocalRegistry(directory)
 
 
-def _stored_from(probe: LinearProbe, name: str, version: str, key: bytes | None) -> Stored:
-    arrays, manifest = probe.to_bytes()
+def _stored_from(artifact: Artifact, version: str, key: bytes | None) -> Stored:
+    arrays, manifest = artifact.to_bytes()
     manifest = {k: v for k, v in manifest.items() if k != "version"}
-    return Stored(name, version, arrays, manifest, sign(key, arrays, manifest) if key else "", time.time())
+    return Stored(artifact.name, version, arrays, manifest, sign(key, arrays, manifest) if key else "", time.time())
+
+
+def _pushable(registry: Registry, artifact: Artifact) -> None:
+    """A name keeps its kind: a direction never becomes a version of a probe, nor the other way."""
+    kind = "direction" if isinstance(artifact, Direction) else "probe"
+    versions = registry.versions(artifact.name)
+    if versions and (held := registry.get(artifact.name, versions[-1]).kind) != kind:
+        raise RegistryError(f"{artifact.name!r} holds {held} versions; push the {kind} under another name")
 
 
 class LocalRegistry:
@@ -97,10 +128,11 @@ class LocalRegistry:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def push(self, probe: LinearProbe, *, key: bytes | None = None) -> str:
-        versions = self.versions(probe.name)
+    def push(self, artifact: Artifact, *, key: bytes | None = None) -> str:
+        _pushable(self, artifact)
+        versions = self.versions(artifact.name)
         version = str(int(versions[-1]) + 1 if versions else 1)
-        self.put(_stored_from(probe, probe.name, version, key))
+        self.put(_stored_from(artifact, version, key))
         return version
 
     def put(self, stored: Stored) -> None:
@@ -110,7 +142,7 @@ class LocalRegistry:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".push-"))
-        (staging / ARRAYS_FILE).write_bytes(stored.arrays)
+        (staging / ARRAYS_FILES[stored.kind]).write_bytes(stored.arrays)
         meta = {"manifest": stored.manifest, "signature": stored.signature, "pushed_at": stored.pushed_at}
         (staging / MANIFEST_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         try:
@@ -138,7 +170,7 @@ class LocalRegistry:
         return Stored(
             name,
             str(version),
-            (folder / ARRAYS_FILE).read_bytes(),
+            (folder / ARRAYS_FILES[meta["manifest"].get("kind", "probe")]).read_bytes(),
             meta["manifest"],
             meta["signature"],
             meta["pushed_at"],
@@ -194,9 +226,10 @@ class RedisRegistry:
     def __init__(self, client: object) -> None:
         self.client = client
 
-    def push(self, probe: LinearProbe, *, key: bytes | None = None) -> str:
-        version = str(self.client.incr(f"{_PREFIX}:{probe.name}:seq"))
-        stored = _stored_from(probe, probe.name, version, key)
+    def push(self, artifact: Artifact, *, key: bytes | None = None) -> str:
+        _pushable(self, artifact)
+        version = str(self.client.incr(f"{_PREFIX}:{artifact.name}:seq"))
+        stored = _stored_from(artifact, version, key)
         fields = {
             "arrays": stored.arrays,
             "manifest": json.dumps(stored.manifest),
@@ -204,8 +237,8 @@ class RedisRegistry:
             "pushed_at": str(stored.pushed_at),
         }
         pipe = self.client.pipeline()
-        pipe.hset(f"{_PREFIX}:{probe.name}:v:{version}", mapping=fields)
-        pipe.sadd(f"{_PREFIX}:names", probe.name)
+        pipe.hset(f"{_PREFIX}:{artifact.name}:v:{version}", mapping=fields)
+        pipe.sadd(f"{_PREFIX}:names", artifact.name)
         pipe.execute()
         return version
 

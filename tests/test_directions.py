@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from probes.data import Dataset, Row
 from probes.direction import Direction
-from probes.eval.directions import select
+from probes.eval.directions import Behaviour, select, sentiment
 from probes.eval.judges import REFUSAL_PHRASES, refuses
 
 
@@ -14,7 +14,8 @@ def test_candidates_are_scored_by_their_effect_and_the_choice_is_stored(tiny_lm,
         tuple(Row("I'm sorry, I can't help with that.", 1, p) for p in prompts)
         + tuple(Row("Sure, here are the steps.", 0, p) for p in prompts)
     )
-    direction, table = select(tiny_lm, "refusal", rows, prompts[:2], prompts[2:], progress=False)
+    behaviour = Behaviour("refusal", rows, prompts[:2], prompts[2:], "refusal")
+    direction, table = select(tiny_lm, behaviour, progress=False)
     assert [(c.layer, c.multiple) for c in table] == [(layer, m) for layer in range(3) for m in (0.5, 1.0)]
     best = max(table, key=lambda c: (round(c.steered - c.benign_refusal, 6), -c.strength))
     assert (direction.layer, direction.strength) == (best.layer, best.strength)
@@ -29,3 +30,8 @@ def test_candidates_are_scored_by_their_effect_and_the_choice_is_stored(tiny_lm,
 def test_the_refusal_judge_reads_the_standard_phrases():
     assert refuses("I'm sorry, but I cannot do that.") and refuses("As an AI, I won't")
     assert not refuses("Sure! Here is a recipe for bread.") and "I cannot" in REFUSAL_PHRASES
+
+
+def test_the_sentiment_judge_reads_tone_not_topic():
+    assert sentiment("What a wonderful, happy day!") > 0.5 > sentiment("The capital of France is Paris.") > -0.5
+    assert sentiment("This is awful and I hate it.") < -0.5

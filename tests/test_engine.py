@@ -657,7 +657,43 @@ def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for):
     async def together():
         return await asyncio.gather(run(engine, turned), run(engine, plain, delay=0.01))
 
-    (text, _, _), (other, _, _) = asyncio.run(together())
+    (text, done, _), (other, plain_done, _) = asyncio.run(together())
     assert text == steered_reference(tiny_lm, turned, direction, 3.0, 0)  # every position, the prompt's too
     assert text != steered_reference(tiny_lm, turned, direction, 0.0, 0)
     assert other == steered_reference(tiny_lm, plain, direction, 0.0, 0)
+    dial = done.verdicts["refusal"]  # the reply says what turned it
+    assert (dial.action, dial.steered_from_token, dial.strength) == ("steer", 0, 3.0)
+    assert dial.direction_version == direction.version and not dial.filtered
+    assert "refusal" not in plain_done.verdicts
+
+
+def test_a_replaced_direction_steers_new_requests_while_those_in_flight_keep_theirs(tiny_lm, engine_for):
+    from guard.policy import Dial
+
+    old, new = direction_for(tiny_lm), direction_for(tiny_lm, layer=1, strength=5.0, seed=9)
+    refuse = Policy("toy", "toy", Stage.PROMPT, Action.REFUSE, threshold=0.0, direction="refusal")
+    engine = engine_for(
+        [refuse], [probe_for(tiny_lm)], directions={"refusal": old}, dials=[Dial("turn", "refusal", -9, 9)]
+    )
+    turned = replace(request(tiny_lm, PROMPTS[0], 12), steer={"turn": 2.0}, policies=frozenset())
+    refused = request(tiny_lm, PROMPTS[2], 12)
+
+    async def across_the_swap():
+        loop = asyncio.get_running_loop()
+        before = [engine.submit(turned, loop), engine.submit(refused, loop)]
+        engine.replace_direction(new)
+        after = [engine.submit(turned, loop), engine.submit(refused, loop)]
+        return await asyncio.gather(*map(collect, before + after))
+
+    results = asyncio.run(across_the_swap())
+    assert engine.directions() == {"refusal": new.version} != {"refusal": old.version}
+    assert results[0][0] != results[2][0] and results[1][0] != results[3][0]  # the two directions steer apart
+    for (text, done, events), direction in zip(results, (old, old, new, new), strict=True):
+        if "turn" in done.verdicts:
+            assert text == steered_reference(tiny_lm, turned, direction, 2.0, 0)
+            assert done.verdicts["turn"].direction_version == direction.version
+        else:
+            first = len(refused.prompt_ids) - 1
+            assert text == steered_reference(tiny_lm, refused, direction, direction.strength, first)
+            verdict = events[0].verdicts["toy"]
+            assert (verdict.direction_version, verdict.strength) == (direction.version, direction.strength)

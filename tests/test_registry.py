@@ -77,6 +77,37 @@ def test_signatures(registry):
         registry.get("unit", "2").probe(key=b"another key")
 
 
+def make_direction(name: str = "unit-direction", seed: int = 1):
+    import numpy as np
+
+    from probes.direction import from_means
+
+    rng = np.random.default_rng(seed)
+    positive, negative = rng.normal(size=(2, 3, 8))
+    return from_means(name, positive, negative, layer=1, strength=2.5, model_fingerprint="sha256:abc")
+
+
+def test_directions_are_versioned_beside_probes_and_names_keep_their_kind(registry):
+    registry.push(make_probe())
+    first, second = make_direction(seed=1), make_direction(seed=2)
+    assert registry.push(first) == "1" and registry.push(second) == "2"
+    registry.activate("unit-direction", "1")
+    registry.activate("unit-direction", "2")
+    loaded = registry.get("unit-direction").direction(model_fingerprint="sha256:abc")
+    assert loaded.version == "2" and (loaded.layer, loaded.strength) == (1, 2.5)
+    assert (loaded.vectors == second.vectors).all() and registry.names() == ["unit", "unit-direction"]
+    assert registry.rollback("unit-direction") == "1"
+    assert (registry.get("unit-direction").direction().vectors == first.vectors).all()
+    with pytest.raises(RegistryError, match="holds direction versions"):
+        registry.push(replace(make_probe(), name="unit-direction"))
+    with pytest.raises(RegistryError, match="holds probe versions"):
+        registry.push(make_direction("unit"))
+    with pytest.raises(RegistryError, match="is a direction, not a probe"):
+        registry.get("unit-direction").probe()
+    with pytest.raises(ProbeError, match="retrain it on this model"):
+        registry.get("unit-direction").direction(model_fingerprint="sha256:other")
+
+
 def test_fingerprint_mismatch_refused(registry):
     registry.push(make_probe())
     with pytest.raises(ProbeError, match="retrain it on this model"):
@@ -107,6 +138,8 @@ def test_cli_round_trip(redis_server, tmp_path, capsys):
     assert main([*base, "show", "unit@2"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == "2" and shown["active"] is False and shown["manifest"]["name"] == "unit"
+    assert main([*base, "push", str(make_direction().save(tmp_path / "unit-direction")), "--activate"]) == 0
+    assert "pushed unit-direction@1 (active)" in capsys.readouterr().out
     assert main([*base, "activate", "unit", "7"]) == 2
     assert "has no version '7'" in capsys.readouterr().err
     assert main(["registry", "--redis-url", "redis://127.0.0.1:1/0", "list"]) == 2

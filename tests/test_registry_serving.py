@@ -48,6 +48,14 @@ def chat(server: Server, model: str, **extra) -> httpx.Response:
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
 
 
+def corrupt(url: str, name: str, version: str) -> None:
+    """Flip a byte of a stored version's arrays: corrupted at rest."""
+    client = redis.Redis.from_url(url)
+    arrays = bytearray(client.hget(f"guard:registry:{name}:v:{version}", "arrays"))
+    arrays[-1] ^= 0xFF
+    client.hset(f"guard:registry:{name}:v:{version}", "arrays", bytes(arrays))
+
+
 @pytest.fixture
 def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
     registry = RedisRegistry(redis.Redis.from_url(redis_server.url))
@@ -164,10 +172,7 @@ def test_bad_versions_are_refused_and_the_old_one_stays(cluster, tiny_lm, tmp_pa
     wait_for(lambda: "toy@2" in readyz(a)["registry"]["refused"])
     assert "retrain it on this model" in readyz(a)["registry"]["refused"]["toy@2"]
     version = registry.push(probe_for(tiny_lm, seed=6).with_threshold(0.5))
-    client = redis.Redis.from_url(redis_server.url)
-    arrays = bytearray(client.hget(f"guard:registry:toy:v:{version}", "arrays"))
-    arrays[-1] ^= 0xFF
-    client.hset(f"guard:registry:toy:v:{version}", "arrays", bytes(arrays))  # corrupted at rest
+    corrupt(redis_server.url, "toy", version)
     registry.activate("toy", version)
     wait_for(lambda: "toy@3" in readyz(a)["registry"]["refused"])
     assert "corrupt" in readyz(a)["registry"]["refused"]["toy@3"] and versions(a) == "1"
@@ -279,3 +284,35 @@ def test_a_shadow_version_is_scored_on_every_replica_compared_and_promoted(
     assert registry.shadowed("toy") is None
     assert main([*cli, "rollback", "toy"]) == 0
     wait_for(lambda: all(readyz(s)["policies"] == {"toy": "1"} for s in (a, b)))
+
+
+def test_a_dials_direction_is_served_at_the_registrys_active_version_and_a_corrupt_one_is_refused(
+    cluster, tiny_lm, tiny_model_dir, tmp_path, redis_server
+):
+    from dataclasses import replace
+
+    from test_engine import direction_for
+
+    registry, start = cluster
+    tilt = [replace(direction_for(tiny_lm, seed=seed), name="tilt") for seed in (1, 2, 3)]
+    registry.activate("tilt", registry.push(tilt[0]))
+    dials = {**POLICY, "dials": [{"name": "tilt", "direction": "tilt", "min": -9, "max": 9}]}
+    (tmp_path / "policies.json").write_text(json.dumps(dials))
+    a = start("a")
+
+    def turned() -> dict:
+        verdicts = chat(a, tiny_model_dir.name, guard={"steer": {"tilt": 3}}).json()["choices"][0]
+        return verdicts["content_filter_results"]["tilt"]
+
+    assert readyz(a)["directions"] == {"tilt": "1"}
+    verdict = turned()
+    assert (verdict["action"], verdict["direction_version"], verdict["strength"]) == ("steer", "1", 3.0)
+    registry.activate("tilt", registry.push(tilt[1]))
+    wait_for(lambda: readyz(a)["directions"] == {"tilt": "2"})
+    assert turned()["direction_version"] == "2"
+    version = registry.push(tilt[2])
+    corrupt(redis_server.url, "tilt", version)
+    registry.activate("tilt", version)
+    wait_for(lambda: "tilt@3" in readyz(a)["registry"]["refused"])
+    assert "corrupt" in readyz(a)["registry"]["refused"]["tilt@3"]
+    assert readyz(a)["directions"] == {"tilt": "2"} and turned()["direction_version"] == "2"

@@ -43,9 +43,9 @@ from guard.engine.decide import Decider, Decision
 from guard.engine.explain import explanations
 from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
+from guard.engine.steering import SteeringPlan
 from guard.engine.tap import LayerTap
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
-from guard.interventions import Steering
 from guard.policy import Action, Dial, Policy
 from guard.sampling import sample
 from guard.scoring import ProbeBank, ProbeSet, Shadow
@@ -94,18 +94,8 @@ class Engine:
         self.probes = ProbeSet.build(policies, probes)
         self.decider = Decider(policies)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
-        steering = [p for p in policies if p.steers]
         self.dials = tuple(dials)
-        needed = {p.direction for p in steering} | {d.direction for d in dials}
-        missing = sorted(needed - set(directions or {}))
-        if missing:
-            raise ValueError(f"steering policies and dials steer along directions that were not loaded: {missing}")
-        self.steering = Steering([directions[p.direction] for p in steering] + [directions[d.direction] for d in dials])
-        self.steer_index = {p.name: i for i, p in enumerate(steering)}
-        self.dial_index = {d.name: len(steering) + i for i, d in enumerate(dials)}
-        self.strengths = torch.tensor(
-            [p.strength if p.strength is not None else directions[p.direction].strength for p in steering]
-        )
+        self.plan = SteeringPlan.build(policies, self.dials, directions or {})
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
@@ -147,9 +137,10 @@ class Engine:
             if p.action is Action.ABLATE and p.ablate_always and (names is None or p.name in names):
                 ablating[self.ablate_index[p.name]] = 1.0
         n, shadowed = len(self.policies), len(probes.shadow.bank) if probes.shadow else 0
-        steering = torch.zeros(self.steering.count)
+        steer = self.plan
+        steering = torch.zeros(steer.count)
         for name, strength in request.steer.items():  # a dial steers the whole sequence
-            steering[self.dial_index[name]] = strength
+            steering[steer.dial_slot[name]] = strength
         reply = Reply(
             handle,
             probes,
@@ -161,6 +152,7 @@ class Engine:
             score=torch.zeros(n),
             crossed=torch.zeros(n, dtype=torch.bool),
             steering=steering,
+            plan=steer,
             shadow_sums=torch.zeros(shadowed),
             shadow_score=torch.zeros(shadowed),
             shadow_crossed=torch.zeros(shadowed, dtype=torch.bool),
@@ -192,6 +184,14 @@ class Engine:
     def replace_probe(self, policy: str, probe: LinearProbe) -> None:
         """Serve ``probe`` for ``policy`` from the next request on; requests in flight keep their version."""
         self.probes = self.probes.replace(self.policies, policy, probe)
+
+    def directions(self) -> dict[str, str]:
+        """The version of each direction new requests steer along, by name."""
+        return self.plan.versions()
+
+    def replace_direction(self, direction: Direction) -> None:
+        """Steer along ``direction`` (by its name) from the next request on; requests in flight keep theirs."""
+        self.plan = self.plan.replace(self.policies, self.dials, direction)
 
     # -- the engine thread: scheduling -----------------------------------------------------------------
     def _run(self, ready: Future[None]) -> None:
@@ -301,11 +301,14 @@ class Engine:
         if not self.policies:
             return None
         steered = None
-        if self.steering.count and any(bool(row.steering.any()) for row in rows):
-            strengths = torch.stack([row.steering for row in rows])
+        operator = self.plan.operator  # every row's plan's slots are among the newest plan's
+        if operator.count and any(bool(row.steering.any()) for row in rows):
+            strengths = torch.zeros((len(rows), operator.count))
+            for i, row in enumerate(rows):
+                strengths[i, : row.steering.shape[0]] = row.steering
             if tokens is not None:
                 strengths = strengths.repeat_interleave(torch.tensor(tokens), 0)
-            steered = (self.steering, strengths)
+            steered = (operator, strengths)
         ablations, keep = [], set()
         for probes, index in _groups(rows):
             keep.update(probes.layers)
@@ -428,7 +431,13 @@ class Engine:
         blocked = bool(decision.blocking.any())
         steered = [] if blocked else self._steer(reply, decision.steering, 0)
         verdicts = self.decider.verdicts(
-            scores, checked, decision.crossed, bank.versions, explanations=explained, steered_from=reply.steered_from
+            scores,
+            checked,
+            decision.crossed,
+            bank.versions,
+            explanations=explained,
+            steered_from=reply.steered_from,
+            steered_with=reply.plan.steered_with(reply.steered_from),
         )
         message = self.decider.message(decision.blocking)
         reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, _prompt_shadow(work, checked)))
@@ -448,7 +457,7 @@ class Engine:
         fired = [name for name in fired if name not in reply.steered_from]
         for name in fired:
             reply.steered_from[name] = token
-            reply.steering[self.steer_index[name]] = self.strengths[self.steer_index[name]]
+            reply.steering[reply.plan.policy_slot[name]] = reply.plan.strength[name]
         return fired
 
     def _check_tokens(self, rows: list[Reply], tap: LayerTap | None) -> list[str]:
@@ -559,7 +568,9 @@ class Engine:
                 reply.ablated_from,
                 explained,
                 reply.steered_from,
+                reply.plan.steered_with(reply.steered_from),
             )
+            verdicts |= reply.plan.dial_verdicts(reply.request.steer)
             if reply.probes.shadow is not None:
                 shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)
         prompt_tokens = len(reply.request.prompt_ids)

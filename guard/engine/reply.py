@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from guard.engine.steering import SteeringPlan
 from guard.events import GenerationRequest, Handle
 from guard.scoring import ProbeSet
 from guard.textstream import TextStream
@@ -25,7 +26,8 @@ class Reply:
     )  # [n_policies] running sum of per-token logit contributions (a streaming probe: their moving average)
     score: torch.Tensor  # [n_policies] the reply's output-stage score so far
     crossed: torch.Tensor  # [n_policies] bool: crossed its threshold at some token
-    steering: torch.Tensor  # [n_steered]: this row's strength along each steering policy's direction
+    steering: torch.Tensor  # [plan.count]: this row's strength in each slot of its steering plan
+    plan: SteeringPlan  # the direction versions this request started with
     shadow_sums: torch.Tensor  # [n_shadowed]: the same three for the probe set's shadow versions
     shadow_score: torch.Tensor
     shadow_crossed: torch.Tensor

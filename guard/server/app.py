@@ -285,6 +285,7 @@ class HealthController(Controller):
                 "fingerprint": engine.lm.fingerprint,
                 "policies": engine.versions(),
                 "shadows": engine.shadows(),
+                "directions": engine.directions(),
                 "registry": request.app.state.runtime.source.status.as_dict(),
                 **engine.load(),
             }
