@@ -7,7 +7,7 @@ replies in the same shared batch, with the same sampling, as ``guard serve``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from guard.engine import Engine, QueueFull
@@ -28,9 +28,12 @@ class Generated:
     verdicts: dict[str, Verdict] = field(default_factory=dict)  # every stage's, as the reply ended
 
 
-def generate(engine: Engine, prompts: Sequence[str], sampling: SamplingParams) -> list[Generated]:
-    """One reply per prompt (a user turn), in order. At most the batch and the waiting queue are in
-    flight at once; a request the queue turns away (rows not yet admitted) waits a moment and retries."""
+def generate(
+    engine: Engine, prompts: Sequence[str], sampling: SamplingParams, steer: Mapping[str, float] | None = None
+) -> list[Generated]:
+    """One reply per prompt (a user turn), in order, each turning the dials ``steer``. At most the batch and
+    the waiting queue are in flight at once; a request the queue turns away (rows not yet admitted) waits
+    a moment and retries."""
 
     async def one(text: str, room: asyncio.Semaphore) -> Generated:
         async with room:
@@ -40,7 +43,7 @@ def generate(engine: Engine, prompts: Sequence[str], sampling: SamplingParams) -
         enc = render_messages(
             engine.lm.tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
         )
-        request = GenerationRequest(enc.ids, (enc.start, enc.end), sampling)
+        request = GenerationRequest(enc.ids, (enc.start, enc.end), sampling, steer=dict(steer or {}))
         while True:
             try:
                 handle = engine.submit(request, asyncio.get_running_loop())

@@ -5,11 +5,14 @@ prompt and role marker are the same for every row, so their KV cache is computed
 and right padding keeps each row's position ids exactly as they are when it runs alone (features do
 not depend on what else is in the batch). The LM head is never run: the base model is enough.
 
-Pooling (both are what the server computes online):
+Pooling (the first two are what the server computes online):
 - ``mean``: mean over the text's own tokens. For a prompt, computed once after prefill; for a reply,
   the server keeps a running mean over the tokens generated so far, so a linear probe's logit is the
   mean of per-token logits.
 - ``last``: the text's last token.
+- ``tail``: a user text's last template token before the assistant's turn (the text rendered with the
+  generation prompt, as the server prefills it): where the model has read the request and is about
+  to answer, the position Arditi et al. (2024) read refusal directions at.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel
 from probes.lm.render import Encoded, encode_row
 
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last")  # what a probe may pool (the server computes both online)
+READINGS = (*POOLINGS, "tail")  # what may be extracted: ``tail`` for directions (probes.eval.directions)
 _CACHE_FORMAT = 1
 
 
@@ -46,8 +50,8 @@ def extract(
     progress: bool = True,
 ) -> np.ndarray:
     """Pooled features ``[n_rows, n_layers, d_model]`` (float32) for ``layers`` (decoder-layer indices)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling not in READINGS:
+        raise ValueError(f"pooling must be one of {READINGS}, got {pooling!r}")
     path = None
     if cache_dir is not None:
         key = _cache_key(f"{lm.fingerprint}:{lm.numeric}", dataset.texts_sha256(), layers, pooling, max_text_tokens)
@@ -56,12 +60,12 @@ def extract(
             return np.load(path, allow_pickle=False)
     features = np.zeros((len(dataset.rows), len(layers), lm.hidden_size), dtype=np.float32)
     with tqdm(total=len(dataset.rows), desc="extracting", unit="text", disable=not progress) as bar:
-        for batch, rows, hidden, offset in batched_states(
-            lm, _encode(lm, dataset, max_text_tokens), layers, batch_tokens
-        ):
+        encoded = _encode(lm, dataset, max_text_tokens, generation_prompt=pooling == "tail")
+        for batch, rows, hidden, offset in batched_states(lm, encoded, layers, batch_tokens):
             for j, layer in enumerate(layers):
                 for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                    features[i, j] = pool(hidden[layer][k], row.start - offset, row.end - offset, pooling).numpy()
+                    end = len(row.ids) if pooling == "tail" else row.end
+                    features[i, j] = pool(hidden[layer][k], row.start - offset, end - offset, pooling).numpy()
             bar.update(len(batch))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +76,7 @@ def extract(
 
 
 def pool(hidden: torch.Tensor, start: int, end: int, pooling: str) -> torch.Tensor:
-    """Pool ``hidden[pos, d_model]`` over the half-open span ``[start, end)``."""
+    """Pool ``hidden[pos, d_model]`` over the half-open span ``[start, end)`` (``last``, ``tail``: its last)."""
     if pooling == "mean":
         return hidden[start:end].mean(dim=0)
     return hidden[end - 1]
@@ -97,8 +101,11 @@ def token_states(
             yield i, torch.stack(span, 1).numpy()
 
 
-def _encode(lm: LoadedModel, dataset: Dataset, max_text_tokens: int) -> list[Encoded]:
-    return [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens) for r in dataset.rows]
+def _encode(lm: LoadedModel, dataset: Dataset, max_text_tokens: int, generation_prompt: bool = False) -> list[Encoded]:
+    return [
+        encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens, generation_prompt=generation_prompt)
+        for r in dataset.rows
+    ]
 
 
 def batched_states(

@@ -570,15 +570,9 @@ def direction_for(lm, layer: int = 2, strength: float = 4.0, seed: int = 5):
 def steered_reference(lm, req: GenerationRequest, direction, strength: float, first: int) -> str:
     """Greedy decoding by transformers' own forward, recomputed in full each token, with a hook adding the
     steering at the direction's layer from position ``first`` on."""
-    from probes.lm.hooks import hooks, layer_output, replace_output
+    from probes.lm.hooks import adding, hooks
 
-    vector = torch.tensor(direction.vector(direction.layer))
-
-    def add(module, args, output):
-        hidden = layer_output(output).clone()
-        hidden[:, first:] += strength * vector
-        return replace_output(output, hidden)
-
+    add = adding(torch.tensor(direction.vector(direction.layer)), strength, first)
     ids = list(req.prompt_ids)
     with torch.inference_mode(), hooks(lm.model, {direction.layer: add}, layer_path=lm.layer_path):
         for _ in range(req.sampling.max_tokens):
@@ -643,13 +637,17 @@ def test_a_steer_policy_steers_along_its_own_direction_by_its_signed_strength(ti
     assert text != steered_reference(tiny_lm, req, style, 0.0, 0)
 
 
-def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for):
+@pytest.mark.parametrize("policies", [1, 0])
+def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for, policies):
     from guard.policy import Dial
 
     direction = direction_for(tiny_lm)
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG, threshold=1.0)
     engine = engine_for(
-        [policy], [probe_for(tiny_lm)], directions={"refusal": direction}, dials=[Dial("refusal", "refusal", -9, 9)]
+        [policy][:policies],
+        [probe_for(tiny_lm)][:policies],
+        directions={"refusal": direction},
+        dials=[Dial("refusal", "refusal", -9, 9)],
     )
     turned = replace(request(tiny_lm, PROMPTS[0], 12), steer={"refusal": 3.0})
     plain = request(tiny_lm, PROMPTS[3], 12)

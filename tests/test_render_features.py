@@ -74,6 +74,21 @@ def test_last_pooling_reads_the_last_text_token(tiny_lm):
     np.testing.assert_allclose(last[0, 0], store[1][0, enc.end - 1].numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_tail_reading_is_the_last_template_token_before_the_reply_batched_or_alone(tiny_lm):
+    rows = Dataset(tuple(Row(text, 0) for text in TEXTS))
+    tail = extract(tiny_lm, rows, [1, 2], pooling="tail", progress=False)
+    for i, text in enumerate(TEXTS):
+        prompt = tiny_lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        with torch.inference_mode(), capture(tiny_lm.model, [1, 2]) as store:
+            tiny_lm.model(input_ids=torch.tensor([prompt]))
+        for j, layer in enumerate((1, 2)):
+            np.testing.assert_allclose(tail[i, j], store[layer][0, -1].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="applies to a user text"):
+        extract(tiny_lm, Dataset((Row("Sure.", 0, "Hi"),)), [1], pooling="tail", progress=False)
+
+
 def test_feature_cache_round_trip(tiny_lm, tmp_path):
     data = Dataset(tuple(Row(t, 0) for t in TEXTS))
     first = extract(tiny_lm, data, [1], cache_dir=tmp_path, progress=False)

@@ -297,12 +297,14 @@ class Engine:
     # -- the engine thread: passes ---------------------------------------------------------------------
     def _tap(self, rows: list[Reply], tokens: list[int] | None = None) -> LayerTap | None:
         """The layer callback of a pass over ``rows`` (``tokens``: each one's consecutive rows in a packed
-        prefill, else one each); ``None`` without policies, when the model runs exactly as without guard."""
-        if not self.policies:
-            return None
+        prefill, else one each); ``None`` without policies and steering, when the model runs exactly as
+        without guard."""
         steered = None
         operator = self.plan.operator  # every row's plan's slots are among the newest plan's
-        if operator.count and any(bool(row.steering.any()) for row in rows):
+        steering = operator.count and any(bool(row.steering.any()) for row in rows)
+        if not self.policies and not steering:
+            return None
+        if steering:
             strengths = torch.zeros((len(rows), operator.count))
             for i, row in enumerate(rows):
                 strengths[i, : row.steering.shape[0]] = row.steering
@@ -362,7 +364,7 @@ class Engine:
         probes = work.reply.probes
         for index, chunk in chunks:
             rows = chunk.span_rows()
-            if rows is not None and tap is None:  # without policies there is no tap and nothing to score
+            if rows is not None and (tap is None or not self.policies):  # without policies nothing is scored
                 work.parts.append(torch.zeros((rows.stop - rows.start, 0)))
             elif rows is not None:
                 work.parts.append(_contributions(probes.bank, tap, rows))
@@ -468,7 +470,7 @@ class Engine:
         its threshold (nearly never) is then handled on its own (``_act``).
         """
         outcomes = ["emit"] * len(rows)
-        if tap is None:
+        if tap is None or not self.policies:
             return outcomes
         for probes, index in _groups(rows):
             members = index.tolist()

@@ -31,7 +31,7 @@ from probes.data import Dataset, Row
 from probes.direction import Direction, from_means
 from probes.eval.judges import refuses
 from probes.features import extract
-from probes.lm.hooks import hooks, layer_output, replace_output
+from probes.lm.hooks import adding, hooks, layer_output, replace_output
 from probes.lm.model import LoadedModel
 
 KL_LIMIT = 0.1
@@ -145,14 +145,7 @@ def generate(
 ) -> list[str]:
     """Greedy replies, steered (the whole sequence, at ``layer``) when a direction is given."""
     batch = _chat_batch(lm, prompts)
-    factories = {}
-    if direction is not None:
-        vector = torch.tensor(direction.vector(layer))
-
-        def add(module, args, output):
-            return replace_output(output, layer_output(output) + strength * vector.to(layer_output(output).dtype))
-
-        factories = {layer: add}
+    factories = {} if direction is None else {layer: adding(torch.tensor(direction.vector(layer)), strength)}
     with torch.inference_mode(), hooks(lm.model, factories, layer_path=lm.layer_path):
         out = lm.model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]

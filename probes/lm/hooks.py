@@ -60,3 +60,15 @@ def _recorder(store: dict[int, torch.Tensor], layer: int) -> Hook:
         store[layer] = layer_output(output).detach()
 
     return hook
+
+
+def adding(vector: torch.Tensor, strength: float, start: int = 0) -> Hook:
+    """A hook adding ``strength * vector`` to a layer's output at positions ``start`` on: activation
+    steering by transformers' own forward (of one unpadded sequence, or a batch steered everywhere)."""
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        hidden = layer_output(output).clone()
+        hidden[:, start:] += strength * vector.to(hidden.dtype)
+        return replace_output(output, hidden)
+
+    return hook

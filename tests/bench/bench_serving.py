@@ -14,13 +14,15 @@ Every (concurrency, server) cell is measured ``--rounds`` times, the servers' or
 round; the report gives each metric's median over rounds, and guarded/unguarded per round (the
 spread between rounds is this VM's noise). ``--dtype`` picks the numeric path of both servers
 (int8, the default, bfloat16 or float32). Both run the lean step compiled, as ``guard serve`` does by default;
-``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``).
+``--eager-too`` adds a third server, guarded with the lean step not compiled (``--no-compile``);
+``--steered-too`` one guarded whose every request turns the shipped sentiment dial (every row steered
+at every token), the decode cost of ``refuse``, ``steer`` and dials once they steer.
 ``--before DIR`` adds an unguarded and a guarded server running the code of another checkout (``DIR``,
 e.g. a ``git worktree`` of an earlier commit, on the same virtual environment), measured in the same
 rounds, so a change's effect on serving speed is measured side by side.
 
     .venv/bin/python tests/bench/bench_serving.py [--tokens 64] [--requests 16] [--rounds 3] [--dtype float32]
-        [--eager-too] [--before DIR] [--out tests/bench/results/serving.json]
+        [--eager-too] [--steered-too] [--before DIR] [--out tests/bench/results/serving.json]
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from prompts import SHIPPED
 from serverproc import Server
 
 MODEL = "smollm2-135m-instruct"
+# the steered server's requests turn the shipped sentiment dial by about its recommended strength, the
+# whole sequence: every row is steered at every token
+BODIES = {"guarded_steered": {"guard": {"steer": {"sentiment": 12.0}}}}
 
 
 def streamed_request(prompt: str, tokens: int) -> dict:
@@ -56,13 +61,13 @@ def streamed_request(prompt: str, tokens: int) -> dict:
     }
 
 
-def stream_once(client: httpx.Client, url: str, prompt: str, tokens: int) -> dict:
+def stream_once(client: httpx.Client, url: str, prompt: str, tokens: int, extra: dict | None = None) -> dict:
     """One streamed request on ``client`` (a client keeps its connection: what an OpenAI client does).
 
     The time starts at the request, not at the client: building an ``httpx.Client`` costs about 20 ms
     of CPU (its TLS context), and eight built at once delayed the last request by about 110 ms.
     """
-    body = {**streamed_request(prompt, tokens), "stream_options": {"include_usage": True}}
+    body = {**streamed_request(prompt, tokens), "stream_options": {"include_usage": True}, **(extra or {})}
     started = time.perf_counter()
     arrivals, pieces, usage = [], [], None
     with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
@@ -91,7 +96,9 @@ def workload(requests: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
 
 
-def concurrent(url: str, clients: int, tokens: int, prompts: list[str]) -> tuple[dict, list[str]]:
+def concurrent(
+    url: str, clients: int, tokens: int, prompts: list[str], extra: dict | None = None
+) -> tuple[dict, list[str]]:
     """``clients`` streaming clients work through ``prompts`` together, each sending its next as one ends.
 
     Returns the metrics and the replies. The first ``clients`` requests start at the same instant, so
@@ -108,7 +115,7 @@ def concurrent(url: str, clients: int, tokens: int, prompts: list[str]) -> tuple
                     if not queue:
                         return
                     i, prompt = queue.pop(0)
-                results[i] = stream_once(client, url, prompt, tokens)
+                results[i] = stream_once(client, url, prompt, tokens, extra)
 
     connections = [httpx.Client() for _ in range(clients)]  # built before the clock starts
 
@@ -169,6 +176,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="int8", help="numeric path of both servers")
     parser.add_argument("--threads", help="torch threads of both servers (default: guard's default for the path)")
     parser.add_argument("--eager-too", action="store_true", help="also a guarded server with --no-compile")
+    parser.add_argument(
+        "--steered-too", action="store_true", help="also a guarded server whose every request turns the sentiment dial"
+    )
     parser.add_argument("--before", type=Path, help="also unguarded and guarded servers on this checkout's code")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/serving.json"))
     args = parser.parse_args()
@@ -179,11 +189,15 @@ def main() -> None:
     guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in SHIPPED]
     (work / "guarded.json").write_text(json.dumps({"policies": guarded_policies}))
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
+    dial = {"name": "sentiment", "direction": "sentiment", "min": -100, "max": 100}
+    (work / "steered.json").write_text(json.dumps({"policies": guarded_policies, "dials": [dial]}))
     flags = ("--max-batch", str(max(levels)), "--dtype", args.dtype)
     flags += ("--threads", args.threads) if args.threads else ()
     kinds = [("unguarded", "unguarded", (), None), ("guarded", "guarded", (), None)]
     if args.eager_too:
         kinds.append(("guarded_eager", "guarded", ("--no-compile",), None))
+    if args.steered_too:
+        kinds.append(("guarded_steered", "steered", (), None))
     if args.before:
         before = args.before.resolve()
         kinds += [("unguarded_before", "unguarded", (), before), ("guarded_before", "guarded", (), before)]
@@ -201,7 +215,7 @@ def main() -> None:
             order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))
             for clients in levels:
                 for name, server in order:
-                    metrics, texts = concurrent(server.url, clients, args.tokens, prompts)
+                    metrics, texts = concurrent(server.url, clients, args.tokens, prompts, BODIES.get(name))
                     runs[clients, name].append(metrics)
                     replies.setdefault((clients, name), texts)
     finally:
@@ -222,6 +236,12 @@ def main() -> None:
         ]
         if "guarded_eager" in speed:
             row["guarded_vs_guarded_eager"] = speed["guarded"] / speed["guarded_eager"]
+        if "guarded_steered" in speed:
+            row["steered_vs_unguarded"] = speed["guarded_steered"] / speed["unguarded"]
+            row["steered_vs_unguarded_by_round"] = [
+                s["aggregate_tokens_per_s"] / u["aggregate_tokens_per_s"]
+                for s, u in zip(runs[clients, "guarded_steered"], runs[clients, "unguarded"], strict=True)
+            ]
         for kind in ("unguarded", "guarded") if args.before else ():
             row[f"{kind}_vs_before"] = speed[kind] / speed[f"{kind}_before"]
             row[f"{kind}_vs_before_by_round"] = [
@@ -266,6 +286,14 @@ def main() -> None:
                 f"|   guarded, not compiled | | {eager['aggregate_tokens_per_s']:.1f}"
                 f" | {row['guarded_vs_guarded_eager']:.2f} (compiled / not) | {eager['ttft_p95_s']:.2f}"
                 f" ({eager['ttft_p95_after_first_wave_s']:.2f}) | {eager['same_reply_as_alone']:.2f} |"
+            )
+        if "guarded_steered" in row:
+            steered = row["guarded_steered"]
+            rounds = " ".join(f"{r:.2f}" for r in row["steered_vs_unguarded_by_round"])
+            print(
+                f"|   guarded, every row steered | | {steered['aggregate_tokens_per_s']:.1f}"
+                f" | {row['steered_vs_unguarded']:.2f} ({rounds}) | {steered['ttft_p95_s']:.2f}"
+                f" ({steered['ttft_p95_after_first_wave_s']:.2f}) | {steered['same_reply_as_alone']:.2f} |"
             )
     if args.before:
         print(f"\n| streams | server | before tok/s | after tok/s | after / before (by round) |  ({args.before})")
