@@ -415,9 +415,9 @@ def _agreement_line(a: dict) -> str:
 def _directions_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
-        choices=["refusal", "sentiment"],
+        choices=["refusal", "sentiment", "weapons"],
         required=True,
-        help="a shipped direction from the data pool: refusal (for refuse) or sentiment (a tone dial)",
+        help="a direction from the data pool: refusal (for refuse), sentiment (a tone dial) or weapons (to ablate)",
     )
     p.add_argument("--out", type=Path, required=True, help="the direction's directory")
     p.add_argument("--no-progress", action="store_true")
@@ -430,16 +430,20 @@ def _directions(args: argparse.Namespace, settings: Settings) -> int:
     lm = _model(settings)
     behaviour = PRESETS[args.preset](settings.data_dir)
     direction, table = select(lm, behaviour, progress=not args.no_progress)
-    direction.save(args.out)
     chosen = direction.manifest["selection"]["chosen"]
     for c in table:
-        mark = "*" if (c.layer, c.multiple) == (chosen["layer"], chosen["multiple"]) else " "
+        mark = "*" if c.as_dict() == chosen else " "
         print(
-            f"{mark} layer {c.layer:2d} x{c.multiple:.1f} (strength {c.strength:6.2f}): steered {behaviour.judge} "
-            f"{c.steered:.3f}, benign refusal {c.benign_refusal:.3f}, ablated KL {c.ablated_kl:.4f}"
+            f"{mark} {c.reading} layer {c.layer:2d} x{c.multiple:.1f} (strength {c.strength:6.2f}): "
+            f"{behaviour.judge} {c.judged:.3f}, benign refusal {c.benign_refusal:.3f}, "
+            f"{behaviour.intervention} KL {c.intervention_kl:.4f}, ablated KL {c.ablated_kl:.4f}"
         )
-    unsteered = direction.manifest["selection"]["unsteered"]
-    print(f"unsteered: {behaviour.judge} {unsteered['steered']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
+    selection = direction.manifest["selection"]
+    unsteered = selection["unsteered"]
+    print(f"unsteered: {behaviour.judge} {unsteered['judged']:.3f}, benign refusal {unsteered['benign_refusal']:.3f}")
+    if not selection["kl_bound_met"]:
+        raise ValueError(f"no candidate keeps the benign KL of {behaviour.intervention} under 0.1: nothing written")
+    direction.save(args.out)
     print(f"{behaviour.name}: layer {direction.layer}, strength {direction.strength:.2f} -> {args.out}")
     return 0
 

@@ -1,21 +1,29 @@
 """Directions chosen by what they do to generation, not by how well they classify (``guard directions``).
 
 Candidates are differences of means between rows that show a behaviour and rows that do not, one
-per layer, read as a mean over the text's own tokens (``probes.features``). Each candidate is scored
-by its effect, as Arditi et al. (2024) select the refusal direction:
+per layer and reading: a mean over the text's own tokens, or (for rows without a reply) a user text's
+last template token, where Arditi et al. read (``probes.features``). Each candidate is scored by its
+effect, as Arditi et al. (2024) select the refusal direction, under the intervention it is for
+(``steer``: added at its layer, at multiples of the difference's own norm; ``ablate``: projected out
+of every layer):
 
-- **steered**: greedy replies to held-out eliciting prompts with the direction added at its layer
-  (``strength`` = a multiple of the difference's own norm), scored by the behaviour's judge (the
-  refusal-phrase list for refusal, VADER's compound sentiment for the sentiment dial): the mean;
-- **benign refusal**: the refusal-phrase judge on benign prompts steered, what a false positive (or a
-  dial turned) would cost;
-- **ablated KL**: the mean next-token KL on benign prompts with the direction projected out of every
-  layer, Arditi et al.'s bar (under 0.1) for a direction that can be removed from the model.
+- **judged**: greedy replies to held-out eliciting prompts under the intervention, scored by the
+  behaviour's judge (the refusal-phrase list for refusal, VADER's compound sentiment for the sentiment
+  dial, the harm judge of ``probes.eval.judges`` for a violation), the mean;
+- **benign refusal**: the refusal-phrase judge on benign prompts under the intervention, what a false
+  positive (or a dial turned) would cost;
+- **intervention KL**: the mean next-token KL on benign prompts under the intervention (steered over
+  the whole sequence, as a dial steers);
+- **ablated KL**: the same with the direction projected out of every layer, Arditi et al.'s bar (under
+  0.1) for a direction that can be removed from the model.
 
-The last 20% of layers are never candidates. A direction for steering (``refuse`` steers only the
-rows where a policy fired; a dial steers the requests that turn it) is chosen as the most selective:
-the highest steered score less the benign refusal rate (then the smaller strength). Whether it is also
-fit to ablate is its ablated KL, recorded with the choice.
+The last 20% of layers are never candidates. A steering direction is chosen as the most selective:
+the highest judged score less the benign refusal rate (then the smaller strength). An ablation
+direction lowers a violation: the lowest judged score (plus the benign refusal rate) among the
+candidates under the KL bar, Arditi et al.'s rule. A dial's direction (``kl_bound``) is chosen among
+the candidates whose steering keeps benign KL under the same bar; ``refuse`` steers only the rows where
+a policy fired, to change the reply, so its direction is not. Whether a direction is also fit to
+ablate is its ablated KL, recorded with the choice.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from probes.data import Dataset, Row
 from probes.direction import Direction, from_means
 from probes.eval.judges import refuses
 from probes.features import extract
-from probes.lm.hooks import adding, hooks, layer_output, replace_output
+from probes.lm.hooks import Hook, adding, hooks, projecting
 from probes.lm.model import LoadedModel
 
 KL_LIMIT = 0.1
@@ -41,11 +49,14 @@ REPLY_TOKENS = 24
 
 @dataclass(frozen=True)
 class Candidate:
+    reading: str  # where the rows were read (``probes.features``): ``mean`` over the text, or ``tail``
     layer: int
     multiple: float
     strength: float
-    steered: float  # the judge's mean score on the eliciting prompts, steered
-    benign_refusal: float  # the refusal rate on the benign prompts, steered
+    judged: float  # the judge's mean score on the eliciting prompts, under the intervention
+    benign_refusal: float  # the refusal rate on the benign prompts, under the intervention
+    intervention_kl: float  # mean next-token KL on the benign prompts, under the intervention (steered: the whole
+    # sequence, as a dial)
     ablated_kl: float  # mean next-token KL on the benign prompts, ablated at every layer
 
     def as_dict(self) -> dict:
@@ -64,14 +75,31 @@ def sentiment(reply: str) -> float:
     return float(_vader().polarity_scores(reply)["compound"])
 
 
-# A behaviour's judge: a reply's score (a refusal counts 1).
-JUDGES: dict[str, Callable[[str], float]] = {"refusal": lambda reply: float(refuses(reply)), "sentiment": sentiment}
+def harmful(prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
+    """The harm judge's verdicts (1: the reply carries out the harmful request; ``probes.eval.judges``)."""
+    from probes.data import default_data_dir
+    from probes.eval.baselines import minilm_embedder
+    from probes.eval.judges import harm_judge
+    from probes.lm.model import default_cache_dir
+
+    embed = minilm_embedder()
+    judge = harm_judge(default_data_dir(), default_cache_dir(), embed)
+    return [float(score >= judge.threshold) for score in judge.scores(embed, list(prompts), list(replies))]
+
+
+# A behaviour's judge: each reply's score, given its prompt (a refusal, a harmful reply count 1).
+Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
+JUDGES: dict[str, Judge] = {
+    "refusal": lambda prompts, replies: [float(refuses(r)) for r in replies],
+    "sentiment": lambda prompts, replies: [sentiment(r) for r in replies],
+    "harm": harmful,
+}
 
 
 @dataclass(frozen=True)
 class Behaviour:
     """What a direction is chosen for: contrastive rows (label 1 shows the behaviour), held-out eliciting
-    prompts its judge scores steered replies to, and benign prompts for the cost."""
+    prompts its judge scores the replies to, and benign prompts for the cost."""
 
     name: str
     rows: Dataset
@@ -79,36 +107,55 @@ class Behaviour:
     benign: Sequence[str]
     judge: str  # a JUDGES name
     provenance: dict = field(default_factory=dict)
+    # a dial steers requests that may be benign: its steering must keep their next-token KL under KL_LIMIT
+    # (``refuse`` steers only where a policy fired, to change the reply)
+    kl_bound: bool = False
+    # where the rows are read: ``mean`` over the text; ``tail``, a user text's last template token (Arditi
+    # et al.'s position; rows without a reply only)
+    readings: tuple[str, ...] = ("mean",)
+    multiples: tuple[float, ...] = MULTIPLES  # candidate strengths, in multiples of each layer's difference
+    # ``steer``: candidates are added at their layer, and the judged score is to raise; ``ablate``: each
+    # layer's vector is projected out of every layer, the judged score (a violation) is to lower, and
+    # only candidates under Arditi et al.'s KL bar qualify
+    intervention: str = "steer"
 
 
 def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> tuple[Direction, list[Candidate]]:
-    """The direction from the behaviour's rows steered best on its eliciting prompts, and the table."""
+    """The direction from the behaviour's rows that does best on its eliciting prompts, and the table."""
     layers = list(range(lm.num_layers))
-    features = extract(lm, behaviour.rows, layers, progress=progress)
     labels = np.asarray(behaviour.rows.labels)
-    means = (features[labels == 1].mean(0), features[labels == 0].mean(0))
-    direction = from_means(behaviour.name, *means, layer=0, strength=0.0)
-    benign_kl = _ablated_kl(lm, direction, behaviour.benign)
-    judge = JUDGES[behaviour.judge]
-    table = []
-    for layer in range(int(0.8 * lm.num_layers)):
-        for multiple in MULTIPLES:
-            strength = multiple * float(direction.norms[layer])
-            table.append(
-                Candidate(
-                    layer,
-                    multiple,
-                    strength,
-                    _mean(judge, generate(lm, behaviour.eliciting, direction, layer, strength)),
-                    _mean(refuses, generate(lm, behaviour.benign, direction, layer, strength)),
-                    benign_kl[layer],
+    judge, ablate = JUDGES[behaviour.judge], behaviour.intervention == "ablate"
+    directions, table = {}, []
+    for reading in behaviour.readings:
+        features = extract(lm, behaviour.rows, layers, pooling=reading, progress=progress)
+        means = (features[labels == 1].mean(0), features[labels == 0].mean(0))
+        direction = directions[reading] = from_means(behaviour.name, *means, layer=0, strength=0.0)
+        benign_kl = _ablated_kl(lm, direction, behaviour.benign)
+        for layer in range(int(0.8 * lm.num_layers)):
+            for multiple in (0.0,) if ablate else behaviour.multiples:
+                strength = multiple * float(direction.norms[layer])
+                hooked = ablation(direction, layer, lm.num_layers) if ablate else steering(direction, layer, strength)
+                table.append(
+                    Candidate(
+                        reading,
+                        layer,
+                        multiple,
+                        strength,
+                        _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting, hooked)),
+                        _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign, hooked)),
+                        benign_kl[layer] if ablate else next_token_kl(lm, behaviour.benign, hooked),
+                        benign_kl[layer],
+                    )
                 )
-            )
     baseline = {
-        "steered": _mean(judge, generate(lm, behaviour.eliciting)),
-        "benign_refusal": _mean(refuses, generate(lm, behaviour.benign)),
+        "judged": _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting)),
+        "benign_refusal": _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign)),
     }
-    best = max(table, key=lambda c: (round(c.steered - c.benign_refusal, 6), -c.strength))
+    bounded = behaviour.kl_bound or ablate
+    eligible = [c for c in table if c.intervention_kl < KL_LIMIT] if bounded else table
+    sign = -1 if ablate else 1
+    best = max(eligible or table, key=lambda c: (round(sign * c.judged - c.benign_refusal, 6), -c.strength))
+    direction = directions[best.reading]
     chosen = Direction(
         behaviour.name,
         direction.layers,
@@ -121,8 +168,12 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
             "model_fingerprint": lm.fingerprint,
             "numeric": lm.numeric,
             "selection": {
-                "rule": f"highest steered {behaviour.judge} score less benign refusal rate, layers < 80% of depth",
+                "rule": f"{'lowest' if ablate else 'highest'} {behaviour.judge} score {behaviour.intervention}ed "
+                "less benign refusal rate, layers < 80% of depth"
+                + (f", benign KL of the intervention < {KL_LIMIT}" if bounded else ""),
+                "intervention": behaviour.intervention,
                 "judge": behaviour.judge,
+                "kl_bound_met": bool(eligible),
                 "ablatable": best.ablated_kl < KL_LIMIT,
                 "unsteered": baseline,
                 "chosen": best.as_dict(),
@@ -136,17 +187,11 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
 
 
 def generate(
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    direction: Direction | None = None,
-    layer: int = 0,
-    strength: float = 0.0,
-    tokens: int = REPLY_TOKENS,
+    lm: LoadedModel, prompts: Sequence[str], factories: dict[int, Hook] | None = None, tokens: int = REPLY_TOKENS
 ) -> list[str]:
-    """Greedy replies, steered (the whole sequence, at ``layer``) when a direction is given."""
+    """Greedy replies, under the hooks ``factories`` (``steering``, ``ablation``) when given."""
     batch = _chat_batch(lm, prompts)
-    factories = {} if direction is None else {layer: adding(torch.tensor(direction.vector(layer)), strength)}
-    with torch.inference_mode(), hooks(lm.model, factories, layer_path=lm.layer_path):
+    with torch.inference_mode(), hooks(lm.model, factories or {}, layer_path=lm.layer_path):
         out = lm.model.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
     return [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
@@ -161,30 +206,35 @@ def _chat_batch(lm: LoadedModel, prompts: Sequence[str]) -> dict:
     )
 
 
-def _mean(judge: Callable[[str], float], replies: list[str]) -> float:
-    return sum(map(judge, replies)) / len(replies) if replies else 0.0
+def _mean(judge: Judge, prompts: Sequence[str], replies: list[str]) -> float:
+    return sum(judge(prompts, replies)) / len(replies) if replies else 0.0
 
 
-def _ablated_kl(lm: LoadedModel, direction: Direction, prompts: Sequence[str]) -> list[float]:
-    """Per layer: the mean KL of the next-token distribution after ``prompts`` with that layer's vector
-    projected out of every layer's output, against the model as it is."""
+def next_token_kl(lm: LoadedModel, prompts: Sequence[str], factories: dict[int, Hook]) -> float:
+    """The mean KL(model || model with the hooks ``factories``) of the next token after each prompt."""
     batch = _chat_batch(lm, prompts)
     with torch.inference_mode():
         reference = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
-        out = []
-        for layer in range(lm.num_layers):
-            vector = torch.tensor(direction.vector(layer))
+        with hooks(lm.model, factories, layer_path=lm.layer_path):
+            changed = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
+    return float((reference.exp() * (reference - changed)).sum(-1).mean())
 
-            def project(module, args, output, v=vector):
-                hidden = layer_output(output)
-                v = v.to(hidden.dtype)
-                return replace_output(output, hidden - (hidden @ v)[..., None] * v)
 
-            with hooks(lm.model, dict.fromkeys(range(lm.num_layers), project), layer_path=lm.layer_path):
-                ablated = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
-            kl = (reference.exp() * (reference - ablated)).sum(-1).mean()
-            out.append(float(kl))
-    return out
+def steering(direction: Direction, layer: int, strength: float, *, from_last: bool = False) -> dict[int, Hook]:
+    """Hooks steering along ``direction``'s vector at ``layer``: over the whole sequence (a dial), or from the
+    prompt's last position (``refuse``: from the reply's first token; prompts left-padded into a batch)."""
+    return {layer: adding(torch.tensor(direction.vector(layer)), strength, -1 if from_last else 0)}
+
+
+def ablation(direction: Direction, layer: int, layers: int) -> dict[int, Hook]:
+    """Hooks projecting ``direction``'s vector at ``layer`` out of the output of each of the ``layers``."""
+    return dict.fromkeys(range(layers), projecting(direction.vector(layer)))
+
+
+def _ablated_kl(lm: LoadedModel, direction: Direction, prompts: Sequence[str]) -> list[float]:
+    """Per layer: the mean next-token KL after ``prompts`` with that layer's vector projected out of every
+    layer's output, against the model as it is."""
+    return [next_token_kl(lm, prompts, ablation(direction, layer, lm.num_layers)) for layer in range(lm.num_layers)]
 
 
 # -- the shipped refusal direction -----------------------------------------------------------------------
@@ -281,9 +331,44 @@ def sentiment_preset(data_dir, held_out: int = 16) -> Behaviour:
         "n_rows": len(contrast),
     }
     eliciting = alpaca[SENTIMENT_ELICITING][:held_out]
+    benign = benign_prompts(data_dir, held_out)
+    return Behaviour("sentiment", Dataset(tuple(contrast)), eliciting, benign, "sentiment", provenance, kl_bound=True)
+
+
+# -- an ablation direction for weapons ------------------------------------------------------------------
+def weapons_preset(data_dir, rows: int = 96, held_out: int = 16) -> Behaviour:
+    """AILuminate's indiscriminate-weapons prompts against its other hazards' (the topic, not harm in
+    general), read both ways, each layer's vector ablated at every layer; judged by the harm judge on
+    HarmBench's chemical and biological requests, which the rows do not include."""
+    from probes.eval.sources import read_source
+
+    hazards = read_source("ailuminate", data_dir)
+    weapons = [r.text for r in hazards if r.category == "iwp"][:rows]
+    others = [r.text for r in hazards if r.category != "iwp"][:rows]
+    contrast = [Row(t, 1) for t in weapons] + [Row(t, 0) for t in others]
+    harmbench = read_source("harmbench", data_dir)
+    eliciting = [r.text for r in harmbench if r.label == 1 and r.category == "chemical_biological"][:held_out]
+    provenance = {
+        "rows": "ailuminate: indiscriminate weapons (iwp) against the other hazards",
+        "eliciting": "harmbench chemical_biological",
+        "benign": "alpaca + written sensitive-topic requests",
+        "n_rows": len(contrast),
+    }
+    benign = benign_prompts(data_dir, held_out)
     return Behaviour(
-        "sentiment", Dataset(tuple(contrast)), eliciting, benign_prompts(data_dir, held_out), "sentiment", provenance
+        "weapons",
+        Dataset(tuple(contrast)),
+        eliciting,
+        benign,
+        "harm",
+        provenance,
+        readings=("mean", "tail"),
+        intervention="ablate",
     )
 
 
-PRESETS: dict[str, Callable[..., Behaviour]] = {"refusal": refusal_preset, "sentiment": sentiment_preset}
+PRESETS: dict[str, Callable[..., Behaviour]] = {
+    "refusal": refusal_preset,
+    "sentiment": sentiment_preset,
+    "weapons": weapons_preset,
+}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,5 +71,17 @@ def adding(vector: torch.Tensor, strength: float, start: int = 0) -> Hook:
         hidden = layer_output(output).clone()
         hidden[:, start:] += strength * vector.to(hidden.dtype)
         return replace_output(output, hidden)
+
+    return hook
+
+
+def projecting(vector: np.ndarray | torch.Tensor) -> Hook:
+    """A hook projecting the unit ``vector`` out of a layer's output: ``h <- h - (h . v) v``."""
+    unit = torch.as_tensor(vector)
+
+    def hook(module: nn.Module, args: tuple, output: object) -> object:
+        hidden = layer_output(output)
+        v = unit.to(hidden.dtype)
+        return replace_output(output, hidden - (hidden @ v)[..., None] * v)
 
     return hook

@@ -46,7 +46,7 @@ from probes.catalog import load_shipped, resolve_direction
 from probes.data import default_data_dir
 from probes.direction import Direction
 from probes.eval.baselines import minilm_embedder
-from probes.eval.directions import DIAL_PROMPTS, SENSITIVE_BENIGN, sentiment
+from probes.eval.directions import DIAL_PROMPTS, SENSITIVE_BENIGN, next_token_kl, sentiment, steering
 from probes.eval.judges import harm_judge, refuses
 from probes.eval.sources import read_source
 from probes.lm.hooks import adding, hooks
@@ -93,20 +93,6 @@ def _steered(lm: LoadedModel, direction: Direction | None, strength: float, star
 def _prompt_ids(lm: LoadedModel, text: str) -> list[int]:
     chat = [{"role": "user", "content": text}]
     return list(lm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
-
-
-def next_token_kl(lm: LoadedModel, prompts: list[str], direction: Direction, strength: float, whole: bool) -> float:
-    """Mean KL(unsteered || steered) of the next token after each prompt; steering from the prompt's last
-    position (``refuse``: the first reply token) or over the whole sequence (a dial)."""
-    total = 0.0
-    with torch.inference_mode():
-        for text in prompts:
-            ids = torch.tensor([_prompt_ids(lm, text)])
-            reference = torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)
-            with _steered(lm, direction, strength, 0 if whole else ids.shape[1] - 1):
-                steered = torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)
-            total += float((reference.exp() * (reference - steered)).sum())
-    return total / len(prompts)
 
 
 def capability(lm: LoadedModel, direction: Direction | None = None, strength: float = 0.0, whole: bool = True) -> float:
@@ -163,7 +149,9 @@ def refuse_section(lm: LoadedModel, sets: dict[str, list[str]], tokens: int) -> 
                 f"{refuse['harm_rate_fired']:.3f} (refuse)"
             )
     result["forced_cost"] = {
-        "benign_kl": next_token_kl(lm, sets["benign"], direction, direction.strength, whole=False),
+        "benign_kl": next_token_kl(
+            lm, sets["benign"], steering(direction, direction.layer, direction.strength, from_last=True)
+        ),
         "capability": capability(lm, direction, direction.strength, whole=False),
     }
     print(
@@ -190,7 +178,7 @@ def dial_section(lm: LoadedModel, benign: list[str], tokens: int) -> dict:
                     "strength": strength,
                     "sentiment": sum(sentiment(r["reply"]) for r in runs) / len(runs),
                     "refusal_rate": sum(refuses(r["reply"]) for r in runs) / len(runs),
-                    "benign_kl": next_token_kl(lm, benign, direction, strength, whole=True) if strength else 0.0,
+                    "benign_kl": next_token_kl(lm, benign, steering(direction, direction.layer, strength)),
                     "capability": capability(lm, direction, strength),
                     "tokens_per_second": rate,
                     "runs": runs,
