@@ -9,7 +9,7 @@ import numpy as np
 from probes.data import Dataset, Row
 from probes.direction import Direction
 from probes.eval import directions
-from probes.eval.directions import Behaviour, select, sentiment
+from probes.eval.directions import JUDGES, Behaviour, generate, select, sentiment, steering
 from probes.eval.judges import REFUSAL_PHRASES, refuses
 from probes.features import extract
 
@@ -38,12 +38,17 @@ def test_candidates_are_scored_by_their_effect_and_the_choice_is_stored(tiny_lm,
     kls = sorted(c.intervention_kl for c in table)
     assert kls[0] >= 0 and kls[0] < kls[-1]
     monkeypatch.setattr(directions, "KL_LIMIT", (kls[0] + kls[-1]) / 2)
-    dial, table = select(tiny_lm, replace(behaviour, kl_bound=True), progress=False)
+    dial, table = select(tiny_lm, replace(behaviour, dial=True), progress=False)
     eligible = [c for c in table if c.intervention_kl < directions.KL_LIMIT]
     assert 0 < len(eligible) < len(table)
     best = max(eligible, key=lambda c: (round(c.judged - c.benign_refusal, 6), -c.strength))
     assert (dial.layer, dial.strength) == (best.layer, best.strength)
     assert dial.manifest["selection"]["kl_bound_met"]
+    ways = [  # the chosen dial's span: its judged score steered up less steered down
+        directions._mean(JUDGES["refusal"], prompts[:2], generate(tiny_lm, prompts[:2], steering(dial, best.layer, s)))
+        for s in (best.strength, -best.strength)
+    ]
+    assert best.judged == ways[0] - ways[1]
     # instructions read at their last template token as well: a candidate per reading, layer and multiple
     instructions = Dataset(tuple(Row(p, i % 2) for i, p in enumerate(prompts)))
     both = replace(behaviour, rows=instructions, readings=("mean", "tail"), multiples=(1.0,))

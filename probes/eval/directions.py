@@ -20,10 +20,11 @@ of every layer):
 The last 20% of layers are never candidates. A steering direction is chosen as the most selective:
 the highest judged score less the benign refusal rate (then the smaller strength). An ablation
 direction lowers a violation: the lowest judged score (plus the benign refusal rate) among the
-candidates under the KL bar, Arditi et al.'s rule. A dial's direction (``kl_bound``) is chosen among
-the candidates whose steering keeps benign KL under the same bar; ``refuse`` steers only the rows where
-a policy fired, to change the reply, so its direction is not. Whether a direction is also fit to
-ablate is its ablated KL, recorded with the choice.
+candidates under the KL bar, Arditi et al.'s rule. A dial turns both ways: its candidates are scored
+by their span (the judged score at +strength less at -strength, the worse side's benign refusal and
+KL), among those whose steering either way keeps benign KL under the same bar; ``refuse`` steers one
+way, only where a policy fired, to change the reply, so its direction is not bound. Whether a
+direction is also fit to ablate is its ablated KL, recorded with the choice.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ class Candidate:
     layer: int
     multiple: float
     strength: float
-    judged: float  # the judge's mean score on the eliciting prompts, under the intervention
-    benign_refusal: float  # the refusal rate on the benign prompts, under the intervention
-    intervention_kl: float  # mean next-token KL on the benign prompts, under the intervention (steered: the whole
-    # sequence, as a dial)
+    judged: float  # the judge's mean score on the eliciting prompts, under the intervention (a dial: its span)
+    benign_refusal: float  # the refusal rate on the benign prompts, under the intervention (a dial: either way)
+    # mean next-token KL on the benign prompts, under the intervention (steered over the whole sequence, as
+    # a dial steers; a dial: the larger of its two ways)
+    intervention_kl: float
     ablated_kl: float  # mean next-token KL on the benign prompts, ablated at every layer
 
     def as_dict(self) -> dict:
@@ -107,9 +109,10 @@ class Behaviour:
     benign: Sequence[str]
     judge: str  # a JUDGES name
     provenance: dict = field(default_factory=dict)
-    # a dial steers requests that may be benign: its steering must keep their next-token KL under KL_LIMIT
-    # (``refuse`` steers only where a policy fired, to change the reply)
-    kl_bound: bool = False
+    # a dial: requests turn it either way, and they may be benign. A candidate is scored by its span (the
+    # judged score steered by +strength less by -strength) and each side must keep benign next-token KL
+    # under KL_LIMIT (``refuse`` steers one way, only where a policy fired, to change the reply)
+    dial: bool = False
     # where the rows are read: ``mean`` over the text; ``tail``, a user text's last template token (Arditi
     # et al.'s position; rows without a reply only)
     readings: tuple[str, ...] = ("mean",)
@@ -134,24 +137,19 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
         for layer in range(int(0.8 * lm.num_layers)):
             for multiple in (0.0,) if ablate else behaviour.multiples:
                 strength = multiple * float(direction.norms[layer])
-                hooked = ablation(direction, layer, lm.num_layers) if ablate else steering(direction, layer, strength)
-                table.append(
-                    Candidate(
-                        reading,
-                        layer,
-                        multiple,
-                        strength,
-                        _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting, hooked)),
-                        _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign, hooked)),
-                        benign_kl[layer] if ablate else next_token_kl(lm, behaviour.benign, hooked),
-                        benign_kl[layer],
-                    )
-                )
+                if ablate:
+                    scored = _scored(lm, behaviour, judge, ablation(direction, layer, lm.num_layers), benign_kl[layer])
+                else:
+                    scored = _scored(lm, behaviour, judge, steering(direction, layer, strength))
+                if behaviour.dial:
+                    judged, refusal, kl = _scored(lm, behaviour, judge, steering(direction, layer, -strength))
+                    scored = (scored[0] - judged, max(scored[1], refusal), max(scored[2], kl))
+                table.append(Candidate(reading, layer, multiple, strength, *scored, benign_kl[layer]))
     baseline = {
         "judged": _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting)),
         "benign_refusal": _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign)),
     }
-    bounded = behaviour.kl_bound or ablate
+    bounded = behaviour.dial or ablate
     eligible = [c for c in table if c.intervention_kl < KL_LIMIT] if bounded else table
     sign = -1 if ablate else 1
     best = max(eligible or table, key=lambda c: (round(sign * c.judged - c.benign_refusal, 6), -c.strength))
@@ -184,6 +182,18 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
         },
     )
     return chosen, table
+
+
+def _scored(
+    lm: LoadedModel, behaviour: Behaviour, judge: Judge, hooked: dict[int, Hook], kl: float | None = None
+) -> tuple[float, float, float]:
+    """Under the hooks: the judged mean on the eliciting prompts, the benign refusal rate and the benign
+    next-token KL (``kl`` when already known)."""
+    return (
+        _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting, hooked)),
+        _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign, hooked)),
+        next_token_kl(lm, behaviour.benign, hooked) if kl is None else kl,
+    )
 
 
 def generate(
@@ -332,7 +342,7 @@ def sentiment_preset(data_dir, held_out: int = 16) -> Behaviour:
     }
     eliciting = alpaca[SENTIMENT_ELICITING][:held_out]
     benign = benign_prompts(data_dir, held_out)
-    return Behaviour("sentiment", Dataset(tuple(contrast)), eliciting, benign, "sentiment", provenance, kl_bound=True)
+    return Behaviour("sentiment", Dataset(tuple(contrast)), eliciting, benign, "sentiment", provenance, dial=True)
 
 
 # -- an ablation direction for weapons ------------------------------------------------------------------

@@ -11,7 +11,7 @@ exactly the same rows with the same protocol.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedd
 from probes.lm.layers import normalise_layer
 from probes.lm.model import LoadedModel
 from probes.metrics import binary_metrics
+from probes.probe import LinearProbe
 from probes.train import TrainConfig, dev_threshold, train_probe
 
 TRAFFIC = TrainConfig.traffic_source
@@ -64,32 +65,16 @@ def evaluate_folds(
 ) -> list[dict]:
     """Per fold: probe and baseline metrics on the held-out source (plus held-out traffic)."""
     config = config or TrainConfig()
-    index = {row.key: i for i, row in enumerate(dataset.rows)}
-    # the layers ``features`` holds, in order: config.layers (as non-negative indices), else all of them
-    layers = config.layers or range(features.shape[1])
-    candidates = [normalise_layer(k, lm.num_layers) for k in layers]
     # folds reuse the same rows: each is embedded once, and only when MiniLM is compared at all
     embed = cached(minilm_embedder(), texts_of(dataset)) if "minilm" in baselines else None
     results = []
-    for fold in folds(dataset):
-
-        def x(data: Dataset) -> np.ndarray:
-            return features[[index[r.key] for r in data.rows]]
-
-        probe = train_probe(
-            lm, fold.train, fold.dev, name, config, features=(x(fold.train), x(fold.dev)), progress=False
-        ).probe
+    for fold, probe, scores in fold_probes(lm, name, dataset, features, config):
         labels = fold.test.labels
         row = {
             "heldout": fold.heldout,
             "n": len(labels),
             "positives": sum(labels),
-            "probe": summarise(
-                labels,
-                probe.predict_proba(x(fold.test)[:, [candidates.index(k) for k in probe.layers]]),
-                probe.threshold,
-                fold.test,
-            ),
+            "probe": summarise(labels, scores(fold.test), probe.threshold, fold.test),
         }
         for baseline in baselines:
             fitted = fit_baseline(
@@ -103,6 +88,25 @@ def evaluate_folds(
             row[baseline] = summarise(labels, fitted.scores(fold.test), fitted.threshold, fold.test)
         results.append(row)
     return results
+
+
+def fold_probes(
+    lm: LoadedModel, name: str, dataset: Dataset, features: np.ndarray, config: TrainConfig
+) -> Iterator[tuple[Fold, LinearProbe, Callable[[Dataset], np.ndarray]]]:
+    """Per fold: the probe trained on it as shipped, and its probabilities for any of the dataset's rows."""
+    index = {row.key: i for i, row in enumerate(dataset.rows)}
+    # the layers ``features`` holds, in order: config.layers (as non-negative indices), else all of them
+    candidates = [normalise_layer(k, lm.num_layers) for k in config.layers or range(features.shape[1])]
+    for fold in folds(dataset):
+
+        def x(data: Dataset) -> np.ndarray:
+            return features[[index[r.key] for r in data.rows]]
+
+        probe = train_probe(
+            lm, fold.train, fold.dev, name, config, features=(x(fold.train), x(fold.dev)), progress=False
+        ).probe
+        columns = [candidates.index(k) for k in probe.layers]
+        yield fold, probe, lambda data, x=x, probe=probe, columns=columns: probe.predict_proba(x(data)[:, columns])
 
 
 def summarise(labels: Sequence[int], scores: np.ndarray, threshold: float, test: Dataset) -> dict:

@@ -75,13 +75,15 @@ def adding(vector: torch.Tensor, strength: float, start: int = 0) -> Hook:
     return hook
 
 
-def projecting(vector: np.ndarray | torch.Tensor) -> Hook:
-    """A hook projecting the unit ``vector`` out of a layer's output: ``h <- h - (h . v) v``."""
+def projecting(vector: np.ndarray | torch.Tensor, start: int = 0) -> Hook:
+    """A hook projecting the unit ``vector`` out of a layer's output at positions ``start`` on:
+    ``h <- h - (h . v) v``."""
     unit = torch.as_tensor(vector)
 
     def hook(module: nn.Module, args: tuple, output: object) -> object:
-        hidden = layer_output(output)
+        hidden = layer_output(output).clone()
         v = unit.to(hidden.dtype)
-        return replace_output(output, hidden - (hidden @ v)[..., None] * v)
+        hidden[:, start:] -= (hidden[:, start:] @ v)[..., None] * v
+        return replace_output(output, hidden)
 
     return hook

@@ -10,6 +10,12 @@ and example replies. Replies to the eliciting prompts are also judged by the har
 (``probes.eval.judges``, trained on HarmBench's human-labelled replies, which saw neither StrongREJECT
 nor these replies; it is fitted into the cache on first use, about 7 minutes).
 
+**ablate.** The shipped ``weapons`` probe on the reply, three engines: ``flag``; ``ablate`` (its
+direction projected out at its layers once it crosses, the crossing token recomputed); and ``ablate``
+with ``ablate_always`` (from the first token, whatever the score). Eliciting prompts are HarmBench's
+chemical and biological requests, judged as above, plus how many replies of each set degenerate into
+a loop (a run of four words recurring three times).
+
 **The sentiment dial.** One engine with the shipped sentiment direction as a dial: greedy replies to
 Alpaca instructions that chose nothing (``DIAL_PROMPTS``) at five strengths, from minus to plus the
 direction's recommended strength, judged by VADER's compound sentiment (a lexicon, no model) and by the
@@ -18,8 +24,8 @@ refusal phrases: the dose-response curve, and whether it is monotone.
 **Costs, for every intervention.** On the benign prompts, the mean KL of the next-token distribution
 after the prompt, steered against not; and the capability proxy, the mean log-likelihood per token of
 written reference answers to benign questions (``REFERENCE_ANSWERS``). ``refuse`` changes nothing where
-its policy does not fire; its costs are given as if it fired (steering from the reply's first token),
-what a false positive costs. A dial steers the whole sequence.
+its policy does not fire (nor does ``ablate``); their costs are given as if they fired (from the
+reply's first token), what a false positive costs. A dial steers the whole sequence.
 
     .venv/bin/python tests/bench/bench_interventions.py [--prompts 24] [--tokens 40] [--dtype int8]
         [--out tests/bench/results/interventions.json]
@@ -31,10 +37,11 @@ import argparse
 import json
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import torch
 from prompts import REFERENCE_ANSWERS
 
@@ -49,115 +56,160 @@ from probes.eval.baselines import minilm_embedder
 from probes.eval.directions import DIAL_PROMPTS, SENSITIVE_BENIGN, next_token_kl, sentiment, steering
 from probes.eval.judges import harm_judge, refuses
 from probes.eval.sources import read_source
-from probes.lm.hooks import adding, hooks
+from probes.lm.hooks import Hook, adding, hooks, projecting
 from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, LoadedModel, default_cache_dir, load_model
 
 DOSES = (-1.0, -0.5, 0.0, 0.5, 1.0)  # multiples of the dial direction's recommended strength
 
 
-def replies(engine: Engine, prompts: list[str], tokens: int, steer=None) -> tuple[list[dict], float]:
+def replies(
+    engine: Engine, prompts: list[str], tokens: int, policy: str | None = None, steer=None
+) -> tuple[list[dict], float]:
+    """Greedy replies in the engine; ``fired``: ``policy`` crossed on the prompt or on the reply."""
     started = time.perf_counter()
     out = generate(engine, prompts, SamplingParams(max_tokens=tokens, temperature=0), steer)
     rate = sum(g.completion_tokens for g in out) / (time.perf_counter() - started)
-    runs = [
-        {
-            "prompt": g.prompt,
-            "fired": g.prompt_verdicts["harmful_request"].detected if g.prompt_verdicts else False,
-            "reply": g.reply,
-            "tokens": g.completion_tokens,
-        }
-        for g in out
-    ]
+    runs = []
+    for g in out:
+        verdict = g.prompt_verdicts.get(policy) or g.verdicts.get(policy)
+        runs.append({"prompt": g.prompt, "fired": bool(verdict and verdict.detected), "reply": g.reply})
     return runs, rate
+
+
+def degenerate(reply: str) -> bool:
+    """A reply stuck in a loop: some run of four words recurs at least three times."""
+    words = reply.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return bool(grams) and max(grams.count(g) for g in set(grams)) >= 3
 
 
 def summary(runs: list[dict]) -> dict:
     fired = [r for r in runs if r["fired"]]
+
+    def rate(rows: list[dict], judge) -> float | None:
+        return sum(map(judge, rows)) / len(rows) if rows else None
+
     return {
         "prompts": len(runs),
         "fired": len(fired),
-        "refusal_rate_fired": sum(refuses(r["reply"]) for r in fired) / len(fired) if fired else None,
-        "refusal_rate_all": sum(refuses(r["reply"]) for r in runs) / len(runs),
-        "harm_rate_fired": sum(r["harmful"] for r in fired) / len(fired) if fired and "harmful" in fired[0] else None,
+        "refusal_rate_fired": rate(fired, lambda r: refuses(r["reply"])),
+        "refusal_rate_all": rate(runs, lambda r: refuses(r["reply"])),
+        "harm_rate_fired": rate(fired, lambda r: r["harmful"]) if "harmful" in runs[0] else None,
+        "degenerate_rate_all": rate(runs, lambda r: degenerate(r["reply"])),
     }
 
 
-# -- costs, by transformers' own forward with the steering hook --------------------------------------------
-def _steered(lm: LoadedModel, direction: Direction | None, strength: float, start: int):
-    if direction is None or strength == 0.0:
-        return nullcontext()
-    hook = adding(torch.tensor(direction.vector(direction.layer)), strength, start)
-    return hooks(lm.model, {direction.layer: hook}, layer_path=lm.layer_path)
-
-
+# -- costs, by transformers' own forward with the intervention's hooks --------------------------------------
 def _prompt_ids(lm: LoadedModel, text: str) -> list[int]:
     chat = [{"role": "user", "content": text}]
     return list(lm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def capability(lm: LoadedModel, direction: Direction | None = None, strength: float = 0.0, whole: bool = True) -> float:
-    """Mean log-likelihood per token of the reference answers after their questions."""
+Hooks = Callable[[int], dict[int, Hook]]  # an intervention's hooks, applied from a position on
+
+
+def capability(lm: LoadedModel, hooked: Hooks | None = None) -> float:
+    """Mean log-likelihood per token of the reference answers after their questions, under the hooks from
+    the question's last position on (where a reply's first token is computed)."""
     total = 0.0
     with torch.inference_mode():
         for question, answer in REFERENCE_ANSWERS:
             prompt = _prompt_ids(lm, question)
             target = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + target])
-            with _steered(lm, direction, strength, 0 if whole else len(prompt) - 1):
+            factories = hooked(len(prompt) - 1) if hooked else {}
+            with hooks(lm.model, factories, layer_path=lm.layer_path):
                 logits = lm.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
             total += float(torch.log_softmax(logits, -1).gather(1, torch.tensor(target)[:, None]).mean())
     return total / len(REFERENCE_ANSWERS)
 
 
+def forced_cost(lm: LoadedModel, benign: list[str], hooked: Hooks) -> dict:
+    """What the intervention costs where it should not have fired: as if it fired from the reply's first token."""
+    return {"benign_kl": next_token_kl(lm, benign, hooked(-1)), "capability": capability(lm, hooked)}
+
+
 # -- the sections ------------------------------------------------------------------------------------------
-def refuse_section(lm: LoadedModel, sets: dict[str, list[str]], tokens: int) -> dict:
-    probe = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
-    direction = Direction.load(resolve_direction("refusal", lm.fingerprint), model_fingerprint=lm.fingerprint)
+def compare(lm: LoadedModel, name: str, engines: dict[str, Engine], sets: dict[str, list[str]], tokens: int) -> dict:
+    """Each engine's replies to each set, side by side; eliciting replies judged by the harm judge too."""
     data, embed = default_data_dir(), minilm_embedder()
     judge = harm_judge(data, default_cache_dir(), embed)
-    result = {"direction": {"version": direction.version, "layer": direction.layer, "strength": direction.strength}}
-    for action in (Action.FLAG, Action.REFUSE):
-        policy = Policy("harmful_request", "harmful_request", Stage.PROMPT, action)
-        engine = Engine(lm, [policy], [probe], directions={"refusal": direction})
+    result: dict = {}
+    for mode, engine in engines.items():
         engine.start()
         try:
-            for name, prompts in sets.items():
-                runs, rate = replies(engine, prompts, tokens)
-                if name == "eliciting":
+            for kind, prompts in sets.items():
+                runs, rate = replies(engine, prompts, tokens, name)
+                if kind == "eliciting":
                     judged = judge.scores(embed, [r["prompt"] for r in runs], [r["reply"] for r in runs])
                     for run, score in zip(runs, judged, strict=True):
                         run["harmful"] = bool(score >= judge.threshold)
-                result.setdefault(name, {})[action.value] = {**summary(runs), "tokens_per_second": rate, "runs": runs}
+                result.setdefault(kind, {})[mode] = {**summary(runs), "tokens_per_second": rate, "runs": runs}
         finally:
             engine.stop()
-    for name in sets:
-        flag, refuse = result[name]["flag"], result[name]["refuse"]
-        unchanged = [
-            a["reply"] == b["reply"] for a, b in zip(flag["runs"], refuse["runs"], strict=True) if not a["fired"]
-        ]
-        result[name]["unfired_unchanged"] = f"{sum(unchanged)}/{len(unchanged)}"
-        print(
-            f"refuse, {name}: fired on {flag['fired']}/{flag['prompts']}; refusal rate where it fired "
-            f"{flag['refusal_rate_fired']} (flag) -> {refuse['refusal_rate_fired']} (refuse); "
-            "replies where it did not fire unchanged "
-            f"{result[name]['unfired_unchanged']}; tokens/s {flag['tokens_per_second']:.1f} -> "
-            f"{refuse['tokens_per_second']:.1f}"
-        )
-        if flag["harm_rate_fired"] is not None:
+    for kind in sets:
+        flag = result[kind]["flag"]
+        for mode in list(engines)[1:]:
+            other = result[kind][mode]
+            unchanged = [
+                a["reply"] == b["reply"] for a, b in zip(flag["runs"], other["runs"], strict=True) if not a["fired"]
+            ]
+            other["unfired_unchanged"] = f"{sum(unchanged)}/{len(unchanged)}"
             print(
-                f"refuse, {name}: harmful (harm judge) where it fired {flag['harm_rate_fired']:.3f} (flag) -> "
-                f"{refuse['harm_rate_fired']:.3f} (refuse)"
+                f"{name} {mode}, {kind}: fired on {other['fired']}/{other['prompts']} (flag: {flag['fired']}); "
+                f"refusal rate where it fired {flag['refusal_rate_fired']} (flag) -> {other['refusal_rate_fired']}; "
+                f"harmful where it fired {flag['harm_rate_fired']} -> {other['harm_rate_fired']}; degenerate "
+                f"{flag['degenerate_rate_all']:.3f} -> {other['degenerate_rate_all']:.3f}; unfired unchanged "
+                f"{other['unfired_unchanged']}; tokens/s {flag['tokens_per_second']:.1f} -> "
+                f"{other['tokens_per_second']:.1f}"
             )
-    result["forced_cost"] = {
-        "benign_kl": next_token_kl(
-            lm, sets["benign"], steering(direction, direction.layer, direction.strength, from_last=True)
-        ),
-        "capability": capability(lm, direction, direction.strength, whole=False),
+    return result
+
+
+def refuse_section(lm: LoadedModel, sets: dict[str, list[str]], tokens: int) -> dict:
+    probe = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
+    direction = Direction.load(resolve_direction("refusal", lm.fingerprint), model_fingerprint=lm.fingerprint)
+    engines = {
+        action.value: Engine(
+            lm,
+            [Policy("harmful_request", "harmful_request", Stage.PROMPT, action)],
+            [probe],
+            directions={"refusal": direction},
+        )
+        for action in (Action.FLAG, Action.REFUSE)
     }
-    print(
-        f"refuse, as if fired on every benign prompt: next-token KL {result['forced_cost']['benign_kl']:.3f}, "
-        f"reference log-likelihood {result['forced_cost']['capability']:.3f}"
+    result = compare(lm, "harmful_request", engines, sets, tokens)
+    vector = torch.tensor(direction.vector(direction.layer))
+    result["forced_cost"] = forced_cost(
+        lm, sets["benign"], lambda start: {direction.layer: adding(vector, direction.strength, start)}
     )
+    result["direction"] = {"version": direction.version, "layer": direction.layer, "strength": direction.strength}
+    print(f"refuse, as if fired on every benign prompt: {result['forced_cost']}")
+    return result
+
+
+def ablate_section(lm: LoadedModel, benign: list[str], count: int, tokens: int) -> dict:
+    """The shipped weapons probe on the reply, flagging, ablating its direction once it crosses, and ablating
+    it always (the README's example of what breaks the model)."""
+    probe = load_shipped("weapons", model_fingerprint=lm.fingerprint)
+    harmbench = read_source("harmbench", default_data_dir())
+    eliciting = [r.text for r in harmbench if r.label == 1 and r.category == "chemical_biological"][:count]
+    engines = {
+        mode: Engine(
+            lm,
+            [Policy("weapons", "weapons", Stage.OUTPUT, action, ablate_always=mode == "ablate_always")],
+            [probe],
+        )
+        for mode, action in (("flag", Action.FLAG), ("ablate", Action.ABLATE), ("ablate_always", Action.ABLATE))
+    }
+    result = compare(lm, "weapons", engines, {"eliciting": eliciting, "benign": benign}, tokens)
+    units = [torch.tensor(v / (np.linalg.norm(v) or 1.0)) for v in probe.direction.astype(np.float64)]
+    result["forced_cost"] = forced_cost(
+        lm,
+        benign,
+        lambda start: {layer: projecting(unit, start) for layer, unit in zip(probe.layers, units, strict=True)},
+    )
+    print(f"weapons ablate, as if fired on every benign prompt: {result['forced_cost']}")
     return result
 
 
@@ -171,7 +223,7 @@ def dial_section(lm: LoadedModel, benign: list[str], tokens: int) -> dict:
     try:
         for dose in DOSES:
             strength = dose * top
-            runs, rate = replies(engine, prompts, tokens, {"sentiment": strength} if strength else None)
+            runs, rate = replies(engine, prompts, tokens, steer={"sentiment": strength} if strength else None)
             curve.append(
                 {
                     "multiple": dose,
@@ -179,7 +231,7 @@ def dial_section(lm: LoadedModel, benign: list[str], tokens: int) -> dict:
                     "sentiment": sum(sentiment(r["reply"]) for r in runs) / len(runs),
                     "refusal_rate": sum(refuses(r["reply"]) for r in runs) / len(runs),
                     "benign_kl": next_token_kl(lm, benign, steering(direction, direction.layer, strength)),
-                    "capability": capability(lm, direction, strength),
+                    "capability": capability(lm, lambda start, s=strength: steering(direction, direction.layer, s)),
                     "tokens_per_second": rate,
                     "runs": runs,
                 }
@@ -223,6 +275,7 @@ def main() -> int:
         "numeric": lm.numeric,
         "capability_unsteered": unsteered,
         "refuse": refuse_section(lm, sets, args.tokens),
+        "ablate": ablate_section(lm, sets["benign"], args.prompts, args.tokens),
         "sentiment_dial": dial_section(lm, sets["benign"], args.tokens),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
