@@ -42,3 +42,4 @@ presets: install
 	$(VENV)/bin/guard train --preset default --dtype int8
 	$(VENV)/bin/guard directions --preset refusal --dtype float32 --out probes/shipped/directions/refusal
 	$(VENV)/bin/guard directions --preset refusal --dtype int8 --out probes/shipped/int8/directions/refusal
+	$(VENV)/bin/guard directions --preset sentiment --dtype int8 --out probes/shipped/int8/directions/sentiment

@@ -47,7 +47,7 @@ from serverproc import Server
 MODEL = "smollm2-135m-instruct"
 # the steered server's requests turn the shipped sentiment dial by about its recommended strength, the
 # whole sequence: every row is steered at every token
-BODIES = {"guarded_steered": {"guard": {"steer": {"sentiment": 13.8}}}}
+BODIES = {"guarded_steered": {"guard": {"steer": {"sentiment": 10.0}}}}
 
 
 def streamed_request(prompt: str, tokens: int) -> dict:
