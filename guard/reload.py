@@ -23,7 +23,7 @@ from guard.policy import Policy
 from probes.catalog import resolve_direction, resolve_probe
 from probes.direction import Direction
 from probes.probe import LinearProbe, ProbeError
-from probes.registry import CHANNEL, Artifact, LocalRegistry, Registry, RegistryError, Stored
+from probes.registry import CHANNEL, Artifact, LocalRegistry, Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class ProbeSource:
             return shipped()
         if self.lkg is not self.registry and self.lkg.active(name) is not None:
             self.status.degraded = "serving last-known-good probes and directions from the local cache"
-            return _checked(self.lkg.get(name), kind, self.key, self.fingerprint)
+            return self.lkg.get(name).load(key=self.key, model_fingerprint=self.fingerprint, kind=kind)
         return shipped()
 
     def _shipped_probe(self, name: str) -> LinearProbe:
@@ -95,7 +95,7 @@ class ProbeSource:
             raise RegistryError(self.status.refused[tag])
         stored = self.registry.get(name, version)
         try:
-            artifact = _checked(stored, kind, self.key, self.fingerprint)
+            artifact = stored.load(key=self.key, model_fingerprint=self.fingerprint, kind=kind)
         except (RegistryError, ProbeError) as exc:
             self.status.refused[tag] = str(exc)
             log.error("refusing %s: %s; the version already served stays", tag, exc)
@@ -112,10 +112,6 @@ class ProbeSource:
         if self.status.up:
             log.error("probe registry unavailable (%s); serving the probes already loaded", exc)
         self.status.up = False
-
-
-def _checked(stored: Stored, kind: str, key: bytes | None, fingerprint: str) -> Artifact:
-    return (stored.direction if kind == "direction" else stored.probe)(key=key, model_fingerprint=fingerprint)
 
 
 class Watcher:

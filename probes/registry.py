@@ -58,8 +58,13 @@ class Stored:
     def kind(self) -> str:
         return str(self.manifest.get("kind", "probe"))
 
-    def load(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> Artifact:
-        """Verify (checksum, signature when ``key`` is set, model fingerprint) and build the probe or direction."""
+    def load(
+        self, *, key: bytes | None = None, model_fingerprint: str | None = None, kind: str | None = None
+    ) -> Artifact:
+        """Verify (the ``kind`` when given, checksum, signature when ``key`` is set, model fingerprint) and build
+        the probe or direction."""
+        if kind is not None and self.kind != kind:
+            raise RegistryError(f"{self.name}@{self.version} is a {self.kind}, not a {kind}")
         if key is not None and not hmac.compare_digest(self.signature, sign(key, self.arrays, self.manifest)):
             raise RegistryError(f"{self.name}@{self.version}: missing or wrong signature; refusing to load it")
         manifest = {**self.manifest, "version": self.version}
@@ -67,15 +72,10 @@ class Stored:
         return build(self.arrays, manifest, model_fingerprint=model_fingerprint)
 
     def probe(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> LinearProbe:
-        return self._expect("probe", self.load(key=key, model_fingerprint=model_fingerprint))
+        return self.load(key=key, model_fingerprint=model_fingerprint, kind="probe")
 
     def direction(self, *, key: bytes | None = None, model_fingerprint: str | None = None) -> Direction:
-        return self._expect("direction", self.load(key=key, model_fingerprint=model_fingerprint))
-
-    def _expect(self, kind: str, artifact: Artifact):
-        if self.kind != kind:
-            raise RegistryError(f"{self.name}@{self.version} is a {self.kind}, not a {kind}")
-        return artifact
+        return self.load(key=key, model_fingerprint=model_fingerprint, kind="direction")
 
 
 def sign(key: bytes, arrays: bytes, manifest: dict) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from torch.nn.functional import pad
 from transformers import DynamicCache
 
 from guard.engine.batch import Batch
@@ -304,10 +305,8 @@ class Engine:
         steering = operator.count and any(bool(row.steering.any()) for row in rows)
         if not self.policies and not steering:
             return None
-        if steering:
-            strengths = torch.zeros((len(rows), operator.count))
-            for i, row in enumerate(rows):
-                strengths[i, : row.steering.shape[0]] = row.steering
+        if steering:  # a row submitted before a direction was replaced has fewer slots: the newer ones are 0
+            strengths = torch.stack([pad(row.steering, (0, operator.count - len(row.steering))) for row in rows])
             if tokens is not None:
                 strengths = strengths.repeat_interleave(torch.tensor(tokens), 0)
             steered = (operator, strengths)

@@ -45,9 +45,6 @@ class SteeringPlan:
     def count(self) -> int:
         return len(self.slots)
 
-    def direction(self, slot: int) -> Direction:
-        return self.slots[slot]
-
     def versions(self) -> dict[str, str]:
         """The version of each direction this plan's policies and dials steer along, by name."""
         used = {*self.policy_slot.values(), *self.dial_slot.values()}

@@ -77,15 +77,20 @@ def sentiment(reply: str) -> float:
     return float(_vader().polarity_scores(reply)["compound"])
 
 
-def harmful(prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
-    """The harm judge's verdicts (1: the reply carries out the harmful request; ``probes.eval.judges``)."""
+@cache
+def _harm_judge():
     from probes.data import default_data_dir
     from probes.eval.baselines import minilm_embedder
     from probes.eval.judges import harm_judge
     from probes.lm.model import default_cache_dir
 
     embed = minilm_embedder()
-    judge = harm_judge(default_data_dir(), default_cache_dir(), embed)
+    return embed, harm_judge(default_data_dir(), default_cache_dir(), embed)
+
+
+def harmful(prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
+    """The harm judge's verdicts (1: the reply carries out the harmful request; ``probes.eval.judges``)."""
+    embed, judge = _harm_judge()
     return [float(score >= judge.threshold) for score in judge.scores(embed, list(prompts), list(replies))]
 
 
@@ -128,21 +133,23 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
     layers = list(range(lm.num_layers))
     labels = np.asarray(behaviour.rows.labels)
     judge, ablate = JUDGES[behaviour.judge], behaviour.intervention == "ablate"
+    reference = next_token_logprobs(lm, behaviour.benign)
     directions, table = {}, []
     for reading in behaviour.readings:
         features = extract(lm, behaviour.rows, layers, pooling=reading, progress=progress)
         means = (features[labels == 1].mean(0), features[labels == 0].mean(0))
         direction = directions[reading] = from_means(behaviour.name, *means, layer=0, strength=0.0)
-        benign_kl = _ablated_kl(lm, direction, behaviour.benign)
+        benign_kl = _ablated_kl(lm, direction, behaviour.benign, reference)
         for layer in range(int(0.8 * lm.num_layers)):
             for multiple in (0.0,) if ablate else behaviour.multiples:
                 strength = multiple * float(direction.norms[layer])
                 if ablate:
                     scored = _scored(lm, behaviour, judge, ablation(direction, layer, lm.num_layers), benign_kl[layer])
                 else:
-                    scored = _scored(lm, behaviour, judge, steering(direction, layer, strength))
+                    scored = _scored(lm, behaviour, judge, steering(direction, layer, strength), reference=reference)
                 if behaviour.dial:
-                    judged, refusal, kl = _scored(lm, behaviour, judge, steering(direction, layer, -strength))
+                    opposite = steering(direction, layer, -strength)
+                    judged, refusal, kl = _scored(lm, behaviour, judge, opposite, reference=reference)
                     scored = (scored[0] - judged, max(scored[1], refusal), max(scored[2], kl))
                 table.append(Candidate(reading, layer, multiple, strength, *scored, benign_kl[layer]))
     baseline = {
@@ -185,14 +192,20 @@ def select(lm: LoadedModel, behaviour: Behaviour, *, progress: bool = True) -> t
 
 
 def _scored(
-    lm: LoadedModel, behaviour: Behaviour, judge: Judge, hooked: dict[int, Hook], kl: float | None = None
+    lm: LoadedModel,
+    behaviour: Behaviour,
+    judge: Judge,
+    hooked: dict[int, Hook],
+    kl: float | None = None,
+    *,
+    reference: torch.Tensor | None = None,
 ) -> tuple[float, float, float]:
     """Under the hooks: the judged mean on the eliciting prompts, the benign refusal rate and the benign
-    next-token KL (``kl`` when already known)."""
+    next-token KL against ``reference`` (``kl`` when already known)."""
     return (
         _mean(judge, behaviour.eliciting, generate(lm, behaviour.eliciting, hooked)),
         _mean(JUDGES["refusal"], behaviour.benign, generate(lm, behaviour.benign, hooked)),
-        next_token_kl(lm, behaviour.benign, hooked) if kl is None else kl,
+        next_token_kl(lm, behaviour.benign, hooked, reference) if kl is None else kl,
     )
 
 
@@ -220,13 +233,20 @@ def _mean(judge: Judge, prompts: Sequence[str], replies: list[str]) -> float:
     return sum(judge(prompts, replies)) / len(replies) if replies else 0.0
 
 
-def next_token_kl(lm: LoadedModel, prompts: Sequence[str], factories: dict[int, Hook]) -> float:
-    """The mean KL(model || model with the hooks ``factories``) of the next token after each prompt."""
+def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], factories: dict[int, Hook] | None = None):
+    """Log-probabilities ``[prompts, vocab]`` of the next token after each prompt, under the hooks when given."""
     batch = _chat_batch(lm, prompts)
-    with torch.inference_mode():
-        reference = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
-        with hooks(lm.model, factories, layer_path=lm.layer_path):
-            changed = torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
+    with torch.inference_mode(), hooks(lm.model, factories or {}, layer_path=lm.layer_path):
+        return torch.log_softmax(lm.model(**batch).logits[:, -1].float(), -1)
+
+
+def next_token_kl(
+    lm: LoadedModel, prompts: Sequence[str], factories: dict[int, Hook], reference: torch.Tensor | None = None
+) -> float:
+    """The mean KL(model || model with the hooks ``factories``) of the next token after each prompt
+    (``reference``: the model's own ``next_token_logprobs``, when already known)."""
+    reference = next_token_logprobs(lm, prompts) if reference is None else reference
+    changed = next_token_logprobs(lm, prompts, factories)
     return float((reference.exp() * (reference - changed)).sum(-1).mean())
 
 
@@ -241,10 +261,13 @@ def ablation(direction: Direction, layer: int, layers: int) -> dict[int, Hook]:
     return dict.fromkeys(range(layers), projecting(direction.vector(layer)))
 
 
-def _ablated_kl(lm: LoadedModel, direction: Direction, prompts: Sequence[str]) -> list[float]:
+def _ablated_kl(lm: LoadedModel, direction: Direction, prompts: Sequence[str], reference: torch.Tensor) -> list[float]:
     """Per layer: the mean next-token KL after ``prompts`` with that layer's vector projected out of every
-    layer's output, against the model as it is."""
-    return [next_token_kl(lm, prompts, ablation(direction, layer, lm.num_layers)) for layer in range(lm.num_layers)]
+    layer's output, against the model as it is (``reference``)."""
+    return [
+        next_token_kl(lm, prompts, ablation(direction, layer, lm.num_layers), reference)
+        for layer in range(lm.num_layers)
+    ]
 
 
 # -- the shipped refusal direction -----------------------------------------------------------------------
