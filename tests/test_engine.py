@@ -665,6 +665,26 @@ def test_a_dial_steers_the_whole_sequence_and_only_its_row(tiny_lm, engine_for, 
     assert "refusal" not in plain_done.verdicts
 
 
+def test_a_steered_prompts_template_prefix_is_cached_under_its_steering_and_never_shared_with_another(
+    tiny_lm, engine_for
+):
+    from guard.policy import Dial
+
+    direction = direction_for(tiny_lm)
+    engine = engine_for([], [], directions={"refusal": direction}, dials=[Dial("refusal", "refusal", -9, 9)])
+    plain = request(tiny_lm, PROMPTS[0], 8)
+    up, down = (replace(plain, steer={"refusal": strength}) for strength in (3.0, -3.0))
+
+    async def one_after_another():
+        return [(await run(engine, req))[0] for req in (plain, up, up, down, plain)]
+
+    texts = asyncio.run(one_after_another())
+    assert texts[0] == texts[4] == steered_reference(tiny_lm, plain, direction, 0.0, 0)
+    assert texts[1] == texts[2] == steered_reference(tiny_lm, up, direction, 3.0, 0)
+    assert texts[3] == steered_reference(tiny_lm, down, direction, -3.0, 0)
+    assert len(engine._prefixes._kept) == 3  # one template prefix each: unsteered, +3 and -3
+
+
 def test_a_replaced_direction_steers_new_requests_while_those_in_flight_keep_theirs(tiny_lm, engine_for):
     from guard.policy import Dial
 

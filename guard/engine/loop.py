@@ -255,11 +255,10 @@ class Engine:
         """A reply's prefill plan: its scored prompt after the cached template prefix, then (a legacy completion)
         the raw text it generates from."""
         request = reply.request
-        split = request.prompt_span[0]
-        if reply.ablating.any() or reply.steering.any() or split > PREFIX_TOKENS:  # an intervened prefix is its own
-            split = 0
+        split = request.prompt_span[0] if request.prompt_span[0] <= PREFIX_TOKENS else 0
         scored = request.score_ids or request.prompt_ids
-        lanes = [Lane(scored, self._prefixes.segment(scored, split).cache, split, split)]
+        segment = self._prefixes.segment(scored, split, _intervention(reply), lambda: self._tap([reply], [split]))
+        lanes = [Lane(scored, segment.cache, split, split)]
         if request.score_ids is not None:
             lanes.append(Lane(request.prompt_ids, DynamicCache(config=self.lm.model.config), 0, 0))
         return PromptWork(reply, lanes, request.prompt_span)
@@ -582,6 +581,17 @@ def default_threads(lm: LoadedModel) -> int:
     """Intra-op threads for decoding: one on int8, where a second thread costs batch invariance and the
     other core serves HTTP (docs/benchmarks.md); otherwise torch's default, the physical cores."""
     return 1 if lm.numeric == "int8" else TORCH_THREADS
+
+
+def _intervention(reply: Reply) -> tuple | None:
+    """What a row's prompt prefix is computed under, as a prefix cache names it: the probe set version and
+    mask of its ablations and each steered direction version's strength; ``None`` when nothing intervenes."""
+    ablating, steering = reply.ablating.nonzero().flatten().tolist(), reply.steering.nonzero().flatten().tolist()
+    if not ablating and not steering:
+        return None
+    slots = reply.plan.slots
+    steered = sorted((slots[i].name, slots[i].version, float(reply.steering[i])) for i in steering)
+    return (reply.probes.version if ablating else "", tuple(ablating), tuple(steered))
 
 
 def _groups(rows: list[Reply]) -> list[tuple[ProbeSet, torch.Tensor]]:

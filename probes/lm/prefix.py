@@ -6,16 +6,20 @@ split before the text the prompt-stage policies score, which is also where featu
 training splits it (``probes.features``): the part before is looked up here, or computed alone and
 kept, and only the rest goes through the packed pass. A hit changes nothing but the time: the same
 tokens computed alone give the same cache.
+
+A prefix computed under an intervention (a layer callback that steers or ablates it) is kept apart, under
+the caller's name for that intervention: the same tokens under another intervention are another prefix.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import torch
 from transformers import DynamicCache
 
-from probes.lm.step import Segment, Step
+from probes.lm.step import OnLayer, Segment, Step
 
 PREFIXES = 16  # prefixes kept (least recently used dropped)
 
@@ -23,24 +27,39 @@ PREFIXES = 16  # prefixes kept (least recently used dropped)
 class PrefixCache:
     def __init__(self, step: Step, config: object, capacity: int = PREFIXES) -> None:
         self.step, self.config, self.capacity = step, config, capacity
-        self._kept: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._kept: OrderedDict[tuple[Hashable, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
-    def segment(self, ids: tuple[int, ...], split: int) -> Segment:
-        """``ids[split:]`` over a fresh cache holding ``ids[:split]`` (looked up, or computed and kept)."""
+    def segment(
+        self,
+        ids: tuple[int, ...],
+        split: int,
+        intervention: Hashable = None,
+        on_layer: Callable[[], OnLayer | None] = lambda: None,
+    ) -> Segment:
+        """``ids[split:]`` over a fresh cache holding ``ids[:split]`` (looked up, or computed and kept).
+
+        ``intervention`` names what ``on_layer()`` (a fresh layer callback for a pass over the prefix alone)
+        does to the prefix; ``None``: nothing, the model as it is."""
         cache = DynamicCache(config=self.config)
         if split:
-            for index, (keys, values) in enumerate(self._prefix(ids[:split])):
+            for index, (keys, values) in enumerate(self._prefix(ids[:split], intervention, on_layer)):
                 cache.update(keys, values, index)  # a copy: the kept tensors are never extended in place
         return Segment(ids[split:], cache)
 
-    def _prefix(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if prefix in self._kept:
-            self._kept.move_to_end(prefix)
-            return self._kept[prefix]
+    def _prefix(
+        self,
+        prefix: tuple[int, ...],
+        intervention: Hashable = None,
+        on_layer: Callable[[], OnLayer | None] = lambda: None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        key = (prefix, intervention)
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
         cache = DynamicCache(config=self.config)
-        self.step.prefill([Segment(prefix, cache)])
+        self.step.prefill([Segment(prefix, cache)], on_layer())
         kept = [(layer.keys, layer.values) for layer in cache.layers]
-        self._kept[prefix] = kept
+        self._kept[key] = kept
         if len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
         return kept
