@@ -1,8 +1,9 @@
 """Interventions inside the shared decode batch, each a small operator applied per row by a mask.
 
-- ``Ablation``: ``h <- h - (h . r) r`` for each row's active directions. Each ``ablate`` policy
-  contributes its probe's difference-of-class-means direction at each layer the probe reads
-  (unit-normalised).
+- ``Ablation``: ``h <- h - (h . r) r`` for each row's active directions. An ``ablate`` policy projects out
+  either its probe's difference-of-class-means direction at each layer the probe reads, or a direction
+  artifact's vector (the one at its recommended layer, chosen by its effect: ``guard directions``) at
+  every layer, as Arditi et al. ablate (unit-normalised either way).
 - ``Steering``: ``h <- h + s r`` at a direction's layer, ``s`` the row's strength (``refuse`` policies
   steer along the model's refusal direction, ``steer`` policies and dials along their own,
   ``probes.direction``).
@@ -13,7 +14,7 @@ forward pass, so sequences with and without interventions share one batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,18 +24,19 @@ from probes.probe import LinearProbe
 
 
 class Ablation:
-    def __init__(self, probes: Sequence[LinearProbe]) -> None:
-        layers = sorted({layer for probe in probes for layer in probe.layers})
-        d_model = probes[0].direction.shape[1] if probes else 0
+    def __init__(self, vectors: Sequence[Mapping[int, np.ndarray]]) -> None:
+        """``vectors``: for each ablated direction, the vector projected out at each layer it acts on."""
+        layers = sorted({layer for by_layer in vectors for layer in by_layer})
+        d_model = next((len(vector) for by_layer in vectors for vector in by_layer.values()), 0)
         self.directions: dict[int, torch.Tensor] = {}
         for layer in layers:
-            rows = np.zeros((len(probes), d_model), dtype=np.float32)
-            for j, probe in enumerate(probes):
-                if layer in probe.layers:
-                    vector = probe.direction[probe.layers.index(layer)].astype(np.float64)
+            rows = np.zeros((len(vectors), d_model), dtype=np.float32)
+            for j, by_layer in enumerate(vectors):
+                if layer in by_layer:
+                    vector = np.asarray(by_layer[layer], dtype=np.float64)
                     rows[j] = vector / (np.linalg.norm(vector) or 1.0)
             self.directions[layer] = torch.from_numpy(rows)
-        self.count = len(probes)
+        self.count = len(vectors)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -70,3 +72,13 @@ class Steering:
         if layer not in self.vectors or not bool(strengths.any()):
             return hidden
         return hidden + (strengths.to(hidden.dtype) @ self.vectors[layer].to(hidden.dtype))[:, None, :]
+
+
+def probe_vectors(probe: LinearProbe) -> dict[int, np.ndarray]:
+    """What ablating along a probe projects out: its difference of class means at each layer it reads."""
+    return {layer: probe.direction[i] for i, layer in enumerate(probe.layers)}
+
+
+def direction_vectors(direction: Direction) -> dict[int, np.ndarray]:
+    """What ablating along a direction artifact projects out: its recommended layer's vector, at every layer."""
+    return dict.fromkeys(direction.layers, direction.vector(direction.layer))

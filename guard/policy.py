@@ -10,7 +10,8 @@ A policy file is YAML or JSON::
         threshold: 0.9                # optional: overrides the probe's own threshold
         message: "I can't help with that."   # optional: refusal text for an output block
         ablate_always: false          # ablate: from the first token, not only once the policy fires
-        direction: refusal            # refuse, steer: the direction steered along (shipped name or directory)
+        direction: refusal            # refuse, steer: the direction steered along (shipped name or directory);
+                                      # ablate: optional, a direction ablated at every layer (default: the probe's)
         strength: 24.0                # refuse: optional (default: the direction's); steer: required, signed
     dials:                            # optional: directions a request may steer along, within bounds
       - name: refusal
@@ -66,13 +67,21 @@ class Policy:
     threshold: float | None = None
     message: str = "This content was filtered by policy."
     ablate_always: bool = False
-    direction: str = "refusal"
+    direction: str | None = None  # refuse: None is the shipped refusal direction; ablate: None is the probe's
     strength: float | None = None
 
     @property
     def steers(self) -> bool:
         """Whether a crossing steers the row along ``direction`` from then on (``refuse`` and ``steer``)."""
         return self.action in (Action.REFUSE, Action.STEER)
+
+    @property
+    def along(self) -> str | None:
+        """The direction artifact this policy steers or ablates along, by name; ``None``: none (an ``ablate``
+        policy without one ablates along its probe's own direction)."""
+        if self.action is Action.REFUSE:
+            return self.direction or "refusal"
+        return self.direction if self.action in (Action.STEER, Action.ABLATE) else None
 
     @property
     def on_prompt(self) -> bool:
@@ -198,8 +207,10 @@ def _policy(entry: object, where: str) -> Policy:
         raise PolicyError(f"{where}: 'threshold' must be a number between 0 and 1")
     if action is Action.ABLATE and stage is Stage.PROMPT:
         raise PolicyError(f"{where}: action 'ablate' changes generated tokens; its stage must be 'output' or 'both'")
-    if action not in (Action.REFUSE, Action.STEER) and ({"direction", "strength"} & set(entry)):
-        raise PolicyError(f"{where}: 'direction' and 'strength' are for actions 'refuse' and 'steer'")
+    if action not in (Action.REFUSE, Action.STEER) and "strength" in entry:
+        raise PolicyError(f"{where}: 'strength' is for actions 'refuse' and 'steer'")
+    if action not in (Action.REFUSE, Action.STEER, Action.ABLATE) and "direction" in entry:
+        raise PolicyError(f"{where}: 'direction' is for actions 'refuse', 'steer' and 'ablate'")
     if action is Action.STEER and not {"direction", "strength"} <= set(entry):
         raise PolicyError(f"{where}: action 'steer' needs a 'direction' and a signed 'strength'")
     strength = entry.get("strength")
@@ -215,6 +226,6 @@ def _policy(entry: object, where: str) -> Policy:
         threshold=float(threshold) if threshold is not None else None,
         message=str(entry.get("message", Policy.message)),
         ablate_always=bool(entry.get("ablate_always", False)),
-        direction=entry.get("direction", "refusal"),
+        direction=entry.get("direction", "refusal" if action is Action.REFUSE else None),
         strength=float(strength) if strength is not None else None,
     )

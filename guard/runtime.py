@@ -59,7 +59,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
             "policy %s: probe %s@%s, %s on %s", policy.name, probe.name, probe.version, policy.action, policy.stage
         )
     dials = load_dials(settings.policy_file)
-    names = {p.direction for p in policies if p.steers} | {d.direction for d in dials}
+    names = {p.along for p in policies if p.along} | {d.direction for d in dials}
     directions = source.initial_directions(sorted(names))
     for name, direction in directions.items():
         log.info("direction %s@%s at layer %d", name, direction.version, direction.layer)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from guard.interventions import Ablation
+from guard.interventions import Ablation, direction_vectors, probe_vectors
 from guard.policy import Action, Policy
+from probes.direction import Direction
 from probes.probe import LinearProbe
 
 
@@ -107,8 +108,8 @@ class Shadow:
 
 @dataclass(frozen=True)
 class ProbeSet:
-    """One version of every policy's probe: the scoring bank and the ablation directions built from it, and
-    the shadow versions scored beside them.
+    """One version of every policy's probe: the scoring bank and the ablation directions built from it (or
+    from the direction artifacts ``ablate`` policies name), and the shadow versions scored beside them.
 
     A request keeps the set it started with, so a hot reload never changes a reply mid-way.
     """
@@ -117,21 +118,45 @@ class ProbeSet:
     bank: ProbeBank
     ablation: Ablation
     mean_pooled: torch.Tensor  # [n_policies] bool: running mean (else last token)
-    version: str  # names every policy's probe version: two sets score alike iff their versions are equal
+    version: str  # names every policy's probe and ablated direction version: sets alike iff versions are equal
     shadows: Mapping[str, LinearProbe] = field(default_factory=dict)  # policy -> its shadow version's probe
     shadow: Shadow | None = None
+    along: Mapping[str, Direction] = field(default_factory=dict)  # ablate policy -> the direction it ablates along
 
     @classmethod
     def build(
-        cls, policies: Sequence[Policy], probes: Sequence[LinearProbe], shadows: Mapping[str, LinearProbe] = {}
+        cls,
+        policies: Sequence[Policy],
+        probes: Sequence[LinearProbe],
+        shadows: Mapping[str, LinearProbe] = {},
+        directions: Mapping[str, Direction] = {},
+    ) -> ProbeSet:
+        """``directions``: by the name policies give them, at least those the ``ablate`` policies name."""
+        named = {p.name: p.along for p in policies if p.action is Action.ABLATE and p.along}
+        missing = sorted(set(named.values()) - set(directions))
+        if missing:
+            raise ValueError(f"ablate policies ablate along directions that were not loaded: {missing}")
+        return cls._assemble(policies, probes, shadows, {name: directions[along] for name, along in named.items()})
+
+    @classmethod
+    def _assemble(
+        cls,
+        policies: Sequence[Policy],
+        probes: Sequence[LinearProbe],
+        shadows: Mapping[str, LinearProbe],
+        along: Mapping[str, Direction],
     ) -> ProbeSet:
         bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
-        ablated = [probe for policy, probe in zip(policies, probes, strict=True) if policy.action is Action.ABLATE]
+        ablating = [(p, probe) for p, probe in zip(policies, probes, strict=True) if p.action is Action.ABLATE]
+        ablation = Ablation(
+            [direction_vectors(along[p.name]) if p.name in along else probe_vectors(probe) for p, probe in ablating]
+        )
         pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
-        named = ",".join(f"{p.name}={probe.version}" for p, probe in zip(policies, probes, strict=True))
-        version = hashlib.sha256(named.encode()).hexdigest()[:12]
+        named = [f"{p.name}={probe.version}" for p, probe in zip(policies, probes, strict=True)]
+        named += [f"{name}@{direction.version}" for name, direction in sorted(along.items())]
+        version = hashlib.sha256(",".join(named).encode()).hexdigest()[:12]
         shadows = dict(shadows)
-        return cls(tuple(probes), bank, Ablation(ablated), pooled, version, shadows, Shadow.build(policies, shadows))
+        return cls(tuple(probes), bank, ablation, pooled, version, shadows, Shadow.build(policies, shadows), along)
 
     @property
     def layers(self) -> set[int]:
@@ -141,11 +166,19 @@ class ProbeSet:
     def replace(self, policies: Sequence[Policy], name: str, probe: LinearProbe) -> ProbeSet:
         index = [p.name for p in policies].index(name)
         shadows = {k: v for k, v in self.shadows.items() if k != name or v.version != probe.version}
-        return ProbeSet.build(policies, [probe if i == index else p for i, p in enumerate(self.probes)], shadows)
+        probes = [probe if i == index else p for i, p in enumerate(self.probes)]
+        return ProbeSet._assemble(policies, probes, shadows, self.along)
 
     def with_shadow(self, policies: Sequence[Policy], name: str, probe: LinearProbe | None) -> ProbeSet:
         """The same set with ``probe`` shadowing policy ``name`` (``None``: no shadow for it)."""
         shadows = {k: v for k, v in self.shadows.items() if k != name}
         if probe is not None:
             shadows[name] = probe
-        return ProbeSet.build(policies, self.probes, shadows)
+        return ProbeSet._assemble(policies, self.probes, shadows, self.along)
+
+    def with_direction(self, policies: Sequence[Policy], direction: Direction) -> ProbeSet:
+        """The same set ablating along ``direction`` wherever it ablated along a direction of that name."""
+        if all(d.name != direction.name for d in self.along.values()):
+            return self
+        along = {name: direction if d.name == direction.name else d for name, d in self.along.items()}
+        return ProbeSet._assemble(policies, self.probes, self.shadows, along)

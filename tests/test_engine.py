@@ -568,19 +568,54 @@ def direction_for(lm, layer: int = 2, strength: float = 4.0, seed: int = 5):
 
 
 def steered_reference(lm, req: GenerationRequest, direction, strength: float, first: int) -> str:
-    """Greedy decoding by transformers' own forward, recomputed in full each token, with a hook adding the
-    steering at the direction's layer from position ``first`` on."""
-    from probes.lm.hooks import adding, hooks
+    """Greedy decoding with a hook adding the steering at the direction's layer from position ``first`` on."""
+    from probes.lm.hooks import adding
 
-    add = adding(torch.tensor(direction.vector(direction.layer)), strength, first)
+    return hooked_reference(lm, req, {direction.layer: adding(direction.vector(direction.layer), strength, first)})
+
+
+def hooked_reference(lm, req: GenerationRequest, by_layer: dict) -> str:
+    """Greedy decoding by transformers' own forward, recomputed in full each token, with ``by_layer``'s hooks."""
+    from probes.lm.hooks import hooks
+
     ids = list(req.prompt_ids)
-    with torch.inference_mode(), hooks(lm.model, {direction.layer: add}, layer_path=lm.layer_path):
+    with torch.inference_mode(), hooks(lm.model, by_layer, layer_path=lm.layer_path):
         for _ in range(req.sampling.max_tokens):
             token = int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
             if token == lm.tokenizer.eos_token_id:
                 break
             ids.append(token)
     return lm.tokenizer.decode(ids[len(req.prompt_ids) :])
+
+
+def test_an_ablate_policy_naming_a_direction_ablates_its_vector_at_every_layer_and_follows_its_versions(
+    tiny_lm, engine_for
+):
+    """The old direction's vector is what the probe reads: ablated at every layer, the probe scores
+    sigmoid(bias) = 0.5; the new one is another vector, and the same request scores otherwise."""
+    from probes.lm.hooks import projecting
+
+    probe = probe_for(tiny_lm)
+    old, new = direction_for(tiny_lm, layer=1, seed=3), direction_for(tiny_lm, layer=1, seed=4)
+    old.vectors[:] = probe.weight[0] / np.linalg.norm(probe.weight[0])
+    ablate = Policy("toy", "toy", Stage.OUTPUT, Action.ABLATE, threshold=1.0, ablate_always=True, direction="refusal")
+    engine = engine_for([ablate], [probe], directions={"refusal": old})
+    req = request(tiny_lm, PROMPTS[1], 12)
+
+    def ablated(direction) -> str:
+        vector = direction.vector(direction.layer)
+        return hooked_reference(tiny_lm, req, dict.fromkeys(range(tiny_lm.num_layers), projecting(vector)))
+
+    before = asyncio.run(run(engine, req))
+    assert engine.directions() == {"refusal": old.version}
+    engine.replace_direction(new)
+    after = asyncio.run(run(engine, req))
+    assert engine.directions() == {"refusal": new.version}
+    assert (before[0], after[0]) == (ablated(old), ablated(new))
+    verdicts = before[1].verdicts["toy"], after[1].verdicts["toy"]
+    assert [v.direction_version for v in verdicts] == [old.version, new.version]
+    assert verdicts[0].score == pytest.approx(0.5, abs=1e-4)
+    assert verdicts[1].score != pytest.approx(0.5, abs=1e-2)
 
 
 @pytest.mark.parametrize("path", ["lean-step", "transformers"])

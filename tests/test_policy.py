@@ -67,7 +67,9 @@ def test_refuse_defaults_to_the_shipped_refusal_direction(tmp_path):
         ("policies: [{name: a, probe: b, colour: red}]", "unknown field"),
         ("policies: [{name: a, probe: b, action: ablate}]", "stage must be 'output' or 'both'"),
         ("policies: [{name: a, probe: b}, {name: a, probe: c}]", "unique"),
-        ("policies: [{name: a, probe: b, action: block, strength: 3}]", "are for actions 'refuse' and 'steer'"),
+        ("policies: [{name: a, probe: b, action: block, strength: 3}]", "is for actions 'refuse' and 'steer'"),
+        ("policies: [{name: a, probe: b, stage: both, action: ablate, strength: 3}]", "is for actions 'refuse'"),
+        ("policies: [{name: a, probe: b, action: flag, direction: weapons}]", "is for actions 'refuse', 'steer' and"),
         ("policies: [{name: a, probe: b, action: steer, strength: -3}]", "needs a 'direction' and a signed"),
         ("policies: [{name: a, probe: b, action: steer, direction: formal}]", "needs a 'direction' and a signed"),
         ("policies: [{name: a, probe: b, action: refuse, strength: strong}]", "'strength' must be a number"),
@@ -90,6 +92,17 @@ def test_a_steer_policy_names_its_direction_and_a_signed_strength(tmp_path):
     (policy,) = load_policies(path)
     assert policy.action is Action.STEER and policy.direction == "formal" and policy.strength == -12.5
     assert policy.steers and not load_policies(DEFAULT_POLICY_FILE)[0].steers
+
+
+def test_an_ablate_policy_ablates_along_its_probe_unless_it_names_a_direction(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "policies: [{name: a, probe: b, stage: output, action: ablate},"
+        " {name: c, probe: d, stage: both, action: ablate, direction: weapons}, {name: e, probe: f, action: refuse}]"
+    )
+    own, directed, refuse = load_policies(path)
+    assert (own.along, directed.along, refuse.along) == (None, "weapons", "refusal")
+    assert not directed.steers
 
 
 def test_dials_name_a_direction_and_its_bounds(tmp_path):

@@ -153,11 +153,13 @@ def test_refuse_and_steer_policies_served_steer_and_say_so(setup, tiny_lm, tiny_
 
     env = setup[2]
     probe_for(tiny_lm).save(tmp_path / "probe")
-    direction_for(tiny_lm).save(tmp_path / "direction")
+    direction = direction_for(tiny_lm)
+    direction.save(tmp_path / "direction")
     refuse = {"name": "toy", "probe": str(tmp_path / "probe"), "action": "refuse", "threshold": 0.0}
     steer = {**refuse, "name": "style", "action": "steer", "strength": -3.0}
+    ablate = {**refuse, "name": "cut", "action": "ablate", "stage": "output", "ablate_always": True}
     policies = tmp_path / "policies.json"
-    steering = [{**entry, "direction": str(tmp_path / "direction")} for entry in (refuse, steer)]
+    steering = [{**entry, "direction": str(tmp_path / "direction")} for entry in (refuse, steer, ablate)]
     policies.write_text(json.dumps({"policies": steering}))
     server = Server("--model", str(tiny_model_dir), "--policy-file", str(policies), env=env, log=tmp_path / "log")
     try:
@@ -168,6 +170,9 @@ def test_refuse_and_steer_policies_served_steer_and_say_so(setup, tiny_lm, tiny_
             verdict = reply.model_extra["prompt_filter_results"][0]["content_filter_results"][name]
             assert verdict["action"] == action and verdict["filtered"] and verdict["steered_from_token"] == 0
             assert reply.choices[0].finish_reason in {"stop", "length"}  # the reply is the model's own
+        reply = client.chat.completions.create(**ask, extra_body={"guard": {"policies": ["cut"]}})
+        verdict = reply.choices[0].model_extra["content_filter_results"]["cut"]
+        assert verdict["action"] == "ablate" and verdict["direction_version"] == direction.version
     finally:
         server.stop()
     policies.write_text(json.dumps({"policies": [{**refuse, "direction": str(tmp_path / "nowhere")}]}))

@@ -60,12 +60,13 @@ class Decider:
         ablated_from: Mapping[str, int] | None = None,
         explanations: Mapping[str, Explanation] | None = None,
         steered_from: Mapping[str, int] | None = None,
-        steered_with: Mapping[str, tuple[str, float]] | None = None,
+        along: Mapping[str, tuple[str, float | None]] | None = None,
     ) -> dict[str, Verdict]:
         """One row's verdict for every checked policy; ``detected_at``, ``ablated_from``, ``steered_from``: token
-        indices; ``steered_with``: each steered policy's direction version and strength."""
+        indices; ``along``: the direction version and strength (``None`` for an ablation) of each policy that
+        steered or ablated the row along a direction artifact."""
         detected_at, ablated_from, explanations = detected_at or {}, ablated_from or {}, explanations or {}
-        steered_from, steered_with = steered_from or {}, steered_with or {}
+        steered_from, along = steered_from or {}, along or {}
         out = {}
         for i, policy in enumerate(self.policies):
             if not checked[i]:
@@ -80,8 +81,8 @@ class Decider:
                 detected_at_token=detected_at.get(policy.name),
                 ablated_from_token=ablated_from.get(policy.name),
                 steered_from_token=steered_from.get(policy.name),
-                direction_version=steered_with.get(policy.name, (None, None))[0],
-                strength=steered_with.get(policy.name, (None, None))[1],
+                direction_version=along.get(policy.name, (None, None))[0],
+                strength=along.get(policy.name, (None, None))[1],
                 **({"explanation": explanations[policy.name]} if policy.name in explanations else {}),
             )
         return out

@@ -87,12 +87,13 @@ class Engine:
         directions: Mapping[str, Direction] | None = None,
         dials: Sequence[Dial] = (),
     ) -> None:
-        """``directions``: by name, the directions ``refuse`` and ``steer`` policies and ``dials`` steer along."""
+        """``directions``: by name, the directions ``refuse`` and ``steer`` policies and ``dials`` steer along and
+        ``ablate`` policies ablate along."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
         self.policies = tuple(policies)
-        self.probes = ProbeSet.build(policies, probes)
+        self.probes = ProbeSet.build(policies, probes, directions=directions or {})
         self.decider = Decider(policies)
         self.ablate_index = {p.name: i for i, p in enumerate(pl for pl in policies if pl.action is Action.ABLATE)}
         self.dials = tuple(dials)
@@ -187,11 +188,13 @@ class Engine:
         self.probes = self.probes.replace(self.policies, policy, probe)
 
     def directions(self) -> dict[str, str]:
-        """The version of each direction new requests steer along, by name."""
-        return self.plan.versions()
+        """The version of each direction new requests steer or ablate along, by name."""
+        return {d.name: d.version for d in self.probes.along.values()} | self.plan.versions()
 
     def replace_direction(self, direction: Direction) -> None:
-        """Steer along ``direction`` (by its name) from the next request on; requests in flight keep theirs."""
+        """Steer or ablate along ``direction`` (by its name) from the next request on; requests in flight keep
+        theirs."""
+        self.probes = self.probes.with_direction(self.policies, direction)
         self.plan = self.plan.replace(self.policies, self.dials, direction)
 
     # -- the engine thread: scheduling -----------------------------------------------------------------
@@ -437,7 +440,7 @@ class Engine:
             bank.versions,
             explanations=explained,
             steered_from=reply.steered_from,
-            steered_with=reply.plan.steered_with(reply.steered_from),
+            along=reply.plan.steered_with(reply.steered_from),
         )
         message = self.decider.message(decision.blocking)
         reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, _prompt_shadow(work, checked)))
@@ -568,13 +571,21 @@ class Engine:
                 reply.ablated_from,
                 explained,
                 reply.steered_from,
-                reply.plan.steered_with(reply.steered_from),
+                reply.plan.steered_with(reply.steered_from) | self._ablated_along(reply),
             )
             verdicts |= reply.plan.dial_verdicts(reply.request.steer)
             if reply.probes.shadow is not None:
                 shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)
         prompt_tokens = len(reply.request.prompt_ids)
         reply.handle.put(Finished(reason, prompt_tokens, reply.completion_tokens, verdicts, message, shadowed))
+
+    def _ablated_along(self, reply: Reply) -> dict[str, tuple[str, None]]:
+        """The direction version each ``ablate`` policy that ablated this row along a direction artifact used."""
+        return {
+            name: (direction.version, None)
+            for name, direction in reply.probes.along.items()
+            if bool(reply.ablating[self.ablate_index[name]])
+        }
 
 
 def default_threads(lm: LoadedModel) -> int:

@@ -29,15 +29,15 @@ class SteeringPlan:
     @classmethod
     def build(cls, policies: Sequence[Policy], dials: Sequence[Dial], directions: Mapping[str, Direction]):
         steering = [p for p in policies if p.steers]
-        missing = sorted(({p.direction for p in steering} | {d.direction for d in dials}) - set(directions))
+        missing = sorted(({p.along for p in steering} | {d.direction for d in dials}) - set(directions))
         if missing:
             raise ValueError(f"steering policies and dials steer along directions that were not loaded: {missing}")
-        slots = tuple(directions[p.direction] for p in steering) + tuple(directions[d.direction] for d in dials)
+        slots = tuple(directions[p.along] for p in steering) + tuple(directions[d.direction] for d in dials)
         return cls(
             slots,
             {p.name: i for i, p in enumerate(steering)},
             {d.name: len(steering) + i for i, d in enumerate(dials)},
-            {p.name: p.strength if p.strength is not None else directions[p.direction].strength for p in steering},
+            {p.name: p.strength if p.strength is not None else directions[p.along].strength for p in steering},
             Steering(slots),
         )
 
@@ -76,7 +76,7 @@ class SteeringPlan:
         slots = list(self.slots)
         policy_slot, dial_slot, strength = dict(self.policy_slot), dict(self.dial_slot), dict(self.strength)
         for p in policies:
-            if p.steers and p.direction == direction.name:
+            if p.steers and p.along == direction.name:
                 policy_slot[p.name] = len(slots)
                 slots.append(direction)
                 if p.strength is None:

@@ -253,7 +253,7 @@ def next_token_kl(
 def steering(direction: Direction, layer: int, strength: float, *, from_last: bool = False) -> dict[int, Hook]:
     """Hooks steering along ``direction``'s vector at ``layer``: over the whole sequence (a dial), or from the
     prompt's last position (``refuse``: from the reply's first token; prompts left-padded into a batch)."""
-    return {layer: adding(torch.tensor(direction.vector(layer)), strength, -1 if from_last else 0)}
+    return {layer: adding(direction.vector(layer), strength, -1 if from_last else 0)}
 
 
 def ablation(direction: Direction, layer: int, layers: int) -> dict[int, Hook]:

@@ -63,9 +63,10 @@ def _recorder(store: dict[int, torch.Tensor], layer: int) -> Hook:
     return hook
 
 
-def adding(vector: torch.Tensor, strength: float, start: int = 0) -> Hook:
+def adding(vector: np.ndarray | torch.Tensor, strength: float, start: int = 0) -> Hook:
     """A hook adding ``strength * vector`` to a layer's output at positions ``start`` on: activation
     steering by transformers' own forward (of one unpadded sequence, or a batch steered everywhere)."""
+    vector = torch.as_tensor(vector)
 
     def hook(module: nn.Module, args: tuple, output: object) -> object:
         hidden = layer_output(output).clone()

@@ -27,7 +27,7 @@ from prompts import BENIGN, SHIPPED
 
 from guard.engine import Engine
 from guard.events import Emitted, Finished, GenerationRequest
-from guard.interventions import Ablation
+from guard.interventions import Ablation, probe_vectors
 from guard.policy import Action, Policy, Stage, load_policies
 from guard.sampling import SamplingParams
 from probes.catalog import load_shipped
@@ -157,7 +157,7 @@ def block_leak(lm: LoadedModel, prompts: list[str], tokens: int) -> dict:
 def kl_on_benign(lm: LoadedModel, policy: str, prompts: list[str], tokens: int) -> float:
     """Mean KL(p_plain || p_ablated) over next-token distributions along the plain greedy continuations."""
     probe = load_shipped(policy, model_fingerprint=lm.fingerprint)
-    ablation = Ablation([probe])
+    ablation = Ablation([probe_vectors(probe)])
     plain = run_engine(lm, [], [request(lm, p, tokens) for p in prompts])
     kls = []
     for prompt, result in zip(prompts, plain, strict=True):
