@@ -369,7 +369,10 @@ def sentiment_preset(data_dir, held_out: int = 16) -> Behaviour:
 
 
 # -- an ablation direction for weapons ------------------------------------------------------------------
-def weapons_preset(data_dir, rows: int = 96, held_out: int = 16) -> Behaviour:
+WEAPONS_HELD_OUT = 16  # HarmBench's first chemical and biological requests: what the weapons direction is judged on
+
+
+def weapons_preset(data_dir, rows: int = 96, held_out: int = WEAPONS_HELD_OUT) -> Behaviour:
     """AILuminate's indiscriminate-weapons prompts against its other hazards' (the topic, not harm in
     general), read both ways, each layer's vector ablated at every layer; judged by the harm judge on
     HarmBench's chemical and biological requests, which the rows do not include."""

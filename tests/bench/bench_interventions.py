@@ -12,9 +12,11 @@ nor these replies; it is fitted into the cache on first use, about 7 minutes).
 
 **ablate.** The shipped ``weapons`` probe on the reply, three engines: ``flag``; ``ablate`` (its
 direction projected out at its layers once it crosses, the crossing token recomputed); and ``ablate``
-with ``ablate_always`` (from the first token, whatever the score). Eliciting prompts are HarmBench's
-chemical and biological requests, judged as above, plus how many replies of each set degenerate into
-a loop (a run of four words recurring three times).
+with ``ablate_always`` (from the first token, whatever the score). With ``--ablate-direction DIR`` (a
+``guard directions --preset weapons`` artifact), two more: ``ablate`` and ``ablate_always`` along that
+direction, its vector projected out at every layer. Eliciting prompts are HarmBench's chemical and
+biological requests after the 16 that choose the weapons direction, judged as above, plus how many
+replies of each set degenerate into a loop (a run of four words recurring three times).
 
 **The sentiment dial.** One engine with the shipped sentiment direction as a dial: greedy replies to
 Alpaca instructions that chose nothing (``DIAL_PROMPTS``) at five strengths, from minus to plus the
@@ -28,7 +30,7 @@ its policy does not fire (nor does ``ablate``); their costs are given as if they
 reply's first token), what a false positive costs. A dial steers the whole sequence.
 
     .venv/bin/python tests/bench/bench_interventions.py [--prompts 24] [--tokens 40] [--dtype int8]
-        [--out tests/bench/results/interventions.json]
+        [--sections refuse,ablate,dial] [--ablate-direction DIR] [--out tests/bench/results/interventions.json]
 """
 
 from __future__ import annotations
@@ -53,7 +55,14 @@ from probes.catalog import load_shipped, resolve_direction
 from probes.data import default_data_dir
 from probes.direction import Direction
 from probes.eval.baselines import minilm_embedder
-from probes.eval.directions import DIAL_PROMPTS, SENSITIVE_BENIGN, next_token_kl, sentiment, steering
+from probes.eval.directions import (
+    DIAL_PROMPTS,
+    SENSITIVE_BENIGN,
+    WEAPONS_HELD_OUT,
+    next_token_kl,
+    sentiment,
+    steering,
+)
 from probes.eval.judges import harm_judge, refuses
 from probes.eval.sources import read_source
 from probes.lm.hooks import Hook, adding, hooks, projecting
@@ -95,6 +104,7 @@ def summary(runs: list[dict]) -> dict:
         "refusal_rate_fired": rate(fired, lambda r: refuses(r["reply"])),
         "refusal_rate_all": rate(runs, lambda r: refuses(r["reply"])),
         "harm_rate_fired": rate(fired, lambda r: r["harmful"]) if "harmful" in runs[0] else None,
+        "harm_rate_all": rate(runs, lambda r: r["harmful"]) if "harmful" in runs[0] else None,
         "degenerate_rate_all": rate(runs, lambda r: degenerate(r["reply"])),
     }
 
@@ -158,7 +168,8 @@ def compare(lm: LoadedModel, name: str, engines: dict[str, Engine], sets: dict[s
             print(
                 f"{name} {mode}, {kind}: fired on {other['fired']}/{other['prompts']} (flag: {flag['fired']}); "
                 f"refusal rate where it fired {flag['refusal_rate_fired']} (flag) -> {other['refusal_rate_fired']}; "
-                f"harmful where it fired {flag['harm_rate_fired']} -> {other['harm_rate_fired']}; degenerate "
+                f"harmful where it fired {flag['harm_rate_fired']} -> {other['harm_rate_fired']} (all: "
+                f"{flag['harm_rate_all']} -> {other['harm_rate_all']}); degenerate "
                 f"{flag['degenerate_rate_all']:.3f} -> {other['degenerate_rate_all']:.3f}; unfired unchanged "
                 f"{other['unfired_unchanged']}; tokens/s {flag['tokens_per_second']:.1f} -> "
                 f"{other['tokens_per_second']:.1f}"
@@ -188,19 +199,24 @@ def refuse_section(lm: LoadedModel, sets: dict[str, list[str]], tokens: int) -> 
     return result
 
 
-def ablate_section(lm: LoadedModel, benign: list[str], count: int, tokens: int) -> dict:
+def ablate_section(lm: LoadedModel, benign: list[str], count: int, tokens: int, along: Direction | None) -> dict:
     """The shipped weapons probe on the reply, flagging, ablating its direction once it crosses, and ablating
-    it always (the README's example of what breaks the model)."""
+    it always (the README's example of what breaks the model); with ``along``, ablating that direction too."""
     probe = load_shipped("weapons", model_fingerprint=lm.fingerprint)
     harmbench = read_source("harmbench", default_data_dir())
-    eliciting = [r.text for r in harmbench if r.label == 1 and r.category == "chemical_biological"][:count]
+    chemical = [r.text for r in harmbench if r.label == 1 and r.category == "chemical_biological"]
+    eliciting = chemical[WEAPONS_HELD_OUT : WEAPONS_HELD_OUT + count]
+    modes = [("flag", Action.FLAG, None), ("ablate", Action.ABLATE, None), ("ablate_always", Action.ABLATE, None)]
+    if along is not None:
+        modes += [("ablate_direction", Action.ABLATE, "weapons"), ("ablate_direction_always", Action.ABLATE, "weapons")]
     engines = {
         mode: Engine(
             lm,
-            [Policy("weapons", "weapons", Stage.OUTPUT, action, ablate_always=mode == "ablate_always")],
+            [Policy("weapons", "weapons", Stage.OUTPUT, action, ablate_always=mode.endswith("always"), direction=name)],
             [probe],
+            directions={"weapons": along} if name else None,
         )
-        for mode, action in (("flag", Action.FLAG), ("ablate", Action.ABLATE), ("ablate_always", Action.ABLATE))
+        for mode, action, name in modes
     }
     result = compare(lm, "weapons", engines, {"eliciting": eliciting, "benign": benign}, tokens)
     units = [torch.tensor(v / (np.linalg.norm(v) or 1.0)) for v in probe.direction.astype(np.float64)]
@@ -210,6 +226,13 @@ def ablate_section(lm: LoadedModel, benign: list[str], count: int, tokens: int) 
         lambda start: {layer: projecting(unit, start) for layer, unit in zip(probe.layers, units, strict=True)},
     )
     print(f"weapons ablate, as if fired on every benign prompt: {result['forced_cost']}")
+    if along is not None:
+        vector = along.vector(along.layer)
+        result["direction"] = {"version": along.version, "layer": along.layer}
+        result["forced_cost_direction"] = forced_cost(
+            lm, benign, lambda start: dict.fromkeys(range(lm.num_layers), projecting(vector, start))
+        )
+        print(f"weapons direction ablated, as if fired on every benign prompt: {result['forced_cost_direction']}")
     return result
 
 
@@ -260,8 +283,11 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--dtype", choices=NUMERIC_PATHS, default="int8", help="the numeric path (default: served)")
+    parser.add_argument("--sections", default="refuse,ablate,dial", help="which sections to run, comma-separated")
+    parser.add_argument("--ablate-direction", type=Path, help="a weapons direction to ablate along too")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/interventions.json"))
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     lm = load_model(DEFAULT_MODEL, dtype=args.dtype)
     data = default_data_dir()
     sets = {
@@ -274,10 +300,14 @@ def main() -> int:
         "model": lm.fingerprint,
         "numeric": lm.numeric,
         "capability_unsteered": unsteered,
-        "refuse": refuse_section(lm, sets, args.tokens),
-        "ablate": ablate_section(lm, sets["benign"], args.prompts, args.tokens),
-        "sentiment_dial": dial_section(lm, sets["benign"], args.tokens),
     }
+    along = Direction.load(args.ablate_direction, model_fingerprint=lm.fingerprint) if args.ablate_direction else None
+    if "refuse" in sections:
+        result["refuse"] = refuse_section(lm, sets, args.tokens)
+    if "ablate" in sections:
+        result["ablate"] = ablate_section(lm, sets["benign"], args.prompts, args.tokens, along)
+    if "dial" in sections:
+        result["sentiment_dial"] = dial_section(lm, sets["benign"], args.tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
