@@ -65,13 +65,17 @@ class Steering:
                 if direction.layer == layer:
                     rows[j] = direction.vector(layer)
             self.vectors[layer] = torch.from_numpy(rows)
+        self.steers_at = {layer: torch.tensor([d.layer == layer for d in directions]) for layer in layers}
         self.count = len(directions)
 
-    def apply(self, layer: int, hidden: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
-        """``hidden[rows, pos, d_model]`` plus each row's steering at ``layer``."""
-        if layer not in self.vectors or not bool(strengths.any()):
-            return hidden
-        return hidden + (strengths.to(hidden.dtype) @ self.vectors[layer].to(hidden.dtype))[:, None, :]
+    def additions(self, strengths: torch.Tensor) -> dict[int, torch.Tensor]:
+        """What each row's steering adds at each layer a direction steers at: ``[rows, d_model]`` by layer,
+        for ``strengths`` ``[rows, n_directions]``; layers where every row's strength is 0 add nothing."""
+        return {
+            layer: strengths @ vectors
+            for layer, vectors in self.vectors.items()
+            if bool(strengths[:, self.steers_at[layer]].any())
+        }
 
 
 def probe_vectors(probe: LinearProbe) -> dict[int, np.ndarray]:

@@ -24,7 +24,9 @@ class LayerTap:
     ) -> None:
         """``ablations``: each probe set's directions and its mask ``[tokens, n_directions]`` for the pass's rows;
         ``steering``: the steered directions and their strengths ``[tokens, n_directions]``."""
-        self.ablations, self.keep, self.steering = ablations, keep, steering
+        self.ablations, self.keep = ablations, keep
+        # what steering adds, by layer, worked out once a pass: ``[tokens, d_model]``
+        self.added = steering[0].additions(steering[1]) if steering is not None else {}
         self._parts: dict[int, list[torch.Tensor]] = {}
         self._rows: dict[int, int] = {}  # per layer: rows seen so far in this pass
 
@@ -33,9 +35,8 @@ class LayerTap:
         self._rows[layer] = start + hidden.shape[0]
         for ablation, mask in self.ablations:
             hidden = ablation.apply(layer, hidden, mask[start : start + hidden.shape[0]])
-        if self.steering is not None:
-            steering, strengths = self.steering
-            hidden = steering.apply(layer, hidden, strengths[start : start + hidden.shape[0]])
+        if layer in self.added:
+            hidden = hidden + self.added[layer][start : start + hidden.shape[0], None, :].to(hidden.dtype)
         if layer in self.keep:
             self._parts.setdefault(layer, []).append(hidden)
         return hidden
