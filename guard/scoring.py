@@ -177,8 +177,9 @@ class ProbeSet:
         return ProbeSet._assemble(policies, self.probes, shadows, self.along)
 
     def with_direction(self, policies: Sequence[Policy], direction: Direction) -> ProbeSet:
-        """The same set ablating along ``direction`` wherever it ablated along a direction of that name."""
-        if all(d.name != direction.name for d in self.along.values()):
+        """The same set with each ``ablate`` policy that names ``direction`` ablating along this version of it."""
+        named = {p.name for p in policies if p.name in self.along and p.along == direction.name}
+        if not named:
             return self
-        along = {name: direction if d.name == direction.name else d for name, d in self.along.items()}
+        along = {name: direction if name in named else d for name, d in self.along.items()}
         return ProbeSet._assemble(policies, self.probes, self.shadows, along)
