@@ -4,7 +4,8 @@ Each probe is folded to raw-feature weights (standardisation included) and place
 matrix ``W[layer]: [d_model, n_policies]``; probes that do not read a layer have zero columns there.
 A policy's per-token logit contribution is ``sum_layer h[layer] @ W[layer]``; its score for a span is
 ``sigmoid(mean_over_tokens(contribution) + bias)``, which is exactly the probe applied to the
-mean-pooled features it was trained on. A probe calibrated for streaming (``probes.stream``) scores a
+mean-pooled features it was trained on; a ``tail`` probe's is its contribution at the prompt's last token
+(where the model is about to answer). A probe calibrated for streaming (``probes.stream``) scores a
 reply by the moving average of its contributions instead (``alpha`` > 0), at its streamed threshold.
 """
 
@@ -33,6 +34,7 @@ class ProbeBank:
     versions: tuple[str, ...]
     pooling: tuple[str, ...]
     alpha: torch.Tensor  # [n_policies]: the moving average's weight of a new token; 0: the running mean
+    tail: torch.Tensor  # [n_policies] bool: reads the prompt's last token, not its text (``tail`` pooling)
 
     @classmethod
     def build(
@@ -56,6 +58,7 @@ class ProbeBank:
             versions=tuple(p.version for p in probes),
             pooling=tuple(p.pooling for p in probes),
             alpha=torch.tensor([p.stream[0] if p.stream else 0.0 for p in probes], dtype=torch.float32),
+            tail=torch.tensor([p.pooling == "tail" for p in probes], dtype=torch.bool),
         )
 
     def __len__(self) -> int:
@@ -146,6 +149,12 @@ class ProbeSet:
         shadows: Mapping[str, LinearProbe],
         along: Mapping[str, Direction],
     ) -> ProbeSet:
+        for policy, probe in zip(policies, probes, strict=True):
+            if probe.pooling == "tail" and policy.on_output:
+                raise ValueError(
+                    f"policy {policy.name}: probe {probe.name} reads the prompt's last token (pooling 'tail'), "
+                    "so it serves on the prompt stage only"
+                )
         bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
         ablating = [(p, probe) for p, probe in zip(policies, probes, strict=True) if p.action is Action.ABLATE]
         ablation = Ablation(

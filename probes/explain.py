@@ -2,7 +2,9 @@
 
 A linear probe on mean-pooled features is ``w·mean(h) + b = b + Σ_t (w·h_t)/T``, so a token's term
 is its own hidden state's dot product with the probe's (folded) weight, over the number of tokens;
-with ``last`` pooling the last token's term is the whole logit. Terms are summed over the probe's
+with ``last`` pooling the last token's term is the whole logit. A ``tail`` probe reads the state after the
+prompt, where the model is about to answer: no token of the text holds it, so its explanation lists no
+tokens and ``other`` is the whole sum (split by layer for a probe on several). Terms are summed over the probe's
 layers; a probe on several layers also reports each layer's part. Nothing is approximated:
 ``bias + Σ tokens + other == logit`` where ``other`` sums the tokens not listed.
 """
@@ -60,11 +62,13 @@ def explain(
     count = terms.shape[1]
     if pooling == "mean":
         weighted = terms / count
-    else:  # last-token pooling: only the last token counts
+    else:  # last-token pooling, or ``tail`` (``terms[layer, 1]``: the state after the prompt): the last counts
         weighted = np.zeros_like(terms)
         weighted[:, -1] = terms[:, -1]
     per_token = weighted.sum(0)
-    if top is None:
+    if pooling == "tail":  # no token of the text holds it: none is listed, ``other`` is the whole sum
+        chosen = []
+    elif top is None:
         chosen = list(range(count))
     else:
         chosen = sorted(np.argsort(-per_token, kind="stable")[:top].tolist(), key=lambda i: -per_token[i])
@@ -77,7 +81,7 @@ def explain(
             float(per_token[i]),
             {layer: float(weighted[j, i]) for j, layer in enumerate(layers)} if several else UNSET,
         )
-        for i, (text, start, end) in zip(chosen, spans(chosen), strict=True)
+        for i, (text, start, end) in zip(chosen, spans(chosen) if chosen else [], strict=True)
     ]
     logit = float(bias + per_token.sum())
     return Explanation(

@@ -5,14 +5,16 @@ prompt and role marker are the same for every row, so their KV cache is computed
 and right padding keeps each row's position ids exactly as they are when it runs alone (features do
 not depend on what else is in the batch). The LM head is never run: the base model is enough.
 
-Pooling (the first two are what the server computes online):
+Pooling (the server computes each online):
 - ``mean``: mean over the text's own tokens. For a prompt, computed once after prefill; for a reply,
   the server keeps a running mean over the tokens generated so far, so a linear probe's logit is the
   mean of per-token logits.
 - ``last``: the text's last token.
 - ``tail``: a user text's last template token before the assistant's turn (the text rendered with the
   generation prompt, as the server prefills it): where the model has read the request and is about
-  to answer, the position Arditi et al. (2024) read refusal directions at.
+  to answer, the position Arditi et al. (2024) read refusal directions at. A request wrapped in a
+  long jailbreak template barely moves the mean over the text, but the model's state here still
+  reads it (``tests/bench/bench_jailbreak.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel
 from probes.lm.render import Encoded, encode_row
 
-POOLINGS = ("mean", "last")  # what a probe may pool (the server computes both online)
-READINGS = (*POOLINGS, "tail")  # what may be extracted: ``tail`` for directions (probes.eval.directions)
+POOLINGS = ("mean", "last", "tail")  # what a probe may pool or read (the server computes each online)
 _CACHE_FORMAT = 1
 
 
@@ -50,8 +51,8 @@ def extract(
     progress: bool = True,
 ) -> np.ndarray:
     """Pooled features ``[n_rows, n_layers, d_model]`` (float32) for ``layers`` (decoder-layer indices)."""
-    if pooling not in READINGS:
-        raise ValueError(f"pooling must be one of {READINGS}, got {pooling!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     path = None
     if cache_dir is not None:
         key = _cache_key(f"{lm.fingerprint}:{lm.numeric}", dataset.texts_sha256(), layers, pooling, max_text_tokens)

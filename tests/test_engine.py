@@ -20,6 +20,8 @@ from guard.runtime import build_runtime
 from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
 from guard.textstream import TextStream
+from probes.data import Dataset, Row
+from probes.features import extract
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import render_messages
 from probes.lm.transformers_step import TransformersStep
@@ -302,7 +304,9 @@ def test_greedy_sampling_takes_the_first_maximum_as_torch_does(dtype):
 
 def legacy_request(lm, text: str, max_tokens: int = 12) -> GenerationRequest:
     """A legacy completion: generates from the raw text, scores it rendered as a user message."""
-    scored = render_messages(lm.tokenizer, [{"role": "user", "content": text}], span_message=0)
+    scored = render_messages(
+        lm.tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
+    )
     raw = tuple(lm.tokenizer(text)["input_ids"])
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
     return GenerationRequest(raw, (scored.start, scored.end), sampling, score_ids=scored.ids)
@@ -470,6 +474,33 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for
         assert len(passes) >= len(req.prompt_ids) // 16 and max(sizes) <= 16, sizes
         assert text_a == text_b and done_a.completion_tokens == done_b.completion_tokens
         assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)
+
+
+def test_a_tail_probe_reads_the_prompts_last_token_whatever_the_chunks_and_refuses_the_output_stage(
+    tiny_lm, engine_for, monkeypatch
+):
+    """A ``tail`` probe scores the state at the prompt's last template token, as training extracts it, for a
+    chat request and a legacy completion, prefilled whole or in chunks; on the output stage it is refused."""
+    import guard.engine.prompts as prompts
+
+    probe = replace(probe_for(tiny_lm, seed=3), pooling="tail")
+    policy = Policy("toy", "toy", Stage.PROMPT, Action.FLAG)
+    texts = [PROMPTS[1], " ".join(PROMPTS * 3)]
+    expected = probe.predict_proba(extract(tiny_lm, Dataset(tuple(Row(t, 0) for t in texts)), (2,), pooling="tail"))
+    mean = replace(probe, pooling="mean").predict_proba(extract(tiny_lm, Dataset((Row(texts[1], 0),)), (2,)))[0]
+    assert abs(mean - expected[1]) > 1e-3  # the readings differ: the test tells them apart
+    for chunk in (10_000, 8):
+        monkeypatch.setattr(prompts, "CHUNK", chunk)
+        engine = engine_for([policy], [probe])
+        for text, score in zip(texts, expected, strict=True):
+            for req in (request(tiny_lm, text, 2), legacy_request(tiny_lm, text, 2)):
+                _, _, events = asyncio.run(run(engine, req))
+                assert events[0].verdicts["toy"].score == pytest.approx(float(score), abs=1e-5)
+    asked = replace(request(tiny_lm, texts[0], 2), explain=True)
+    explanation = asyncio.run(run(engine, asked))[2][0].verdicts["toy"].explanation
+    assert explanation.tokens == [] and explanation.score == pytest.approx(float(expected[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="prompt stage only"):
+        engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe])
 
 
 def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_for, monkeypatch):

@@ -60,6 +60,14 @@ def test_the_terms_sum_to_the_logit_the_probe_computes_on_pooled_features(tiny_l
         assert all(t.contribution == 0.0 for t in result.tokens[:-1])
 
 
+def test_a_tail_probes_explanation_holds_its_whole_logit_in_no_token(tiny_lm):
+    probe = two_layer_probe(tiny_lm, "tail")
+    result, logit = explained(tiny_lm, probe, "How do I kill a Python process that hangs?")
+    assert result.logit == pytest.approx(logit, abs=1e-4) and result.tokens == []
+    assert result.other == pytest.approx(result.logit - result.bias)
+    assert sum(result.layers.values()) == pytest.approx(result.other)
+
+
 def test_top_tokens_are_the_largest_and_the_rest_is_other():
     terms = np.array([[1.0, -2.0, 3.0, 0.5]])
     spans = lambda chosen: [("x", i, i + 1) for i in chosen]  # noqa: E731

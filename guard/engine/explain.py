@@ -15,10 +15,12 @@ def explanations(
     probes: ProbeSet,
     checked: torch.Tensor,
     terms: torch.Tensor,
+    tail: torch.Tensor | None,
     ids: Sequence[int],
     tokenizer: PreTrainedTokenizerBase,
 ) -> dict[str, Explanation]:
-    """Every checked policy's explanation; ``terms[token, bank layer, policy]`` for the scored ``ids``."""
+    """Every checked policy's explanation; ``terms[token, bank layer, policy]`` for the scored ``ids``, ``tail``
+    the same for the prompt's last token (what ``tail`` probes read)."""
     bank, spans = probes.bank, token_spans(tokenizer, ids)
     out = {}
     for j, name in enumerate(bank.names):
@@ -26,7 +28,8 @@ def explanations(
             continue
         probe = probes.probes[j]
         rows = [bank.layers.index(layer) for layer in probe.layers]
-        per_layer = terms[:, rows, j].T.double().numpy()
+        read = tail if probe.pooling == "tail" else terms
+        per_layer = read[:, rows, j].T.double().numpy()
         out[name] = explain(
             per_layer, probe.layers, float(bank.bias[j]), float(bank.thresholds[j]), probe.pooling, spans
         )

@@ -373,6 +373,15 @@ class Engine:
                     work.terms.append(_layer_contributions(probes.bank, tap, rows).transpose(0, 1))
                 if probes.shadow is not None:
                     work.shadow_parts.append(_contributions(probes.shadow.bank, tap, rows))
+            tail = chunk.tail_row()
+            if tail is not None and (tap is None or not self.policies):
+                work.tail = torch.zeros((1, 0))
+            elif tail is not None:
+                work.tail = _contributions(probes.bank, tap, tail)
+                if work.reply.request.explain:
+                    work.tail_terms = _layer_contributions(probes.bank, tap, tail).transpose(0, 1)
+                if probes.shadow is not None:
+                    work.shadow_tail = _contributions(probes.shadow.bank, tap, tail)
             work.lanes[chunk.lane].done = chunk.stop
             if chunk.lane == len(work.lanes) - 1 and chunk.stop == len(work.lanes[-1].ids):
                 work.logits = logits[index]
@@ -424,13 +433,15 @@ class Engine:
         token is to come from the prompt's last pass redone under steering."""
         reply, logits = work.reply, work.logits
         bank = reply.probes.bank
-        scores = bank.scores(_pooled(torch.cat(work.parts), reply.probes.mean_pooled))
+        scores = bank.scores(_pooled(bank, torch.cat(work.parts), work.tail, reply.probes.mean_pooled))
         checked = reply.active & self.decider.on_prompt
         decision = self.decider.decide(scores, bank.thresholds, checked)
         explained = None
         if reply.request.explain and work.terms:
             ids = (reply.request.score_ids or reply.request.prompt_ids)[work.span[0] : work.span[1]]
-            explained = explanations(reply.probes, checked, torch.cat(work.terms), ids, self.lm.tokenizer)
+            explained = explanations(
+                reply.probes, checked, torch.cat(work.terms), work.tail_terms, ids, self.lm.tokenizer
+            )
         blocked = bool(decision.blocking.any())
         steered = [] if blocked else self._steer(reply, decision.steering, 0)
         verdicts = self.decider.verdicts(
@@ -561,7 +572,7 @@ class Engine:
             explained = None
             if reply.request.explain and reply.trace:
                 ids, terms = zip(*reply.trace, strict=True)
-                explained = explanations(reply.probes, checked, torch.stack(terms), ids, self.lm.tokenizer)
+                explained = explanations(reply.probes, checked, torch.stack(terms), None, ids, self.lm.tokenizer)
             verdicts = self.decider.verdicts(
                 reply.score,
                 checked,
@@ -623,9 +634,13 @@ def _contributions(bank: ProbeBank, tap: LayerTap, rows: slice | torch.Tensor) -
     return bank.token_logits({layer: tap.hidden(layer)[rows] for layer in bank.layers})
 
 
-def _pooled(contributions: torch.Tensor, mean_pooled: torch.Tensor) -> torch.Tensor:
-    """A prompt's pooled contributions ``[n_policies]`` from its tokens' ``[tokens, n_policies]``."""
-    return torch.where(mean_pooled, contributions.mean(0), contributions[-1])
+def _pooled(
+    bank: ProbeBank, contributions: torch.Tensor, tail: torch.Tensor | None, mean_pooled: torch.Tensor
+) -> torch.Tensor:
+    """A prompt's pooled contributions ``[n_policies]`` from its text's tokens' ``[tokens, n_policies]`` and
+    its last token's ``[1, n_policies]`` (read by ``tail`` probes)."""
+    pooled = torch.where(mean_pooled, contributions.mean(0), contributions[-1])
+    return pooled if tail is None else torch.where(bank.tail, tail[0], pooled)
 
 
 def _running(
@@ -652,7 +667,9 @@ def _prompt_shadow(work: PromptWork, checked: torch.Tensor) -> dict[str, Shadowe
     shadow = work.reply.probes.shadow
     if shadow is None or not work.shadow_parts:
         return {}
-    scores = shadow.bank.scores(_pooled(torch.cat(work.shadow_parts), shadow.mean_pooled))
+    scores = shadow.bank.scores(
+        _pooled(shadow.bank, torch.cat(work.shadow_parts), work.shadow_tail, shadow.mean_pooled)
+    )
     return _shadowed(shadow, scores, scores > shadow.bank.thresholds, checked)
 
 

@@ -49,6 +49,10 @@ class PromptWork:
     parts: list[torch.Tensor] = field(default_factory=list)  # the span's contributions so far, in order
     terms: list[torch.Tensor] = field(default_factory=list)  # explained: the same per layer, ``[tokens, layers, P]``
     shadow_parts: list[torch.Tensor] = field(default_factory=list)  # the shadow versions' contributions
+    # the same three at the scored lane's last token, where the model is about to answer (``tail`` probes)
+    tail: torch.Tensor | None = None
+    tail_terms: torch.Tensor | None = None
+    shadow_tail: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # next-token logits after the last lane's last token
 
     @property
@@ -77,6 +81,12 @@ class Chunk:
             return None
         first, last = max(self.work.span[0], self.start), min(self.work.span[1], self.stop)
         return slice(self.row + first - self.start, self.row + last - self.start) if first < last else None
+
+    def tail_row(self) -> slice | None:
+        """The pass row of the scored lane's last token, if this chunk holds it."""
+        if self.lane != 0 or self.stop != len(self.work.lanes[0].ids):
+            return None
+        return slice(self.row + self.stop - self.start - 1, self.row + self.stop - self.start)
 
 
 def plan(works: list[PromptWork], budget: int) -> list[Chunk]:

@@ -142,7 +142,10 @@ class Serving:
         if not prompt.strip():
             raise APIError(400, "'prompt' must not be empty", param="prompt")
         ids = tuple(self.engine.lm.tokenizer(prompt, split_special_tokens=True)["input_ids"])  # text, not control
-        scored = render_messages(self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0)
+        # scored as a chat turn up to the assistant's, where ``tail`` probes read it
+        scored = render_messages(
+            self.engine.lm.tokenizer, [{"role": "user", "content": prompt}], span_message=0, add_generation_prompt=True
+        )
         # a legacy completion's default is OpenAI's, whether max_tokens is omitted or null
         max_tokens = LEGACY_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         encoded = Encoded(ids, scored.start, scored.end)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from probes.data import Dataset
 from probes.explain import Explanation, explain, probe_terms, token_spans
-from probes.features import token_states
+from probes.features import extract, token_states
 from probes.lm.model import LoadedModel
 from probes.lm.render import encode_row
 from probes.probe import LinearProbe
@@ -19,8 +19,11 @@ def explain_rows(
     lm: LoadedModel, probe: LinearProbe, dataset: Dataset, *, max_text_tokens: int = 256, top: int | None = None
 ) -> list[Explanation]:
     """Each row's explanation, read as training read it (the row's text inside the chat template)."""
-    out: list[Explanation | None] = [None] * len(dataset.rows)
     bias = probe.folded()[1]
+    if probe.pooling == "tail":  # the state after each prompt: no token of the text holds it
+        states = extract(lm, dataset, probe.layers, pooling="tail", max_text_tokens=max_text_tokens, progress=False)
+        return [explain(probe_terms(probe, s[None]), probe.layers, bias, probe.threshold, "tail", None) for s in states]
+    out: list[Explanation | None] = [None] * len(dataset.rows)
     for i, states in token_states(lm, dataset, probe.layers, max_text_tokens=max_text_tokens):
         row = dataset.rows[i]
         encoded = encode_row(lm.tokenizer, row.text, row.prompt, max_text_tokens=max_text_tokens)
