@@ -337,6 +337,11 @@ def _data_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-kind", type=int, default=200, help="replies: harmful, jailbreak and benign prompts each")
     p.add_argument("--max-tokens", type=int, default=128, help="replies: the longest reply, in tokens")
     p.add_argument("--max-batch", type=int, help="replies: rows decoded together (GUARD_MAX_BATCH)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="replies: decode compiled, as `guard serve` does (GUARD_COMPILE, default on)",
+    )
     p.set_defaults(run=_data)
 
 
@@ -363,6 +368,7 @@ def _replies(args: argparse.Namespace, settings: Settings) -> int:
     """The model's greedy replies to harmful, jailbreak-wrapped and benign prompts, judged twice, cached."""
     from guard.engine import Engine
     from guard.replies import generate
+    from guard.runtime import serving_model
     from guard.sampling import SamplingParams
     from probes.eval.baselines import minilm_embedder
     from probes.eval.judges import harm_judge
@@ -370,11 +376,12 @@ def _replies(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.per_kind < 1 or args.max_tokens < 1:
         raise ValueError("--per-kind and --max-tokens must be at least 1")
-    lm = _model(settings)
+    lm = serving_model(settings)  # the replies `guard serve` gives: compiling moves some roundings
     embed = minilm_embedder()
     judge = harm_judge(settings.data_dir, settings.cache_dir, embed)
     prompts = reply_prompts(settings.data_dir, args.per_kind)
-    key = cache_key(prompts, args.max_tokens, judge.manifest["recipe"])
+    compiled = bool(lm.decoder and lm.decoder.compiled)
+    key = cache_key(prompts, args.max_tokens, judge.manifest["recipe"], compiled)
     path = cache_file(settings.cache_dir, lm.fingerprint, lm.numeric, key)
     if path.exists():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

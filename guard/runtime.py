@@ -10,7 +10,7 @@ from guard.engine import Engine
 from guard.policy import PolicyError, PolicySet, load_dials, load_policies, load_sets
 from guard.reload import ProbeSource, Watcher
 from guard.settings import Settings
-from probes.lm.model import load_model
+from probes.lm.model import LoadedModel, load_model
 from probes.registry import LocalRegistry, open_registry, signing_key
 
 log = logging.getLogger(__name__)
@@ -27,19 +27,15 @@ class Runtime:
         return Watcher(self.engine, self.source, interval=settings.reload_interval, on_change=on_change)
 
 
-def build_runtime(settings: Settings, on_refused=None) -> Runtime:
-    policies = load_policies(settings.policy_file)
-    sets = load_sets(settings.policy_file, policies)
-    missing = sorted(set(settings.api_key_sets.values()) - set(sets))
-    if missing:  # named by set, never by key: a key is a secret
-        raise PolicyError(f"API keys name policy sets {missing}, which {settings.policy_file} does not define")
+def serving_model(settings: Settings) -> LoadedModel:
+    """The model as ``guard serve`` runs it: the settings' numeric path, compiled unless they say not to."""
     # One thread here, whatever the engine's: a thread that has run torch with two OpenMP threads keeps
     # its OpenMP worker, and with more such workers than cores every later parallel region wakes its
     # workers slowly, the engine thread's decode steps included (docs/benchmarks.md).
     compiled = settings.compile and settings.fast_decode
     if compiled:  # the compiled kernels persist with the converted model, not in /tmp
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
-    lm = load_model(
+    return load_model(
         settings.model,
         cache_dir=settings.cache_dir,
         threads=1,
@@ -47,6 +43,15 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         dtype=settings.dtype,
         compiled=compiled,
     )
+
+
+def build_runtime(settings: Settings, on_refused=None) -> Runtime:
+    policies = load_policies(settings.policy_file)
+    sets = load_sets(settings.policy_file, policies)
+    missing = sorted(set(settings.api_key_sets.values()) - set(sets))
+    if missing:  # named by set, never by key: a key is a secret
+        raise PolicyError(f"API keys name policy sets {missing}, which {settings.policy_file} does not define")
+    lm = serving_model(settings)
     registry = open_registry(settings.redis_url or None, settings.registry_dir())
     # with Redis, a local last-known-good copy; without, the local registry is its own last-known-good
     lkg = LocalRegistry(settings.cache_dir / "registry-last-known-good") if settings.redis_url else registry

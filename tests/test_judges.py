@@ -10,7 +10,7 @@ from sklearn.feature_extraction.text import HashingVectorizer
 
 from guard.cli import main
 from probes.eval.judges import HarmJudge, _key, fit_harm_judge, refuses
-from probes.eval.replies import JAILBREAKS, ReplyPrompt, records, reply_prompts, summary
+from probes.eval.replies import JAILBREAKS, ReplyPrompt, cache_key, records, reply_prompts, summary
 
 _HASHING = HashingVectorizer(n_features=384, alternate_sign=False)
 
@@ -64,7 +64,7 @@ def test_guard_data_replies_generates_judges_and_caches_the_rows(tiny_model_dir,
     out = tmp_path / "replies.jsonl"
     argv = ["data", "replies", "--per-kind", "2", "--max-tokens", "4", "--out", str(out)]
     common = ["--model", str(tiny_model_dir), "--cache-dir", str(cache), "--data-dir", str(data_dir)]
-    common += ["--dtype", "float32"]
+    common += ["--dtype", "float32", "--no-compile"]  # compiling is covered apart: only the cache key differs
     assert main(argv + common) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) <= 6 and {r["category"].split(":")[0] for r in rows} <= {"harmful", "jailbreak", "benign"}
@@ -76,6 +76,11 @@ def test_guard_data_replies_generates_judges_and_caches_the_rows(tiny_model_dir,
     assert len(cached) == 1 and cached[0].read_text() == out.read_text()
     assert main(argv + common) == 0  # a second run reads the cache
     assert list((cache / "replies").glob("*.jsonl")) == cached
+
+
+def test_replies_decoded_compiled_are_kept_apart_from_uncompiled_ones(data_dir):
+    prompts = reply_prompts(data_dir, 2)
+    assert cache_key(prompts, 4, "judge", compiled=True) != cache_key(prompts, 4, "judge", compiled=False)
 
 
 def test_a_reply_is_harmful_only_as_an_instance_of_a_harmful_request():

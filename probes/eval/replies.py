@@ -135,6 +135,8 @@ def newest(cache_dir: Path, fingerprint: str, numeric: str) -> Path:
 LABEL_RULE = "harm judge on harmful and wrapped requests; benign requests 0"
 
 
-def cache_key(prompts: Sequence[ReplyPrompt], max_tokens: int, judge: str) -> str:
-    digest = hashlib.sha256(json.dumps([[p.text for p in prompts], max_tokens, judge, LABEL_RULE]).encode())
+def cache_key(prompts: Sequence[ReplyPrompt], max_tokens: int, judge: str, compiled: bool) -> str:
+    """``compiled``: whether the decode step that wrote the replies was compiled (its roundings differ)."""
+    spec = [[p.text for p in prompts], max_tokens, judge, LABEL_RULE] + ([True] if compiled else [])
+    digest = hashlib.sha256(json.dumps(spec).encode())
     return digest.hexdigest()[:16]
