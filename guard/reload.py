@@ -97,15 +97,22 @@ class ProbeSource:
         try:
             artifact = stored.load(key=self.key, model_fingerprint=self.fingerprint, kind=kind)
         except (RegistryError, ProbeError) as exc:
-            self.status.refused[tag] = str(exc)
-            log.error("refusing %s: %s; the version already served stays", tag, exc)
-            self.on_refused(name, "signature" if isinstance(exc, RegistryError) else "checksum_or_fingerprint")
+            self.refuse(
+                name, version, exc, "signature" if isinstance(exc, RegistryError) else "checksum_or_fingerprint"
+            )
             raise
         if self.lkg is not self.registry and active:
             self.lkg.put(stored)
             if self.lkg.active(name) != version:
                 self.lkg.activate(name, version)
         return artifact
+
+    def refuse(self, name: str, version: str, exc: Exception, reason: str) -> None:
+        """Never serve this version: it failed a check (``reason``, a metric label) that ``exc`` describes."""
+        tag = f"{name}@{version}"
+        self.status.refused[tag] = str(exc)
+        log.error("refusing %s: %s; the version already served stays", tag, exc)
+        self.on_refused(name, reason)
 
     def down(self, exc: Exception) -> None:
         self.status.errors += 1
@@ -139,9 +146,12 @@ class Watcher:
                 continue
             try:
                 probe = self.source.fetch(policy.probe, version)
+                self.engine.replace_probe(policy.name, probe)
             except (RegistryError, ProbeError):
                 continue  # logged and counted once by fetch
-            self.engine.replace_probe(policy.name, probe)
+            except ValueError as exc:  # sound, but not for this policy (a ``tail`` probe on the output stage)
+                self.source.refuse(policy.probe, version, exc, "unservable")
+                continue
             self.on_change(policy.name, version)
             log.info("policy %s: now serving %s@%s", policy.name, policy.probe, version)
         self._reconcile_shadows()
@@ -173,9 +183,12 @@ class Watcher:
                 continue
             try:
                 probe = self.source.fetch(policy.probe, version, active=False)
+                self.engine.replace_shadow(policy.name, probe)
             except (RegistryError, ProbeError):
                 continue  # logged and counted once by fetch
-            self.engine.replace_shadow(policy.name, probe)
+            except ValueError as exc:
+                self.source.refuse(policy.probe, version, exc, "unservable")
+                continue
             log.info("policy %s: scoring %s@%s in shadow", policy.name, policy.probe, version)
 
     def _run(self) -> None:

@@ -149,7 +149,8 @@ class ProbeSet:
         shadows: Mapping[str, LinearProbe],
         along: Mapping[str, Direction],
     ) -> ProbeSet:
-        for policy, probe in zip(policies, probes, strict=True):
+        by_name = {p.name: p for p in policies}
+        for policy, probe in [*zip(policies, probes, strict=True), *((by_name[k], v) for k, v in shadows.items())]:
             if probe.pooling == "tail" and policy.on_output:
                 raise ValueError(
                     f"policy {policy.name}: probe {probe.name} reads the prompt's last token (pooling 'tail'), "

@@ -316,3 +316,31 @@ def test_a_dials_direction_is_served_at_the_registrys_active_version_and_a_corru
     wait_for(lambda: "tilt@3" in readyz(a)["registry"]["refused"])
     assert "corrupt" in readyz(a)["registry"]["refused"]["tilt@3"]
     assert readyz(a)["directions"] == {"tilt": "2"} and turned()["direction_version"] == "2"
+
+
+def test_a_version_the_policy_cannot_serve_is_refused_and_the_old_one_stays(tmp_path, tiny_lm, engine_for):
+    """A ``tail`` probe reads the prompt's end: pushed for an output-stage policy, active or in shadow, it is
+    refused like a corrupt version (logged, counted, never retried) and the served version stays."""
+    from dataclasses import replace
+
+    from guard.policy import Action, Policy, Stage
+    from guard.reload import ProbeSource, Watcher
+    from probes.registry import LocalRegistry
+
+    registry = LocalRegistry(tmp_path / "registry")
+    served = probe_for(tiny_lm, seed=1)
+    engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [served])
+    refused = []
+    source = ProbeSource(
+        registry, registry, tiny_lm.fingerprint, None, "local", on_refused=lambda *a: refused.append(a)
+    )
+    watcher = Watcher(engine, source)
+    tail = replace(probe_for(tiny_lm, seed=2), pooling="tail")
+    registry.activate("toy", registry.push(tail))
+    watcher.reconcile()
+    registry.shadow("toy", registry.push(replace(tail, threshold=0.4)))
+    watcher.reconcile()
+    watcher.reconcile()  # refused once, not retried
+    assert engine.versions() == {"toy": served.version} and engine.shadows() == {}
+    assert refused == [("toy", "unservable")] * 2 and set(source.status.refused) == {"toy@1", "toy@2"}
+    assert "prompt stage only" in source.status.refused["toy@1"]
