@@ -729,7 +729,7 @@ def _lodo_parser(p: argparse.ArgumentParser) -> None:
 
 def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     from probes.eval.baselines import BASELINES
-    from probes.eval.defaults import recipe_features
+    from probes.eval.defaults import recipe_config, recipe_features
     from probes.eval.lodo import evaluate_folds, markdown
 
     lm = _model(settings)
@@ -743,7 +743,7 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     for name in names:
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
-        tables[name] = evaluate_folds(lm, name, dataset, rows_of(dataset), config, baselines)
+        tables[name] = evaluate_folds(lm, name, dataset, rows_of(name, dataset), recipe_config(name, config), baselines)
         print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))

@@ -49,13 +49,13 @@ def recipe_features(
     cache_dir: Path | None = None,
     progress: bool = True,
     extra: Dataset = NO_ROWS,
-) -> tuple[dict[str, tuple[Dataset, Dataset, dict]], Callable[[Dataset], np.ndarray]]:
-    """Each policy's train/dev split, and a lookup of features for any of their rows.
+) -> tuple[dict[str, tuple[Dataset, Dataset, dict]], Callable[[str, Dataset], np.ndarray]]:
+    """Each policy's train/dev split, and a lookup of a policy's features for any of its rows.
 
-    Features come for ``config.layers`` (all layers when none). The union of the policies' texts is
-    extracted once per stage, at every layer (prompt recipes share most rows,
-    reply recipes share none with them): one feature-cache entry each, so every command that asks
-    for the same policies reuses them.
+    Features come for ``config.layers`` (all layers when none), as each recipe reads its rows
+    (``recipe_config``). The union of the texts of the policies that read alike is extracted once, at
+    every layer (prompt recipes share most rows, reply recipes share none with them): one
+    feature-cache entry each, so every command that asks for the same policies reuses them.
     """
     unknown = set(names) - set(RECIPES)
     if unknown:
@@ -63,26 +63,32 @@ def recipe_features(
     splits = {name: recipe_splits(name, data_dir, extra) for name in names}
     # every layer is extracted (one cache entry whichever layers a run concatenates), then sliced
     chosen = [normalise_layer(layer, lm.num_layers) for layer in config.layers] if config.layers else slice(None)
-    config = replace(config, layers=None)
+    configs = {name: replace(recipe_config(name, config), layers=None) for name in names}
+    reads = {name: (RECIPES[name].stage, configs[name].pooling, configs[name].max_text_tokens) for name in names}
     features, index = {}, {}
-    for stage in sorted({RECIPES[name].stage for name in names}):
+    for reading in sorted(set(reads.values())):
+        alike = [name for name in names if reads[name] == reading]
         union = deduplicate(
-            Row(row.text, 0, row.prompt)
-            for name, (train, dev, _) in splits.items()
-            if RECIPES[name].stage == stage
-            for row in (*train.rows, *dev.rows)
+            Row(row.text, 0, row.prompt) for name in alike for row in (*splits[name][0].rows, *splits[name][1].rows)
         )
-        features[stage] = extract_candidates(lm, union, config, cache_dir=cache_dir, progress=progress)
-        index.update({row.key: (stage, i) for i, row in enumerate(union.rows)})
+        features[reading] = extract_candidates(lm, union, configs[alike[0]], cache_dir=cache_dir, progress=progress)
+        index[reading] = {row.key: i for i, row in enumerate(union.rows)}
 
-    def rows_of(data: Dataset) -> np.ndarray:
-        where = [index[row.key] for row in data.rows]
-        stages = {stage for stage, _ in where}
-        if len(stages) == 1:  # every recipe's rows are of one stage: one fancy-index copy
-            return features[stages.pop()][[i for _, i in where]][:, chosen]
-        return np.stack([features[stage][i][chosen] for stage, i in where])
+    def rows_of(name: str, data: Dataset) -> np.ndarray:
+        reading = reads[name]
+        return features[reading][[index[reading][row.key] for row in data.rows]][:, chosen]
 
     return splits, rows_of
+
+
+def recipe_config(name: str, config: TrainConfig) -> TrainConfig:
+    """``config`` as policy ``name`` reads its rows: a recipe may fix its pooling and how many tokens it reads."""
+    recipe = RECIPES[name]
+    return replace(
+        config,
+        pooling=recipe.pooling or config.pooling,
+        max_text_tokens=recipe.max_text_tokens or config.max_text_tokens,
+    )
 
 
 def train_recipes(
@@ -106,9 +112,9 @@ def train_recipes(
             train,
             dev,
             name,
-            config,
+            recipe_config(name, config),
             provenance=provenance,
-            features=(rows_of(train), rows_of(dev)),
+            features=(rows_of(name, train), rows_of(name, dev)),
             progress=progress,
         )
         if is_reply_data(dev):  # an output-stage policy: thresholded as the server streams it

@@ -58,6 +58,8 @@ class Recipe:
     picks: tuple[Pick, ...]
     heldout: tuple[str, ...] = field(default=())
     stage: str = "prompt"  # what its rows are: user prompts, or assistant replies ("output", rows with a prompt)
+    pooling: str | None = None  # how its probe reads a row, when not the command's (``probes.features``)
+    max_text_tokens: int | None = None  # how much of a row it reads, when not the command's
 
     def rows(self, data_dir: Path) -> tuple[Dataset, dict]:
         """The policy's rows and a provenance record (per-pick counts, conflicts resolved)."""

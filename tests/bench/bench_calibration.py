@@ -34,7 +34,7 @@ from sklearn.linear_model import LogisticRegression
 
 from guard.settings import Settings
 from probes.data import Dataset
-from probes.eval.defaults import PRESET_CONFIG, recipe_features
+from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
 from probes.eval.lodo import fold_probes
 from probes.eval.presets import RECIPES
 from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, load_model
@@ -76,7 +76,9 @@ def fold_scores(lm, name: str, dataset: Dataset, rows_of) -> list[dict]:
             "dev": (np.asarray(fold.dev.labels), scores(fold.dev)),
             "test": (np.asarray(fold.test.labels), scores(fold.test)),
         }
-        for fold, _, scores in fold_probes(lm, name, dataset, rows_of(dataset), PRESET_CONFIG)
+        for fold, _, scores in fold_probes(
+            lm, name, dataset, rows_of(name, dataset), recipe_config(name, PRESET_CONFIG)
+        )
     ]
 
 

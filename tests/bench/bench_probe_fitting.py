@@ -90,7 +90,7 @@ def main() -> None:
     splits, rows_of = recipe_features(lm, [args.policy], settings.data_dir, PRESET_CONFIG, cache_dir=settings.cache_dir)
     train, dev, _ = splits[args.policy]
     dataset = Dataset(train.rows + dev.rows)
-    features = rows_of(dataset)
+    features = rows_of(args.policy, dataset)
     index = {row.key: i for i, row in enumerate(dataset.rows)}
     results = []
     for fold in folds(dataset):
