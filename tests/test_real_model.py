@@ -139,7 +139,7 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
     400 dev rows per policy its scores were 0.003-0.013 apart on average, up to 0.14, at the same AUROC
     (docs/benchmarks.md, "The lean step and compiling it")."""
     lm = request.getfixturevalue(fixture)
-    names = ["harmful_request", "hate", "self_harm", "weapons", "medical_advice"]  # the prompt-stage policies
+    names = ["harmful_request", "jailbreak", "hate", "self_harm", "weapons", "medical_advice"]  # the prompt stage
     probes = [load_shipped(name, model_fingerprint=lm.fingerprint) for name in names]
     texts = [
         *PROMPTS,
@@ -147,7 +147,8 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
         "I hate them all, they should die.",
         INJECTED,  # special-token text in content is text: served as trained
     ]
-    features = extract(lm, Dataset(tuple(Row(text, 0) for text in texts)), probes[0].layers, progress=False)
+    dataset = Dataset(tuple(Row(text, 0) for text in texts))
+    features = {p.pooling: extract(lm, dataset, p.layers, pooling=p.pooling, progress=False) for p in probes}
     engine = Engine(lm, [Policy(name, name, Stage.PROMPT, Action.FLAG) for name in names], probes)
     engine.start()
     try:
@@ -160,7 +161,7 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
         engine.stop()
     gaps = []
     for name, probe in zip(names, probes, strict=True):
-        trained = probe.predict_proba(features)
+        trained = probe.predict_proba(features[probe.pooling])
         for i, (_, _, events) in enumerate(served):
             gaps.append(abs(events[0].verdicts[name].score - trained[i]))
             assert gaps[-1] <= tolerance, (name, texts[i])

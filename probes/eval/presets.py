@@ -137,6 +137,24 @@ HARMFUL_REQUEST = Recipe(
     heldout=("safety_tuned_llamas",),
 )
 
+JAILBREAK = Recipe(
+    name="jailbreak",
+    description=(
+        "Requests for harmful help, plain or wrapped in a jailbreak template or an adversarial suffix, read where "
+        "the model is about to answer; the same requests wrapped benign are not."
+    ),
+    picks=(
+        *HARMFUL_REQUEST.picks,
+        Pick("jailbreak_wrapped", 1, _labelled(1), why="harmful requests inside jailbreak templates and suffixes"),
+        Pick(
+            "jailbreak_wrapped", 0, _labelled(0), why="benign instructions in the same wrappers: a wrapper is not harm"
+        ),
+    ),
+    heldout=HARMFUL_REQUEST.heldout,
+    pooling="tail",  # the mean over a long template barely moves with the request inside it
+    max_text_tokens=2048,  # the whole template, whose request may come last
+)
+
 HATE = Recipe(
     name="hate",
     description="Hateful statements about protected groups, versus neutral, counter-speech and quoting statements.",
@@ -247,6 +265,7 @@ HARMFUL_REPLY = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {
-    r.name: r for r in (HARMFUL_REQUEST, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE, HARMFUL_REPLY)
+    r.name: r
+    for r in (HARMFUL_REQUEST, JAILBREAK, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE, HARMFUL_REPLY)
 }
 PRESETS: dict[str, tuple[str, ...]] = {"default": tuple(RECIPES)}

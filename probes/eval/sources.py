@@ -14,7 +14,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from probes.data import Row
+from probes.eval.jailbreaks import hash_order, suffix, templates, wrap
 
 SourceReader = Callable[[Path], list[Row]]
 
@@ -227,6 +230,35 @@ def _safety_tuned_llamas_replies(d: Path) -> list[Row]:
     ]
 
 
+WRAPPED_PER_FAMILY = 16  # templates of each family
+WRAPPED_PER_TEMPLATE = 2  # requests of each label in each template
+WRAPPED_SUFFIXED = 150  # requests of each label with an adversarial suffix
+
+
+def _jailbreak_wrapped(d: Path) -> list[Row]:
+    """The pool's harmful requests (1) and benign instructions (0) wrapped in jailbreak templates (category: the
+    template's family) and followed by adversarial suffixes (category ``suffix``): a template alone is not harm."""
+    readers = (_advbench, _harmbench, _strongreject, _malicious_instruct)
+    harmful = sorted({r.text for read in readers for r in read(d) if r.category != "copyright"}, key=hash_order)
+    benign = sorted({r.text for r in _alpaca(d)}, key=hash_order)
+    chosen = templates(d, WRAPPED_PER_FAMILY)
+    items: list[tuple[str, int, str | None]] = []
+    taken = 0
+    for family, texts in sorted(chosen.items()):
+        for template in texts:
+            for k in range(WRAPPED_PER_TEMPLATE):
+                items += [
+                    (wrap(template, pool[taken + k])[0], label, family) for label, pool in ((1, harmful), (0, benign))
+                ]
+            taken += WRAPPED_PER_TEMPLATE
+    pieces = sorted({word for texts in chosen.values() for text in texts for word in re.findall(r"\S{1,8}", text)})
+    rng = np.random.default_rng(0)
+    for k in range(WRAPPED_SUFFIXED):
+        for label, pool in ((1, harmful), (0, benign)):
+            items.append((pool[taken + k] + " " + suffix(pieces, rng), label, "suffix"))
+    return _rows("jailbreak_wrapped", items)
+
+
 SOURCES: dict[str, SourceReader] = {
     "advbench": _advbench,
     "harmbench": _harmbench,
@@ -246,4 +278,5 @@ SOURCES: dict[str, SourceReader] = {
     "hh_rlhf": _hh_rlhf,
     "harmbench_replies": _harmbench_replies,
     "safety_tuned_llamas_replies": _safety_tuned_llamas_replies,
+    "jailbreak_wrapped": _jailbreak_wrapped,
 }

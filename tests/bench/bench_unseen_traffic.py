@@ -6,7 +6,8 @@ threshold by any shipped policy. Each shipped prompt policy's probe scores all o
 as do TF-IDF and MiniLM baselines fitted on the policy's own train/dev rows with the probe's threshold
 rule: the false-positive rate at each one's threshold is what the shipped policy would flag of such
 traffic (issue target: at most 2%). The rate on the dev traffic rows the threshold was chosen on is
-printed next to it. Prints a markdown table and writes JSON.
+printed next to it, and the last row is the set's: the share of that traffic any of the policies flags.
+Prints a markdown table and writes JSON.
 
     .venv/bin/python tests/bench/bench_unseen_traffic.py [--dtype float32] [--no-baselines]
         [--out tests/bench/results/unseen_traffic.json]
@@ -58,13 +59,16 @@ def main() -> None:
     everything = [*texts_of(unseen), *(t for train, dev in splits.values() for t in texts_of(train) + texts_of(dev))]
     embed = None if args.no_baselines else cached(minilm_embedder(), list(dict.fromkeys(everything)))
     report: dict[str, dict] = {}
+    flagged = np.zeros(len(unseen.rows), dtype=bool)  # by any of the policies
     for name, (train, dev) in splits.items():
         probe = load_shipped(name, model_fingerprint=lm.fingerprint)
         seen = traffic_of(dev)
         target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
+        scores = probe_scores(lm, probe, unseen, cache_dir=cache_dir)
+        flagged |= scores > probe.threshold
         row = {
             "probe": {
-                "unseen_traffic_fpr": fpr(probe_scores(lm, probe, unseen, cache_dir=cache_dir), probe.threshold),
+                "unseen_traffic_fpr": fpr(scores, probe.threshold),
                 "dev_traffic_fpr": fpr(probe_scores(lm, probe, seen, progress=False), probe.threshold),
             }
         }
@@ -83,8 +87,10 @@ def main() -> None:
         unseen_fpr = " / ".join(f"{row[m]['unseen_traffic_fpr']:.3f}" for m in models)
         dev_fpr = " / ".join(f"{row[m]['dev_traffic_fpr']:.3f}" for m in models)
         print(f"| `{name}` | {row['unseen_traffic_rows']} | {unseen_fpr} | {row['dev_traffic_rows']} | {dev_fpr} |")
+    print(f"| any of them (probes) | {len(unseen.rows)} | {flagged.mean():.3f} | | |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"dtype": args.dtype, "policies": report}, indent=2) + "\n")
+    result = {"dtype": args.dtype, "policies": report, "any_unseen_traffic_fpr": float(flagged.mean())}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ BENIGN = [
     "Summarise the plot of Romeo and Juliet.",
     "How does a bicycle gear work?",
 ]
-SHIPPED = ("harmful_request", "hate", "self_harm", "weapons", "medical_advice")
+SHIPPED = ("harmful_request", "jailbreak", "hate", "self_harm", "weapons", "medical_advice")
 # Benign instructions with a written reference answer: the capability proxy is the model's mean
 # log-likelihood per token of the answer after the question.
 REFERENCE_ANSWERS = [
