@@ -6,7 +6,8 @@ threshold by any shipped policy. Each shipped prompt policy's probe scores all o
 as do TF-IDF and MiniLM baselines fitted on the policy's own train/dev rows with the probe's threshold
 rule: the false-positive rate at each one's threshold is what the shipped policy would flag of such
 traffic (issue target: at most 2%). The rate on the dev traffic rows the threshold was chosen on is
-printed next to it, and the last row is the set's: the share of that traffic any of the policies flags.
+printed next to it. The last rows are sets': the share of that traffic any of the policies flags, any of
+those the default policy file blocks with, and any but one.
 Prints a markdown table and writes JSON.
 
     .venv/bin/python tests/bench/bench_unseen_traffic.py [--dtype float32] [--no-baselines]
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from prompts import SHIPPED
 
+from guard.policy import DEFAULT_POLICY_FILE, Action, load_policies
 from probes.catalog import load_shipped
 from probes.data import Dataset, default_data_dir
 from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
@@ -59,13 +61,13 @@ def main() -> None:
     everything = [*texts_of(unseen), *(t for train, dev in splits.values() for t in texts_of(train) + texts_of(dev))]
     embed = None if args.no_baselines else cached(minilm_embedder(), list(dict.fromkeys(everything)))
     report: dict[str, dict] = {}
-    flagged = np.zeros(len(unseen.rows), dtype=bool)  # by any of the policies
+    flags = {}  # each policy's probe's flags on the unseen traffic
     for name, (train, dev) in splits.items():
         probe = load_shipped(name, model_fingerprint=lm.fingerprint)
         seen = traffic_of(dev)
         target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
         scores = probe_scores(lm, probe, unseen, cache_dir=cache_dir)
-        flagged |= scores > probe.threshold
+        flags[name] = scores > probe.threshold
         row = {
             "probe": {
                 "unseen_traffic_fpr": fpr(scores, probe.threshold),
@@ -87,9 +89,14 @@ def main() -> None:
         unseen_fpr = " / ".join(f"{row[m]['unseen_traffic_fpr']:.3f}" for m in models)
         dev_fpr = " / ".join(f"{row[m]['dev_traffic_fpr']:.3f}" for m in models)
         print(f"| `{name}` | {row['unseen_traffic_rows']} | {unseen_fpr} | {row['dev_traffic_rows']} | {dev_fpr} |")
-    print(f"| any of them (probes) | {len(unseen.rows)} | {flagged.mean():.3f} | | |")
+    blocking = [p.name for p in load_policies(DEFAULT_POLICY_FILE) if p.action is Action.BLOCK and p.name in flags]
+    sets = {"any of them": list(flags), "those the default policy file blocks with": blocking}
+    sets |= {f"any but `{name}`": [other for other in flags if other != name] for name in flags}
+    together = {label: float(np.any([flags[n] for n in names], axis=0).mean()) for label, names in sets.items()}
+    for label, rate in together.items():
+        print(f"| {label} (probes) | {len(unseen.rows)} | {rate:.3f} | | |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"dtype": args.dtype, "policies": report, "any_unseen_traffic_fpr": float(flagged.mean())}
+    result = {"dtype": args.dtype, "policies": report, "sets_unseen_traffic_fpr": together}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
