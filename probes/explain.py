@@ -2,10 +2,10 @@
 
 A linear probe on mean-pooled features is ``w·mean(h) + b = b + Σ_t (w·h_t)/T``, so a token's term
 is its own hidden state's dot product with the probe's (folded) weight, over the number of tokens;
-with ``last`` pooling the last token's term is the whole logit. A ``tail`` probe reads the state after the
-prompt, where the model is about to answer: no token of the text holds it, so its explanation lists no
-tokens and ``other`` is the whole sum (split by layer for a probe on several). Terms are summed over the probe's
-layers; a probe on several layers also reports each layer's part. Nothing is approximated:
+with ``last`` pooling the last token's term is the whole logit. A ``tail`` probe reads the state after
+the prompt, where the model is about to answer: no token of the text holds it, so its explanation
+lists no tokens and ``other`` is the whole sum. Terms are summed over the probe's layers; a probe on
+several layers also reports each layer's part. Nothing is approximated:
 ``bias + Σ tokens + other == logit`` where ``other`` sums the tokens not listed.
 """
 
