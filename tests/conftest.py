@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 DATA_DIR = Path(os.environ.get("GUARD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def make_tiny_model(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, *, layers: int = 4, seed: int = 0, window: int = 4096) -> Path:
     """Write a 4-layer, 32-wide Llama with a BPE tokenizer and a ChatML template to ``directory``."""
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,7 +76,7 @@ def make_tiny_model(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=window,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,7 +65,9 @@ def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
     policy_file.write_text(json.dumps(POLICY))
     servers = []
 
-    def start(name: str, redis_up: bool = True, extra_env: dict | None = None) -> Server:
+    def start(
+        name: str, redis_up: bool = True, extra_env: dict | None = None, model_dir: Path = tiny_model_dir
+    ) -> Server:
         env = {
             "GUARD_CACHE_DIR": str(tmp_path / f"cache-{name}"),
             "GUARD_RELOAD_INTERVAL": "1",
@@ -74,7 +77,7 @@ def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
         }
         server = Server(
             "--model",
-            str(tiny_model_dir),
+            str(model_dir),
             "--policy-file",
             str(policy_file),
             "--redis-url",
@@ -90,32 +93,37 @@ def cluster(tmp_path, tiny_lm, tiny_model_dir, redis_server):
         server.stop()
 
 
-def test_replicas_switch_within_two_seconds_and_in_flight_streams_keep_their_version(cluster, tiny_lm, tiny_model_dir):
+def test_replicas_switch_within_two_seconds_and_in_flight_streams_keep_their_version(cluster, tmp_path):
     registry, start = cluster
-    a, b = start("a"), start("b")
-    assert versions(a) == versions(b) == "1"
+    # a long window and greedy decoding (a random model's greedy loop never samples the end token): the stream
+    # runs for seconds, in flight however long the switch takes under load
+    model_dir = make_tiny_model(tmp_path / "long-window", window=8192)
+    lm = load_model(str(model_dir), cache_dir=tmp_path / "cache")
+    registry.activate("toy", registry.push(probe_for(lm, seed=1).with_threshold(0.5)))
+    a, b = start("a", model_dir=model_dir), start("b", model_dir=model_dir)
+    assert versions(a) == versions(b) == "2"
     body = {
-        "model": tiny_model_dir.name,
+        "model": model_dir.name,
         "messages": [{"role": "user", "content": "tell me a story"}],
-        "max_tokens": 4000,  # nearly the tiny model's window: in flight however long the switch takes under load
+        "max_tokens": 8000,
         "stream": True,
-        "temperature": 1.0,
-        "seed": 1,
+        "temperature": 0.0,
     }
     with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=120) as stream:
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
-        registry.activate("toy", registry.push(probe_for(tiny_lm, seed=2).with_threshold(0.5)))
-        switched = wait_for(lambda: versions(a) == versions(b) == "2")
+        registry.activate("toy", registry.push(probe_for(lm, seed=2).with_threshold(0.5)))
+        switched = wait_for(lambda: versions(a) == versions(b) == "3")
         assert readyz(a)["running"] == 1  # the stream is still in flight
         chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     final = next(c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
-    assert final["choices"][0]["content_filter_results"]["toy"]["probe_version"] == "1"
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["choices"][0]["content_filter_results"]["toy"]["probe_version"] == "2"
     assert switched < 2.0
-    after = chat(b, tiny_model_dir.name).json()
-    assert after["prompt_filter_results"][0]["content_filter_results"]["toy"]["probe_version"] == "2"
+    after = chat(b, model_dir.name).json()
+    assert after["prompt_filter_results"][0]["content_filter_results"]["toy"]["probe_version"] == "3"
     metrics = httpx.get(a.url + "/metrics").text
-    assert 'guard_probe_info{action="flag",policy="toy",version="2"} 1.0' in metrics
+    assert 'guard_probe_info{action="flag",policy="toy",version="3"} 1.0' in metrics
     assert 'guard_probe_reloads_total{policy="toy"} 1.0' in metrics
 
 
