@@ -568,6 +568,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="run the lean step through torch.compile, compiled at start-up (GUARD_COMPILE, default on)",
     )
+    p.add_argument(
+        "--compile-in-background",
+        action=argparse.BooleanOptionalAction,
+        help="serve eagerly while the step compiles, else become ready once it has compiled "
+        "(GUARD_COMPILE_IN_BACKGROUND, default on)",
+    )
     p.set_defaults(run=_serve)
 
 

@@ -78,6 +78,7 @@ def build_runtime(settings: Settings, on_refused=None) -> Runtime:
         max_waiting=settings.max_waiting,
         threads=settings.threads or None,
         fast_decode=settings.fast_decode,
+        compile_in_background=settings.compile_in_background,
     )
     return Runtime(engine, source, sets)
 

@@ -22,6 +22,7 @@ class Settings:
     dtype: str = "int8"  # numeric path: int8 (the fast path), bfloat16 or float32 (the reference)
     fast_decode: bool = True  # decode Llama-family models with the lean step (probes.lm.step), else transformers
     compile: bool = True  # run the lean step through torch.compile (serving; compiled once at start-up)
+    compile_in_background: bool = True  # serve eagerly while the step compiles; false: ready once it has compiled
     # -- serving --
     host: str = "127.0.0.1"
     port: int = 8000

@@ -52,6 +52,15 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError(f"{path} not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
+    def wait_compiled(self, timeout: float = 600) -> None:
+        """Until the decode step is compiled: the server decodes eagerly before (``/readyz``'s ``decode``).
+        Returns at once for a server that does not compile, or whose ``/readyz`` does not say."""
+        deadline = time.monotonic() + timeout
+        while httpx.get(self.url + "/readyz", timeout=5).json().get("decode") == "compiling":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the decode step did not compile in {timeout}s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -386,7 +386,7 @@ def test_a_compiled_step_compiles_once_for_one_row_and_once_for_more(tiny_compil
     engine = engine_for(
         [Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_compiled_lm)], lm=tiny_compiled_lm
     )
-    code = engine.step._run._torchdynamo_orig_callable.__func__.__code__
+    code = engine.step._compiled._torchdynamo_orig_callable.__func__.__code__
     variants = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
 
     async def scenario():
@@ -405,9 +405,70 @@ def test_a_failed_compile_fails_start_instead_of_hanging(tiny_model_dir, tmp_pat
     def no_compiler(*args, **kw):
         raise OSError("g++: not found")
 
-    monkeypatch.setattr(lm.decoder, "_run", no_compiler)
+    monkeypatch.setattr(lm.decoder, "_compiled", no_compiler)
     with pytest.raises(RuntimeError, match="GUARD_COMPILE=0"):
         Engine(lm, (), ()).start()
+
+
+def wait_for_state(engine: Engine, state: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.step_state() != state:
+        assert time.monotonic() < deadline, f"decode still {engine.step_state()!r}, not {state!r}"
+        time.sleep(0.05)
+
+
+def test_a_step_compiling_in_the_background_decodes_eagerly_until_compiled(
+    tiny_model_dir, tmp_path, tiny_lm, tiny_compiled_lm, engine_for, monkeypatch
+):
+    """The engine starts before its step compiles: requests meanwhile decode eagerly, as on an eager engine,
+    and once it is compiled as on an engine compiled before start, with no variant compiled after."""
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, compiled=True)
+    compiled, gate = lm.decoder._compiled, threading.Event()
+
+    def held(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # the compile, held until released
+        assert gate.wait(120)
+        return compiled(ids, positions)
+
+    monkeypatch.setattr(lm.decoder, "_compiled", held)
+    engine = engine_for([policy], [probe_for(lm)], lm=lm, compile_in_background=True)
+    eager = engine_for([policy], [probe_for(tiny_lm)])
+    before = engine_for([policy], [probe_for(tiny_compiled_lm)], lm=tiny_compiled_lm)
+
+    def replies(on: Engine, model: LoadedModel) -> list[tuple[str, float]]:
+        async def together():
+            return await asyncio.gather(
+                *(run(on, request(model, p, 12), delay=0.02 * i) for i, p in enumerate(PROMPTS))
+            )
+
+        return [(text, done.verdicts["toy"].score) for text, done, _ in asyncio.run(together())]
+
+    assert engine.step_state() == "compiling"
+    for (text, score), (text_eager, score_eager) in zip(replies(engine, lm), replies(eager, tiny_lm), strict=True):
+        assert text == text_eager and score == pytest.approx(score_eager, abs=1e-6)
+    gate.set()
+    wait_for_state(engine, "compiled")
+    for (text, score), (text_before, score_before) in zip(
+        replies(engine, lm), replies(before, tiny_compiled_lm), strict=True
+    ):
+        assert text == text_before and score == pytest.approx(score_before, abs=1e-6)
+    code = compiled._torchdynamo_orig_callable.__func__.__code__
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2  # one row, and any other count
+
+
+def test_a_failed_background_compile_leaves_the_engine_decoding_eagerly(
+    tiny_model_dir, tmp_path, engine_for, monkeypatch
+):
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, compiled=True)
+
+    def no_compiler(*args, **kw):
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(lm.decoder, "_compiled", no_compiler)
+    engine = engine_for(lm=lm, compile_in_background=True)
+    wait_for_state(engine, "eager")
+    text, done, _ = asyncio.run(run(engine, request(lm, PROMPTS[0], 6)))
+    assert done.completion_tokens == 6 and text
 
 
 @pytest.mark.parametrize("fails_at", [0, 3], ids=["first-token", "mid-reply"])

@@ -63,6 +63,11 @@ def server(tmp_path_factory):
     policy_file = directory / "policies.json"
     policy_file.write_text(json.dumps(POLICIES))
     proc = Server("--policy-file", str(policy_file), log=directory / "server.log")
+    # ready before its step compiles: what it says and serves meanwhile (test_ready_before_the_step_compiles)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8, "temperature": 0}
+    state = httpx.get(proc.url + "/readyz").json()["decode"]
+    proc.while_compiling = (state, httpx.post(proc.url + "/v1/chat/completions", json=body, timeout=120))
+    proc.wait_compiled()  # the default path as it serves from then on: int8, compiled
     yield proc
     proc.stop()
 
@@ -81,6 +86,13 @@ def chat(client, content, policies, **kw):
         extra_body={"guard": {"policies": policies}},
         **kw,
     )
+
+
+def test_ready_before_the_step_compiles_serving_eagerly_meanwhile(server):
+    state, reply = server.while_compiling
+    assert state == "compiling" and reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
+    assert httpx.get(server.url + "/readyz").json()["decode"] == "compiled"
+    assert "decode step compiled in" in server.log.read_text()
 
 
 def test_models_list(client):

@@ -86,9 +86,11 @@ class Engine:
         fast_decode: bool = True,
         directions: Mapping[str, Direction] | None = None,
         dials: Sequence[Dial] = (),
+        compile_in_background: bool = False,
     ) -> None:
         """``directions``: by name, the directions ``refuse`` and ``steer`` policies and ``dials`` steer along and
-        ``ablate`` policies ablate along."""
+        ``ablate`` policies ablate along. ``compile_in_background``: a compiled step compiles on a thread of its
+        own while the engine decodes eagerly, instead of before ``start`` returns."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
@@ -99,6 +101,8 @@ class Engine:
         self.dials = tuple(dials)
         self.plan = SteeringPlan.build(policies, self.dials, directions or {})
         self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.compile_in_background = compile_in_background
+        self.compile_failed = False  # a background compile failed: the step stays eager
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
         self._prefilling: list[PromptWork] = []  # admitted: prompts partly prefilled, in arrival order
@@ -116,7 +120,8 @@ class Engine:
 
     # -- the public side (any thread) ------------------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; returns when it can decode (a compiled step has been compiled by then)."""
+        """Start the engine thread; returns when it can decode (a compiled step has been compiled by then, unless
+        it compiles in the background)."""
         ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="guard-engine", daemon=True)
         self._thread.start()
@@ -167,6 +172,15 @@ class Engine:
             self._wake.notify()
         return handle
 
+    def step_state(self) -> str:
+        """How decode steps run: ``compiled``, ``compiling`` (eager until then), ``eager`` (after a failed
+        compile) or ``not compiled``."""
+        if not self.step.compiled:
+            return "not compiled"
+        if self.step.warm:
+            return "compiled"
+        return "eager" if self.compile_failed else "compiling"
+
     def load(self) -> dict[str, int]:
         """Requests holding a batch slot (decoding, or prefilling their prompt) and requests waiting for one."""
         return {"running": len(self._batch) + len(self._prefilling), "waiting": len(self._waiting)}
@@ -200,13 +214,18 @@ class Engine:
     # -- the engine thread: scheduling -----------------------------------------------------------------
     def _run(self, ready: Future[None]) -> None:
         torch.set_num_threads(self.threads)  # per thread: the engine thread does not inherit a caller's choice
+        background = self.step.compiled and self.compile_in_background
         try:
-            if self.step.compiled:
+            if background:
+                self.step.eager_until_warm = True  # from the first pass: the compile thread alone compiles
+            elif self.step.compiled:
                 self.step.warm_up()  # here: compiled code is specialised to this thread's thread count
             self._calibrate()
         except Exception as exc:
             ready.set_exception(exc)
             return
+        if background:
+            threading.Thread(target=self._compile, name="guard-compile", daemon=True).start()
         ready.set_result(None)
         with torch.inference_mode():
             while True:
@@ -229,6 +248,18 @@ class Engine:
                     self._prefilling.clear()
         for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling), *self._waiting]:
             reply.handle.put(Failed("the server is shutting down"))
+
+    def _compile(self) -> None:
+        """Warm the compiled step up beside the engine thread, which decodes eagerly until it is done."""
+        torch.set_num_threads(self.threads)  # compiled code is specialised to the decoding thread's count
+        started = time.perf_counter()
+        try:
+            self.step.warm_up()
+        except Exception:
+            self.compile_failed = True
+            log.exception("compiling the decode step failed; decoding stays eager")
+            return
+        log.info("decode step compiled in %.1f s; decoding compiled from now on", time.perf_counter() - started)
 
     def _report(self, phase: str, *seconds: float) -> None:
         if self.timing is not None:

@@ -96,7 +96,7 @@ async def _load(app: Litestar, settings: Settings, factory: Callable[..., Runtim
         "ready: %s (%s, %s) with %d policies; model, policies and probes loaded in %.1f s, engine started in %.1f s",
         engine.lm.name,
         engine.lm.numeric,
-        "compiled" if engine.step.compiled else "not compiled",
+        engine.step_state(),
         len(engine.policies),
         loaded - started,
         time.perf_counter() - loaded,
@@ -287,6 +287,7 @@ class HealthController(Controller):
                 "shadows": engine.shadows(),
                 "directions": engine.directions(),
                 "registry": request.app.state.runtime.source.status.as_dict(),
+                "decode": engine.step_state(),
                 **engine.load(),
             }
         )

@@ -28,6 +28,7 @@ gives each output the same int8 weights as the separate product it replaces.
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +54,8 @@ IN_PLACE_FROM = 128  # cached columns from which a decode step appends in place 
 class Step(Protocol):
     """What the engine decodes and prefills with: ``DecodeStep``, or ``TransformersStep`` for other architectures."""
 
-    compiled: bool
+    compiled: bool  # compiled once warmed up
+    warm: bool  # warmed up: passes run compiled
 
     def __call__(
         self,
@@ -95,12 +97,22 @@ class DecodeStep(nn.Module):
             self.qkv.append(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]))
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
         self.register_buffer("handle", ops.handle(self), persistent=False)
-        self.callbacks: tuple[Attend, OnLayer | None] | None = None  # the current pass's (``probes.lm.ops``)
+        # per thread: the pass it runs (its ``callbacks``), and whether it warms the compiled pass up
+        self._local = threading.local()
         self._kv_room: weakref.WeakKeyDictionary[object, _Room] = weakref.WeakKeyDictionary()  # per cache layer
         self.compiled = compiled
+        self.warm = False  # compiled by ``warm_up``
+        # set while another thread warms the step up: passes run eagerly until it is warm, rather than
+        # compile at their first call
+        self.eager_until_warm = False
         # decode attention through the C kernel: compiled, on float32 activations (float32 and int8 models)
         self.native = compiled and model.dtype == torch.float32
-        self._run = _compile(self) if compiled else self._layers
+        self._compiled = _compile(self) if compiled else None
+
+    @property
+    def callbacks(self) -> tuple[Attend, OnLayer | None] | None:
+        """The calling thread's current pass's ``(attend, on_layer)`` (``probes.lm.ops``)."""
+        return getattr(self._local, "callbacks", None)
 
     def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
         """The fused products' input ranges from their parts' (int8 smoothing, ``probes.lm.quantize``)."""
@@ -124,7 +136,8 @@ class DecodeStep(nn.Module):
         columns and the new one; ``None`` when no row has padding. ``on_layer(layer, hidden)`` sees
         each layer's output ``[rows, 1, d_model]`` and returns what the next layer reads.
         """
-        attention = self._attention(mask, ids.shape[0])
+        run, native = self._runner()
+        attention = self._attention(mask, ids.shape[0], native)
 
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             past = cache.layers[index]
@@ -132,7 +145,7 @@ class DecodeStep(nn.Module):
             return attention(query, past.keys, past.values, self.scaling[index])
 
         with self._passing(attend, on_layer):
-            return self._logits(self._run(ids, positions))
+            return self._logits(run(ids, positions))
 
     def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor:
         """Logits ``[segments, vocab]`` for the token after each segment's last one; every ``cache`` grows by its ids.
@@ -163,17 +176,22 @@ class DecodeStep(nn.Module):
                 out[a:b] = own.transpose(0, 2)
             return out
 
+        run, _ = self._runner()
         with self._passing(attend, on_layer):
-            hidden = self._run(ids, positions)
+            hidden = run(ids, positions)
         return self._logits(hidden[torch.tensor(ends) - 1])
 
     def warm_up(self) -> None:
         """Compile now rather than on the first requests: the pass for several rows, then for one.
 
-        Compiled code is specialised to the calling thread's torch thread count: warm up in the thread
-        that will decode.
+        With ``eager_until_warm``, other threads decode eagerly until it returns: only this thread's passes
+        run compiled while it warms up. Compiled code is specialised to the calling thread's torch thread
+        count: warm up with the decoding thread's.
         """
+        if self._compiled is None or self.warm:
+            return
         cache = DynamicCache(config=self.model[0].config)
+        self._local.warming = True
         try:
             with torch.inference_mode():
                 self.prefill([Segment((0, 1), cache)])
@@ -183,15 +201,27 @@ class DecodeStep(nn.Module):
                 f"compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
                 "install a C++ compiler (g++) or serve without compiling (GUARD_COMPILE=0, --no-compile)"
             ) from exc
+        finally:
+            self._local.warming = False
+        self.warm = True
 
-    def _attention(self, mask: torch.Tensor | None, rows: int) -> Callable[..., torch.Tensor]:
+    def _runner(self) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bool]:
+        """This pass's layers, and whether its decode attention is the C kernel's: compiled, unless the step is
+        to run eagerly until warm and is not (outside the thread warming it up)."""
+        if self._compiled is None:
+            return self._layers, False
+        if self.warm or not self.eager_until_warm or getattr(self._local, "warming", False):
+            return self._compiled, self.native
+        return self._layers, False
+
+    def _attention(self, mask: torch.Tensor | None, rows: int, native: bool) -> Callable[..., torch.Tensor]:
         """A step's attention ``(query, keys, values, scale)``, each row over its own columns, as it would alone.
 
         Compiled on float32 activations, the whole batch in one call of the C kernel
         (``probes.lm.attention``), given each row's first column; otherwise torch's, a call per run of rows
         with the same first column (``_attention``).
         """
-        if self.native:
+        if native:
             starts = torch.zeros(rows, dtype=torch.int64) if mask is None else _first_columns(mask)
             return lambda query, keys, values, scale: decode_attention(query, keys, values, starts, scale)
         runs = _rows_by_start(mask)
@@ -219,11 +249,11 @@ class DecodeStep(nn.Module):
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
         """This pass's attention and layer callback, for the ``guard::attend``/``guard::layer_out`` operators."""
-        self.callbacks = (attend, on_layer)
+        self._local.callbacks = (attend, on_layer)
         try:
             yield
         finally:
-            self.callbacks = None
+            self._local.callbacks = None
 
     def _layers(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Every decoder layer over ``ids`` ``[rows, 1]``, one token a row.

@@ -23,6 +23,7 @@ from probes.lm.step import OnLayer, Segment
 
 class TransformersStep:
     compiled = False
+    warm = False
 
     def __init__(self, model: PreTrainedModel, layer_path: str | None = None) -> None:
         self.model, self.layer_path = model, layer_path

@@ -131,6 +131,8 @@ def bench_capture(requests: int) -> dict:
         "capture": Server(*common, "--capture", log=work / "capture.log"),
     }
     try:
+        for server in servers.values():
+            server.wait_compiled()
         latencies(servers, 2)  # warm
         up = latencies(servers, requests)
         written = counted(servers["capture"], "guard_redis_writes_total")

@@ -101,6 +101,7 @@ def main() -> None:
         for name, code in kinds:
             extra = flags if name == "after" else flags[:4]  # an older server may not know --max-prompt-tokens
             servers[name] = Server(*extra, log=work / f"{name}.log", code=code)
+            servers[name].wait_compiled()
         runs: dict[str, list[dict]] = {name: [] for name in servers}
         for round_ in range(args.rounds):
             order = list(servers.items()) if round_ % 2 == 0 else list(reversed(servers.items()))

@@ -53,6 +53,8 @@ def main() -> None:
         )
         for i in range(2)
     ]
+    for replica in replicas:
+        replica.wait_compiled()
     seconds = []
     try:
         for run in range(args.runs):

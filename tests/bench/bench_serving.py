@@ -209,6 +209,7 @@ def main() -> None:
     replies: dict[tuple[int, str], list[str]] = {}  # the first round's replies
     try:
         for server in servers.values():
+            server.wait_compiled()
             with httpx.Client() as client:
                 stream_once(client, server.url, PROMPTS[0], 8)  # warm-up
         for round_ in range(args.rounds):

@@ -3,8 +3,10 @@
 Each path is started once first, untimed, so the converted model, the int8 calibration ranges and the
 compiled kernels are in the cache (``GUARD_CACHE_DIR``, the user's by default). Then every round starts
 each path in turn and measures the seconds from the process's start to the first 200 on ``/readyz``,
-with the server's own split (model, policies and probes loaded; engine started, which compiles its step)
-read from its log. ``--before DIR`` adds the same servers on another checkout's code, in the same rounds.
+with the server's own split (model, policies and probes loaded; engine started) read from its log, and
+to the step compiled (``/readyz`` no longer says ``compiling``: the server decodes eagerly until then; a
+server that compiles before it is ready is compiled when ready). ``--before DIR`` adds the same servers on
+another checkout's code, in the same rounds.
 
     .venv/bin/python tests/bench/bench_startup.py [--dtypes int8,float32] [--rounds 3] [--no-compile]
         [--before DIR] [--out tests/bench/results/startup.json]
@@ -32,10 +34,13 @@ def start_once(flags: list[str], log: Path, code: Path | None) -> dict:
     started = time.perf_counter()
     server = Server(*flags, log=log, code=code)
     ready = time.perf_counter() - started
+    server.wait_compiled()
+    compiled = time.perf_counter() - started
     server.stop()
     split = SPLIT.search(log.read_text())
     return {
         "ready_s": round(ready, 2),
+        "compiled_s": round(compiled, 2),
         "loaded_s": float(split.group(1)) if split else None,
         "engine_s": float(split.group(2)) if split else None,
     }
@@ -68,6 +73,7 @@ def main() -> None:
         "rounds": args.rounds,
         "compiled": not args.no_compile,
         "median_ready_s": {name: statistics.median(r["ready_s"] for r in rows) for name, rows in runs.items()},
+        "median_compiled_s": {name: statistics.median(r["compiled_s"] for r in rows) for name, rows in runs.items()},
         "runs": runs,
     }
     if args.before:
