@@ -158,6 +158,11 @@ class _EngineCollector:
         yield GaugeMetricFamily(
             "guard_queue_waiting_requests", "Requests waiting to join the batch.", value=load["waiting"]
         )
+        yield GaugeMetricFamily(
+            "guard_decode_compiled",
+            "1 once decode steps run compiled; 0 while they run eagerly (compiling, not compiled, or compile failed).",
+            value=float(self.engine.step_state() == "compiled"),
+        )
 
 
 class _RegistryCollector:

@@ -111,7 +111,8 @@ def test_the_engine_reports_queue_wait_prefill_and_decode_step_times(tiny_lm, en
     done = [finished for _, finished, _ in asyncio.run(two())]
     engine.stop()  # the last step reports after its events are out: let the engine thread finish it
     phases = [phase for phase, _ in reported]
-    assert phases.count("queue_wait") == 2 and 1 <= phases.count("prefill") <= 2  # packed when they arrive together
+    # a pass per prompt at most, or one for both packed, unless a pass beside decoding streams is cut to its share
+    assert phases.count("queue_wait") == 2 and phases.count("prefill") >= 1
     # a step checks one token of every row (the first one included): at least as many steps as the longest reply
     assert phases.count("decode_step") >= max(d.completion_tokens for d in done)
     assert all(seconds >= 0 for _, seconds in reported)
@@ -481,12 +482,12 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(tiny_lm, engine_for, mo
     engine = engine_for([policy], [probe_for(tiny_lm)])
     calls = []
 
-    def faulty(logits, params, generator):
+    def faulty(logits, params, generator, generated):
         if params.seed == 666:
             calls.append(1)
             if len(calls) > fails_at:
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return sample(logits, params, generator)
+        return sample(logits, params, generator, generated)
 
     good = [request(tiny_lm, p, 16) for p in PROMPTS[:3]]
     bad = GenerationRequest(good[0].prompt_ids, good[0].prompt_span, SamplingParams(max_tokens=16, seed=666))
@@ -842,3 +843,16 @@ def test_a_replaced_direction_steers_new_requests_while_those_in_flight_keep_the
             assert text == steered_reference(tiny_lm, refused, direction, direction.strength, first)
             verdict = events[0].verdicts["toy"]
             assert (verdict.direction_version, verdict.strength) == (direction.version, direction.strength)
+
+
+def test_logit_bias_and_penalties_apply_before_the_choice():
+    logits = torch.tensor([0.0, 1.0, 3.0, 2.0])
+    greedy = SamplingParams(temperature=0)
+    assert sample(logits, greedy, None) == 2
+    assert sample(logits, replace(greedy, logit_bias=((2, -100.0),)), None) == 3
+    assert sample(logits, replace(greedy, logit_bias=((0, 100.0),)), None) == 0
+    assert sample(logits, replace(greedy, frequency_penalty=1.0), None, {2: 2}) == 3  # 3 - 2 < 2
+    assert sample(logits, replace(greedy, presence_penalty=0.5), None, {2: 5}) == 2  # once, however often: 2.5 > 2
+    assert sample(logits, replace(greedy, presence_penalty=1.5), None, {2: 5}) == 3
+    assert sample(logits, SamplingParams(temperature=1.0, logit_bias=((1, 100.0),)), None) == 1
+    assert logits.tolist() == [0.0, 1.0, 3.0, 2.0]  # the step's logits are left as they were

@@ -39,6 +39,14 @@ def body_for(path: str, model: str, text: str = "hi", **extra) -> dict:
         ("/v1/completions", "hi", {"max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", LONG, {}, "messages"),
         ("/v1/completions", LONG, {}, "prompt"),
+        ("/v1/chat/completions", "hi", {"logit_bias": {"abc": 1}}, "logit_bias"),
+        ("/v1/chat/completions", "hi", {"logit_bias": {"²": 1}}, "logit_bias"),
+        ("/v1/chat/completions", "hi", {"logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ("/v1/chat/completions", "hi", {"logit_bias": {"299999": 1}}, "logit_bias"),
+        ("/v1/chat/completions", "hi", {"logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/chat/completions", "hi", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/chat/completions", "hi", {"frequency_penalty": -3}, "frequency_penalty"),
+        ("/v1/chat/completions", "hi", {"logprobs": True}, "logprobs"),
     ],
 )
 def test_an_out_of_range_field_is_named_in_param(plain, tiny_model_dir, path, text, extra, param):
@@ -85,6 +93,24 @@ def test_numbers_out_of_range_are_400s_naming_the_field(plain, tiny_model_dir, e
     response = raw(plain, head + extra + b"}")
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     assert response.json()["error"]["code"] == ("invalid_json" if param is None else "invalid_request_error")
+
+
+def test_logit_bias_and_penalties_steer_sampling_as_openais_do(plain, tiny_lm, tiny_model_dir):
+    """Served, not ignored: a token biased far above the rest is sampled at every temperature, and penalties
+    count what the reply generated so far (two biased tokens alternate once each is penalised)."""
+    a, b = (tiny_lm.tokenizer.convert_tokens_to_ids(t) for t in ("Ġthe", "Ġand"))
+
+    def reply(**extra) -> dict:
+        response = post(plain, "/v1/chat/completions", body_for("/v1/chat/completions", tiny_model_dir.name, **extra))
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    forced = reply(max_tokens=6, temperature=1.0, logit_bias={str(a): 100})
+    assert forced["choices"][0]["message"]["content"] == tiny_lm.tokenizer.decode([a] * 6)
+    penalised = reply(
+        max_tokens=4, temperature=0, logit_bias={str(a): 50, str(b): 48}, presence_penalty=2, frequency_penalty=1
+    )  # a 50; then a 47 < b 48; then b 45 < a 47; then a 46 > b 45
+    assert penalised["choices"][0]["message"]["content"] == tiny_lm.tokenizer.decode([a, b, a, a])
 
 
 def test_deep_nesting_is_invalid_json(plain):

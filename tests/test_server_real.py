@@ -93,6 +93,7 @@ def test_ready_before_the_step_compiles_serving_eagerly_meanwhile(server):
     assert state == "compiling" and reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
     assert httpx.get(server.url + "/readyz").json()["decode"] == "compiled"
     assert "decode step compiled in" in server.log.read_text()
+    assert "guard_decode_compiled 1.0" in httpx.get(server.url + "/metrics").text
 
 
 def test_models_list(client):

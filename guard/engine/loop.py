@@ -452,7 +452,7 @@ class Engine:
         cache, length = self._batch.take_out(reply, drop_last=drop)
         ids, positions = torch.tensor([[reply.previous]]), torch.tensor([[reply.position - 1]])
         logits = self.step(ids, positions, cache, None, self._tap([reply]))
-        reply.pending = sample(logits[0], reply.request.sampling, reply.generator)
+        reply.pending = sample(logits[0], reply.request.sampling, reply.generator, reply.generated)
         self._batch.join(reply, cache, length + 1)
         return True
 
@@ -493,7 +493,7 @@ class Engine:
         reply.previous, reply.position = ids[-1], len(ids)
         if steered:
             return "steered"
-        reply.pending = sample(logits, reply.request.sampling, reply.generator)
+        reply.pending = sample(logits, reply.request.sampling, reply.generator, reply.generated)
         return "sampled"
 
     def _steer(self, reply: Reply, steering: torch.Tensor, token: int) -> list[str]:
@@ -575,8 +575,9 @@ class Engine:
         if reply.completion_tokens >= reply.request.sampling.max_tokens:
             self._finish(reply, "length")
             return False
+        reply.generated[reply.pending] = reply.generated.get(reply.pending, 0) + 1
         reply.previous, reply.position = reply.pending, reply.position + 1
-        reply.pending = sample(next_logits, reply.request.sampling, reply.generator)
+        reply.pending = sample(next_logits, reply.request.sampling, reply.generator, reply.generated)
         return True
 
     def _isolated(self, reply: Reply, stage: str, work: Callable[..., T], *args: object) -> T | None:

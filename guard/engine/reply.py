@@ -35,6 +35,7 @@ class Reply:
     previous: int = -1  # the token fed before ``pending`` (its logits chose ``pending``)
     position: int = 0  # position id of ``pending``
     completion_tokens: int = 0
+    generated: dict[int, int] = field(default_factory=dict)  # how often each token before ``pending`` was generated
     submitted: float = field(default_factory=time.perf_counter)
     ablated_from: dict[str, int] = field(default_factory=dict)
     detected_at: dict[str, int] = field(default_factory=dict)

@@ -170,6 +170,27 @@ class Serving:
         if seed is not None and not -(2**63) <= seed < 2**63:
             raise APIError(400, "'seed' must be a 64-bit signed integer", param="seed")
 
+    def _chat_sampling(self, body: ChatCompletionRequest) -> dict[str, object]:
+        """The chat-only sampling fields, checked as OpenAI checks them; ``logprobs`` are not served."""
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported", code="unsupported_value", param="logprobs")
+        penalties = {}
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(body, name)
+            if value is not None and not -2 <= value <= 2:
+                raise APIError(400, f"'{name}' must be between -2 and 2", param=name)
+            penalties[name] = value or 0.0
+        bias: dict[int, float] = {}
+        vocab = len(self.engine.lm.tokenizer)
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 9 else -1
+            if not 0 <= token < vocab:
+                raise APIError(400, f"logit_bias key {key[:20]!r} is not a token id below {vocab}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, "logit_bias values must be between -100 and 100", param="logit_bias")
+            bias[token] = value
+        return {"logit_bias": tuple(bias.items()), **penalties}
+
     def _generation(
         self,
         encoded: Encoded,
@@ -222,6 +243,7 @@ class Serving:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop=stop,
+            **(self._chat_sampling(body) if isinstance(body, ChatCompletionRequest) else {}),
         )
         explain = body.guard is not None and body.guard.explain
         steer = self._dials(body.guard.steer if body.guard is not None else None)

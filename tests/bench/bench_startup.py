@@ -5,11 +5,13 @@ compiled kernels are in the cache (``GUARD_CACHE_DIR``, the user's by default). 
 each path in turn and measures the seconds from the process's start to the first 200 on ``/readyz``,
 with the server's own split (model, policies and probes loaded; engine started) read from its log, and
 to the step compiled (``/readyz`` no longer says ``compiling``: the server decodes eagerly until then; a
-server that compiles before it is ready is compiled when ready). ``--before DIR`` adds the same servers on
-another checkout's code, in the same rounds.
+server that compiles before it is ready is compiled when ready). ``--reply-tokens N`` also times a greedy
+reply of N tokens as soon as the server is ready (while its step compiles) and again once it is compiled:
+what the first requests get. ``--before DIR`` adds the same servers on another checkout's code, in the
+same rounds.
 
     .venv/bin/python tests/bench/bench_startup.py [--dtypes int8,float32] [--rounds 3] [--no-compile]
-        [--before DIR] [--out tests/bench/results/startup.json]
+        [--reply-tokens 32] [--before DIR] [--out tests/bench/results/startup.json]
 """
 
 from __future__ import annotations
@@ -24,18 +26,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serverproc import Server
 
 SPLIT = re.compile(r"loaded in ([0-9.]+) s, engine started in ([0-9.]+) s")  # the server's "ready:" line
 
 
-def start_once(flags: list[str], log: Path, code: Path | None) -> dict:
+def reply_rate(server: Server, tokens: int) -> float:
+    """Tokens a second of one greedy reply of ``tokens`` tokens (its time to first token included)."""
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0}
+    started = time.perf_counter()
+    reply = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": tokens}, timeout=300).json()
+    return round(reply["usage"]["completion_tokens"] / (time.perf_counter() - started), 1)
+
+
+def start_once(flags: list[str], log: Path, code: Path | None, reply_tokens: int = 0) -> dict:
     started = time.perf_counter()
     server = Server(*flags, log=log, code=code)
     ready = time.perf_counter() - started
+    rates = {"at_ready_tokens_per_s": reply_rate(server, reply_tokens)} if reply_tokens else {}
     server.wait_compiled()
     compiled = time.perf_counter() - started
+    if reply_tokens:
+        rates["compiled_tokens_per_s"] = reply_rate(server, reply_tokens)
     server.stop()
     split = SPLIT.search(log.read_text())
     return {
@@ -43,6 +59,7 @@ def start_once(flags: list[str], log: Path, code: Path | None) -> dict:
         "compiled_s": round(compiled, 2),
         "loaded_s": float(split.group(1)) if split else None,
         "engine_s": float(split.group(2)) if split else None,
+        **rates,
     }
 
 
@@ -51,6 +68,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="int8,float32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--reply-tokens", type=int, default=0, help="also time a reply of this many tokens")
     parser.add_argument("--before", type=Path, help="another checkout, measured in the same rounds")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/startup.json"))
     args = parser.parse_args()
@@ -66,7 +84,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     for round_ in range(args.rounds):
         for name, (flags, code) in servers.items():
-            runs[name].append(start_once(flags, work / f"{name.replace('/', '-')}-{round_}.log", code))
+            log = work / f"{name.replace('/', '-')}-{round_}.log"
+            runs[name].append(start_once(flags, log, code, args.reply_tokens))
             print(name, runs[name][-1], flush=True)
     report = {
         "cpus": os.cpu_count(),

@@ -51,6 +51,7 @@ env:
   - {name: GUARD_THREADS, value: {{ .Values.guard.threads | quote }}}
   - {name: GUARD_DTYPE, value: {{ .Values.guard.dtype | quote }}}
   - {name: GUARD_COMPILE, value: {{ .Values.guard.compile | quote }}}
+  - {name: GUARD_COMPILE_IN_BACKGROUND, value: {{ .Values.guard.compileInBackground | quote }}}
   - {name: GUARD_MAX_BATCH, value: {{ .Values.guard.maxBatch | quote }}}
   - {name: GUARD_MAX_WAITING, value: {{ .Values.guard.maxWaiting | quote }}}
   - {name: GUARD_DEFAULT_MAX_TOKENS, value: {{ .Values.guard.defaultMaxTokens | quote }}}
