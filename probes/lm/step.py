@@ -54,8 +54,8 @@ IN_PLACE_FROM = 128  # cached columns from which a decode step appends in place 
 class Step(Protocol):
     """What the engine decodes and prefills with: ``DecodeStep``, or ``TransformersStep`` for other architectures."""
 
-    compiled: bool  # compiled once warmed up
-    warm: bool  # warmed up: passes run compiled
+    compiled: bool  # passes run through torch.compile (eagerly until warm, with ``eager_until_warm``)
+    warm: bool  # compiled by ``warm_up``
 
     def __call__(
         self,
