@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from test_hostile import until
 
 from guard.engine import TORCH_THREADS, Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
@@ -411,13 +412,6 @@ def test_a_failed_compile_fails_start_instead_of_hanging(tiny_model_dir, tmp_pat
         Engine(lm, (), ()).start()
 
 
-def wait_for_state(engine: Engine, state: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.step_state() != state:
-        assert time.monotonic() < deadline, f"decode still {engine.step_state()!r}, not {state!r}"
-        time.sleep(0.05)
-
-
 def test_a_step_compiling_in_the_background_decodes_eagerly_until_compiled(
     tiny_model_dir, tmp_path, tiny_lm, tiny_compiled_lm, engine_for, monkeypatch
 ):
@@ -448,7 +442,7 @@ def test_a_step_compiling_in_the_background_decodes_eagerly_until_compiled(
     for (text, score), (text_eager, score_eager) in zip(replies(engine, lm), replies(eager, tiny_lm), strict=True):
         assert text == text_eager and score == pytest.approx(score_eager, abs=1e-6)
     gate.set()
-    wait_for_state(engine, "compiled")
+    until(lambda: engine.step_state() == "compiled", timeout=120)
     for (text, score), (text_before, score_before) in zip(
         replies(engine, lm), replies(before, tiny_compiled_lm), strict=True
     ):
@@ -467,7 +461,7 @@ def test_a_failed_background_compile_leaves_the_engine_decoding_eagerly(
 
     monkeypatch.setattr(lm.decoder, "_compiled", no_compiler)
     engine = engine_for(lm=lm, compile_in_background=True)
-    wait_for_state(engine, "eager")
+    until(lambda: engine.step_state() == "eager", timeout=120)
     text, done, _ = asyncio.run(run(engine, request(lm, PROMPTS[0], 6)))
     assert done.completion_tokens == 6 and text
 
