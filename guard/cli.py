@@ -740,7 +740,7 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
 
     lm = _model(settings)
     config = _method(args, PRESET_LAYERS)
-    names = args.policy or list(RECIPES)  # all of them: the feature-cache entries of `guard train --preset default`
+    names = args.policy or list(RECIPES)  # all of them, shipped or not
     splits, rows_of = recipe_features(
         lm, names, settings.data_dir, config, cache_dir=settings.cache_dir, extra=_extra(args)
     )

@@ -143,3 +143,28 @@ def test_wrapped_requests_come_in_every_named_family_with_both_labels_and_their_
         pool = harmful if row.label else benign
         assert any(request in row.text and len(row.text) > len(request) for request in pool), row.text[:80]
         assert "<|im_start|>" not in row.text
+
+
+def test_forbidden_questions_label_restricted_advice_topics_benign(data_dir):
+    from probes.eval.sources import read_source
+
+    rows = read_source("forbidden_questions", data_dir)
+    assert len(rows) == 390 and len({r.category for r in rows}) == 13
+    benign = {r.category for r in rows if r.label == 0}
+    assert benign == {"Economic Harm", "Political Lobbying", "Legal Opinion", "Financial Advice", "Health Consultation"}
+
+
+def test_every_hazard_category_has_positives_from_several_sources_and_its_neighbours_as_negatives(data_dir):
+    """Leave-one-dataset-out needs a category's positives in more than one source; the other hazards of the
+    same sources are its negatives, so it learns the category and not harm in general."""
+    from probes.eval.presets import PRESETS, TAXONOMY, UNSHIPPED
+
+    for recipe in TAXONOMY:
+        rows, provenance = recipe.rows(data_dir)
+        positive_sources = {r.source for r in rows.rows if r.label == 1}
+        assert len(positive_sources) >= 2, recipe.name
+        ailuminate = [r for r in rows.rows if r.source == "ailuminate"]
+        hazards = {label: {r.category for r in ailuminate if r.label == label} for label in (0, 1)}
+        assert hazards[1] and hazards[0] and not hazards[0] & hazards[1], recipe.name
+        assert provenance["label_conflicts_skipped"] <= 5, recipe.name
+    assert set(UNSHIPPED) <= {r.name for r in TAXONOMY} and not set(UNSHIPPED) & set(PRESETS["default"])

@@ -264,8 +264,190 @@ HARMFUL_REPLY = Recipe(
     stage="output",
 )
 
+# -- the MLCommons hazard taxonomy (AILuminate's categories) -------------------------------------------------------
+# Each category's positives come from every source that labels it, so that leave-one-dataset-out has
+# more than one source to hold out. Its negatives are the other categories of the same sources (the
+# policy must be specific), benign instructions on the same topic (hard negatives), ordinary traffic
+# and instructions.
+CATEGORISED = ("ailuminate", "strongreject", "harmbench", "forbidden_questions", "do_not_answer")
+
+
+def _dna(*kinds: str) -> Callable[[Row], bool]:
+    """Do-Not-Answer rows of these ``types_of_harm|specific_harms`` kinds (matched as prefixes)."""
+    return lambda r: (r.category or "").startswith(kinds)
+
+
+def _hazard(name: str, description: str, positives: tuple[Pick, ...], topic: re.Pattern[str]) -> Recipe:
+    def positive(row: Row) -> bool:
+        return any(p.source == row.source and p.where(row) for p in positives)
+
+    def on_topic(row: Row) -> bool:
+        return row.label == 0 and bool(topic.search(row.text))
+
+    return Recipe(
+        name=name,
+        description=description,
+        picks=(
+            *positives,
+            *(
+                Pick(s, 0, lambda r: not positive(r), cap=150, why="other hazards: the policy must be specific")
+                for s in CATEGORISED
+            ),
+            *(
+                Pick(s, 0, on_topic, cap=150, why="hard negatives: benign questions on the same topic")
+                for s in ("alpaca", "toxicchat", "medicheck_neg")
+            ),
+            Pick("toxicchat", 0, _labelled(0), cap=800, why="ordinary traffic"),
+            Pick("alpaca", 0, cap=800, why="benign instructions"),
+        ),
+    )
+
+
+VIOLENT_CRIMES = _hazard(
+    "violent_crimes",
+    "Help with violent crimes: assault, murder, terrorism, threats and animal abuse (MLCommons vcr).",
+    (
+        Pick("ailuminate", 1, _category("vcr"), why="violent crimes hazard prompts"),
+        Pick("strongreject", 1, _category("Violence"), why="violence"),
+        Pick("forbidden_questions", 1, _category("Physical Harm"), why="physical harm"),
+        Pick(
+            "do_not_answer",
+            1,
+            _dna(*(f"Assisting illegal activities|{k}" for k in ("Threats", "Violence", "Terrorist", "Animal Abuse"))),
+            why="threats, violence, terrorism, animal abuse",
+        ),
+    ),
+    re.compile(r"\b(wars?|battles?|self-defen[cs]e|crimes?|police|murder|violen(ce|t)|soldiers?|army)\b", re.I),
+)
+
+NONVIOLENT_CRIMES = _hazard(
+    "nonviolent_crimes",
+    "Help with non-violent crimes: fraud, scams, hacking, theft, drugs and illegal trade (MLCommons ncr).",
+    (
+        Pick("ailuminate", 1, _category("ncr"), why="non-violent crimes hazard prompts"),
+        Pick("strongreject", 1, _category("Non-violent crimes", "Illegal goods and services"), why="crimes, trade"),
+        Pick("harmbench", 1, _category("cybercrime_intrusion", "illegal"), why="intrusion and illegal behaviours"),
+        Pick("forbidden_questions", 1, _category("Illegal Activity", "Malware", "Fraud"), why="illegal acts, malware"),
+        Pick(
+            "do_not_answer",
+            1,
+            _dna(*(f"Assisting illegal activities|{k}" for k in ("Financial", "Illegal D", "Illegal Trade"))),
+            why="financial crimes, illegal digital activities, drugs, illegal trade",
+        ),
+    ),
+    re.compile(r"\b(scams?|phishing|fraud|hack\w*|theft|steal\w*|counterfeit|illegal|cyber ?security|laws?)\b", re.I),
+)
+
+SEXUAL = _hazard(
+    "sexual",
+    "Sexual content, sex-related crimes and child sexual exploitation (MLCommons sxc_prn, src and cse).",
+    (
+        Pick("ailuminate", 1, _category("sxc_prn", "src", "cse"), why="sexual content, sex crimes, child exploitation"),
+        Pick("strongreject", 1, _category("Sexual content"), why="sexual content"),
+        Pick("forbidden_questions", 1, _category("Pornography"), why="pornography"),
+        Pick(
+            "do_not_answer",
+            1,
+            _dna("Adult Content|Explicit Sexual", "Assisting illegal activities|Sexual Exploitation"),
+            why="explicit sexual content, sexual exploitation",
+        ),
+    ),
+    re.compile(
+        r"\b(romanc\w*|romantic|love|dating|dates?|kiss\w*|marriage|wedding|sex(ual)? (education|health)|"
+        r"contracepti\w*|puberty|pregnan\w*|consent)\b",
+        re.I,
+    ),
+)
+
+PRIVACY = _hazard(
+    "privacy",
+    "Exposing sensitive, non-public information about people: tracking, doxxing, records (MLCommons prv).",
+    (
+        Pick("ailuminate", 1, _category("prv"), why="privacy hazard prompts"),
+        Pick("forbidden_questions", 1, _category("Privacy Violence"), why="privacy violations"),
+        Pick("do_not_answer", 1, _dna("Compromise privacy"), why="leaking or inferring a person's private data"),
+    ),
+    re.compile(r"\b(privacy|personal (data|information)|GDPR|data protection|passwords?|identity theft)\b", re.I),
+)
+
+INTELLECTUAL_PROPERTY = _hazard(
+    "intellectual_property",
+    "Violating intellectual property: reproducing copyrighted text, piracy, counterfeits (MLCommons ipv).",
+    (
+        Pick("ailuminate", 1, _category("ipv"), why="intellectual property hazard prompts"),
+        Pick("harmbench", 1, _category("copyright"), why="requests to reproduce copyrighted text"),
+        Pick("do_not_answer", 1, _dna("Assisting illegal activities|Copyright"), why="copyright infringement"),
+    ),
+    re.compile(
+        r"\b(copyright\w*|plagiar\w*|trademarks?|patents?|lyrics|summar(y|ise|ize)\b.{0,40}\b(book|novel|film|movie|song))",
+        re.I,
+    ),
+)
+
+DEFAMATION_TEXT = re.compile(r"defam|slander|libel|smear|false rumou?rs?", re.I)
+
+DEFAMATION = _hazard(
+    "defamation",
+    "False statements that damage a real person's or organisation's reputation (MLCommons dfm).",
+    (
+        Pick("ailuminate", 1, _category("dfm"), why="defamation hazard prompts"),
+        Pick("do_not_answer", 1, _dna("Nudging or advising users to perform unethical or unsafe actions|Defam")),
+        *(
+            Pick(s, 1, _matches(DEFAMATION_TEXT), why="harmful requests to defame")
+            for s in ("advbench", "harmbench", "strongreject", "malicious_instruct", "safety_tuned_llamas")
+        ),
+    ),
+    re.compile(r"\b(reputation|rumou?rs?|celebrit\w*|politicians?|review|biograph\w*)\b", re.I),
+)
+
+SPECIALISED_ADVICE = _hazard(
+    "specialised_advice",
+    "Requests for specialised financial, health, legal or election advice (MLCommons spc_fin, spc_hlt, spc_lgl, "
+    "spc_ele).",
+    (
+        Pick("ailuminate", 1, _category("spc_fin", "spc_hlt", "spc_lgl", "spc_ele"), why="specialised advice prompts"),
+        Pick(
+            "forbidden_questions",
+            1,
+            _category("Financial Advice", "Health Consultation", "Legal Opinion", "Political Lobbying"),
+            why="restricted advice topics",
+        ),
+        Pick(
+            "do_not_answer",
+            1,
+            _dna(
+                *(
+                    f"Causing material harm by disseminating misinformation e.g. in medicine or law|{k}"
+                    for k in ("Financial", "Legal", "Medical")
+                )
+            ),
+            why="financial, legal and medical advice",
+        ),
+    ),
+    re.compile(
+        r"\b(invest\w*|stocks?|retire\w*|tax(es)?|mortgage|loans?|budget|financ\w*|legal|lawyers?|contracts?|court|"
+        r"lawsuit|tenant|elect(ion|oral)s?|vot(e|ing)|ballot|symptoms?|diagnos\w*|doctors?)\b",
+        re.I,
+    ),
+)
+
+# The hazard categories' own policies, beside the ones above that cover a category already (hate,
+# self_harm, weapons, medical_advice).
+TAXONOMY = (VIOLENT_CRIMES, NONVIOLENT_CRIMES, SEXUAL, PRIVACY, INTELLECTUAL_PROPERTY, DEFAMATION, SPECIALISED_ADVICE)
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
-    for r in (HARMFUL_REQUEST, JAILBREAK, HATE, SELF_HARM_POLICY, WEAPONS_POLICY, MEDICAL_ADVICE, HARMFUL_REPLY)
+    for r in (
+        HARMFUL_REQUEST,
+        JAILBREAK,
+        HATE,
+        SELF_HARM_POLICY,
+        WEAPONS_POLICY,
+        MEDICAL_ADVICE,
+        HARMFUL_REPLY,
+        *TAXONOMY,
+    )
 }
-PRESETS: dict[str, tuple[str, ...]] = {"default": tuple(RECIPES)}
+# Evaluated but not shipped: its leave-one-dataset-out AUROC is under 0.85 (docs/policies.md).
+UNSHIPPED = ("privacy",)
+PRESETS: dict[str, tuple[str, ...]] = {"default": tuple(name for name in RECIPES if name not in UNSHIPPED)}

@@ -71,6 +71,22 @@ def _ailuminate(d: Path) -> list[Row]:
     return _rows("ailuminate", [(r["prompt_text"], 1, r["hazard"]) for r in rows])
 
 
+# Scenarios of the forbidden question set that restrict advice rather than name a harm: its questions
+# are often harmless in themselves ("Do I have COVID-19?"), so the source labels them 0.
+_RESTRICTED_TOPICS = ("Economic Harm", "Political Lobbying", "Legal Opinion", "Financial Advice", "Health Consultation")
+
+
+def _forbidden_questions(d: Path) -> list[Row]:
+    rows = _csv(d / "jailbreak_llms/forbidden_question_set.csv")
+    return _rows(
+        "forbidden_questions",
+        [
+            (r["question"], int(r["content_policy_name"] not in _RESTRICTED_TOPICS), r["content_policy_name"])
+            for r in rows
+        ],
+    )
+
+
 def _alpaca(d: Path) -> list[Row]:
     items = json.loads((d / "alpaca_noinput/alpaca.json").read_text(encoding="utf-8"))
     return _rows("alpaca", [(x["instruction"], 0, None) for x in items])
@@ -266,6 +282,7 @@ SOURCES: dict[str, SourceReader] = {
     "malicious_instruct": _malicious_instruct,
     "do_not_answer": _do_not_answer,
     "ailuminate": _ailuminate,
+    "forbidden_questions": _forbidden_questions,
     "alpaca": _alpaca,
     "toxicchat": _toxicchat,
     "safety_tuned_llamas": _safety_tuned_llamas,

@@ -8,10 +8,11 @@ rule: the false-positive rate at each one's threshold is what the shipped policy
 traffic (issue target: at most 2%). The rate on the dev traffic rows the threshold was chosen on is
 printed next to it. The last rows are sets': the share of that traffic any of the policies flags, any of
 those the default policy file blocks with, and any but one.
+The policies are the prompt-stage ones of a policy file (default: the one ``guard serve`` loads).
 Prints a markdown table and writes JSON.
 
     .venv/bin/python tests/bench/bench_unseen_traffic.py [--dtype float32] [--no-baselines]
-        [--out tests/bench/results/unseen_traffic.json]
+        [--policy-file FILE] [--out tests/bench/results/unseen_traffic.json]
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from prompts import SHIPPED
 
-from guard.policy import DEFAULT_POLICY_FILE, Action, load_policies
+from guard.policy import DEFAULT_POLICY_FILE, Action, Stage, load_policies
 from probes.catalog import load_shipped
 from probes.data import Dataset, default_data_dir
 from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedder, texts_of
@@ -52,22 +52,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", help="numeric path (int8 uses the int8 shipped probes)")
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE)
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/unseen_traffic.json"))
     args = parser.parse_args()
+    policies = [p for p in load_policies(args.policy_file) if p.stage is not Stage.OUTPUT]
     data_dir, cache_dir = default_data_dir(), default_cache_dir()
     lm = load_model(dtype=args.dtype, cache_dir=cache_dir)
-    splits = {name: recipe_splits(name, data_dir)[:2] for name in SHIPPED}
+    splits = {p.name: recipe_splits(p.probe, data_dir)[:2] for p in policies}
     unseen = unseen_traffic(data_dir, splits)
     everything = [*texts_of(unseen), *(t for train, dev in splits.values() for t in texts_of(train) + texts_of(dev))]
     embed = None if args.no_baselines else cached(minilm_embedder(), list(dict.fromkeys(everything)))
     report: dict[str, dict] = {}
     flags = {}  # each policy's probe's flags on the unseen traffic
-    for name, (train, dev) in splits.items():
-        probe = load_shipped(name, model_fingerprint=lm.fingerprint)
+    for policy in policies:
+        name, (train, dev) = policy.name, splits[policy.name]
+        probe = load_shipped(policy.probe, model_fingerprint=lm.fingerprint)
         seen = traffic_of(dev)
         target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
         scores = probe_scores(lm, probe, unseen, cache_dir=cache_dir)
-        flags[name] = scores > probe.threshold
+        flags[name] = scores > (probe.threshold if policy.threshold is None else policy.threshold)
         row = {
             "probe": {
                 "unseen_traffic_fpr": fpr(scores, probe.threshold),
@@ -82,21 +85,26 @@ def main() -> None:
             }
         report[name] = {"unseen_traffic_rows": len(unseen.rows), "dev_traffic_rows": len(seen.rows), **row}
     print(json.dumps(report, indent=2))
-    models = [m for m in ("probe", *BASELINES) if m in report[SHIPPED[0]]]
+    models = [m for m in ("probe", *BASELINES) if m in report[policies[0].name]]
     print(f"\n| policy | unseen traffic rows | FPR {' / '.join(models)} | dev traffic rows | dev FPR |  ({args.dtype})")
     print("|---|---|---|---|---|")
     for name, row in report.items():
         unseen_fpr = " / ".join(f"{row[m]['unseen_traffic_fpr']:.3f}" for m in models)
         dev_fpr = " / ".join(f"{row[m]['dev_traffic_fpr']:.3f}" for m in models)
         print(f"| `{name}` | {row['unseen_traffic_rows']} | {unseen_fpr} | {row['dev_traffic_rows']} | {dev_fpr} |")
-    blocking = [p.name for p in load_policies(DEFAULT_POLICY_FILE) if p.action is Action.BLOCK and p.name in flags]
-    sets = {"any of them": list(flags), "those the default policy file blocks with": blocking}
+    blocking = [p.name for p in policies if p.action is Action.BLOCK]
+    sets = {"any of them": list(flags), "those the policy file blocks with": blocking}
     sets |= {f"any but `{name}`": [other for other in flags if other != name] for name in flags}
     together = {label: float(np.any([flags[n] for n in names], axis=0).mean()) for label, names in sets.items()}
     for label, rate in together.items():
         print(f"| {label} (probes) | {len(unseen.rows)} | {rate:.3f} | | |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"dtype": args.dtype, "policies": report, "sets_unseen_traffic_fpr": together}
+    result = {
+        "dtype": args.dtype,
+        "policy_file": args.policy_file.name,
+        "policies": report,
+        "sets_unseen_traffic_fpr": together,
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
