@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from redis.exceptions import RedisError
 
 from guard.policy import PolicyError
@@ -85,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
             "benchmark-policies",
             parents=[common],
             help="leave-one-dataset-out table of the default policies: probe vs baselines",
+        )
+    )
+    _fit_set_parser(
+        sub.add_parser(
+            "fit-set",
+            parents=[common],
+            help="raise a policy file's thresholds until the whole set flags at most a share of ordinary traffic",
         )
     )
     return parser
@@ -755,6 +763,41 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))
     (args.out / "lodo.md").write_text(markdown(tables))
     print(markdown(tables))
+    return 0
+
+
+# -- fit-set --------------------------------------------------------------------------------------------
+def _fit_set_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy-file", type=Path, help="the policy set (default: GUARD_POLICY_FILE)")
+    p.add_argument("--max-traffic-fpr", type=float, default=0.02, help="share of ordinary traffic the set may flag")
+    p.add_argument("--out", type=Path, required=True, help="the policy file with the fitted thresholds")
+    p.set_defaults(run=_fit_set)
+
+
+def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
+    from guard.policy import load_policies, with_shift
+    from probes.eval.sets import fit_set_shift, score_set, set_fpr
+    from probes.probe import shifted
+
+    if not 0 <= args.max_traffic_fpr < 1:
+        raise ValueError("--max-traffic-fpr must be in [0, 1)")
+    path = args.policy_file or settings.policy_file
+    policies = [p for p in load_policies(path) if p.on_prompt]  # the traffic is prompts
+    lm = _model(settings)
+    probes = {p.name: LinearProbe.load(resolve_probe(p.probe, lm.fingerprint)) for p in policies}
+    own = {p.name: probes[p.name].threshold if p.threshold is None else p.threshold for p in policies}
+    scores = score_set(lm, probes, settings.data_dir, cache_dir=settings.cache_dir)
+    shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr)
+    args.out.write_text(with_shift(path, shift))
+    print(f"threshold_shift {shift:.6f} (fitted on {scores.rows[0]} traffic prompts, checked on {scores.rows[1]})")
+    print("| policy | threshold | dev TPR |\n|---|---|---|")
+    for name, threshold in own.items():
+        tpr = [float(np.mean(scores.positives[name] > t)) for t in (threshold, shifted(threshold, shift))]
+        print(f"| `{name}` | {threshold:.4f} -> {shifted(threshold, shift):.4f} | {tpr[0]:.3f} -> {tpr[1]:.3f} |")
+    for half in ("fit", "check"):
+        before, after = (set_fpr(getattr(scores, half), own, s) for s in (0.0, shift))
+        print(f"any policy flags, {half} half of the traffic: {before:.3f} -> {after:.3f}")
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,8 @@ A policy file is YAML or JSON::
         max: 120
     sets:                             # optional: named subsets of the policies, one per API key
       support_bot: [harmful_request, self_harm]
+    threshold_shift: 0.8              # optional: logits added to every prompt-stage policy's threshold, so that
+                                      # the set together flags little ordinary traffic (``guard fit-set``)
 
 An API key names its set (``GUARD_API_KEYS="key:support_bot"``); a key that names none, and every
 request when no key is configured, gets the implicit set ``all``, every policy.
@@ -30,8 +32,10 @@ reply is steered by that strength along the dial's direction at the direction's 
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -69,6 +73,7 @@ class Policy:
     ablate_always: bool = False
     direction: str | None = None  # refuse: None is the shipped refusal direction; ablate: None is the probe's
     strength: float | None = None
+    shift: float = 0.0  # logits added to its threshold: the file's ``threshold_shift``, for prompt-stage policies
 
     @property
     def steers(self) -> bool:
@@ -175,13 +180,29 @@ def _document(path: str | Path) -> object:
         raise PolicyError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
 
 
+def with_shift(path: str | Path, shift: float) -> str:
+    """The policy file's text with its ``threshold_shift`` set; a YAML file keeps its leading comment lines."""
+    path = Path(path)
+    load_policies(path)  # a bad file fails here
+    document = {**_document(path), "threshold_shift": math.ceil(shift * 1e4) / 1e4}  # up: never below the fit
+    if path.suffix == ".json":
+        return json.dumps(document, indent=2) + "\n"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    return header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120)
+
+
 def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
     path = Path(path)
     document = _document(path)
     entries = document.get("policies") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise PolicyError(f"{path}: expected a 'policies' list (an empty list serves the model unguarded)")
+    shift = document.get("threshold_shift", 0.0)
+    if isinstance(shift, bool) or not isinstance(shift, int | float) or not -20 <= shift <= 20:
+        raise PolicyError(f"{path}: 'threshold_shift' must be a number of logits between -20 and 20")
     policies = tuple(_policy(entry, f"{path}: policies[{i}]") for i, entry in enumerate(entries))
+    policies = tuple(replace(p, shift=float(shift)) if p.on_prompt else p for p in policies)
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise PolicyError(f"{path}: policy names must be unique, got {names}")

@@ -21,7 +21,7 @@ import torch
 from guard.interventions import Ablation, direction_vectors, probe_vectors
 from guard.policy import Action, Policy
 from probes.direction import Direction
-from probes.probe import LinearProbe
+from probes.probe import LinearProbe, shifted
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,14 @@ def _threshold(probe: LinearProbe) -> float:
     return probe.stream[1] if probe.stream else probe.threshold
 
 
+def policy_thresholds(policies: Sequence[Policy], probes: Sequence[LinearProbe]) -> list[float]:
+    """Each policy's threshold: its own ``threshold``, else its probe's, moved by the set's shift."""
+    return [
+        shifted(_threshold(probe) if p.threshold is None else p.threshold, p.shift)
+        for p, probe in zip(policies, probes, strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class Shadow:
     """Shadow versions scored next to the active ones, never acted on: one column per shadowed policy."""
@@ -102,9 +110,8 @@ class Shadow:
         if not index:
             return None
         chosen = [policies[i] for i in index]
-        bank = ProbeBank.build(
-            [probes[p.name] for p in chosen], [p.threshold for p in chosen], [p.name for p in chosen]
-        )
+        versions = [probes[p.name] for p in chosen]
+        bank = ProbeBank.build(versions, policy_thresholds(chosen, versions), [p.name for p in chosen])
         pooled = torch.tensor([pool == "mean" for pool in bank.pooling], dtype=torch.bool)
         return cls(bank, torch.tensor(index, dtype=torch.long), pooled)
 
@@ -156,7 +163,7 @@ class ProbeSet:
                     f"policy {policy.name}: probe {probe.name} reads the prompt's last token (pooling 'tail'), "
                     "so it serves on the prompt stage only"
                 )
-        bank = ProbeBank.build(probes, [p.threshold for p in policies], [p.name for p in policies])
+        bank = ProbeBank.build(probes, policy_thresholds(policies, probes), [p.name for p in policies])
         ablating = [(p, probe) for p, probe in zip(policies, probes, strict=True) if p.action is Action.ABLATE]
         ablation = Ablation(
             [direction_vectors(along[p.name]) if p.name in along else probe_vectors(probe) for p, probe in ablating]

@@ -35,6 +35,16 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -500, 500)))
 
 
+def logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def shifted(threshold: float, shift: float) -> float:
+    """A probability threshold moved by ``shift`` logits: how a policy set's ``threshold_shift`` applies."""
+    return float(sigmoid(logit(threshold) + shift)) if shift else threshold
+
+
 @dataclass(frozen=True, eq=False)
 class LinearProbe:
     name: str

@@ -93,3 +93,16 @@ def test_extra_rows_are_for_one_named_policy(tmp_path, capsys):
     rows.write_text('{"text": "How do I steal the show?", "label": 0}\n')
     assert main(["train", "--preset", "default", "--extra", str(rows)]) == 2
     assert "exactly one --policy" in capsys.readouterr().err
+
+
+def test_a_set_shift_is_the_smallest_that_keeps_the_set_within_its_traffic_budget():
+    from probes.eval.sets import fit_set_shift, set_fpr
+
+    rng = np.random.default_rng(0)
+    traffic = {name: rng.uniform(0, 1, 400) for name in ("a", "b", "c")}
+    own = {"a": 0.9, "b": 0.95, "c": 0.99}
+    assert set_fpr(traffic, own) > 0.1
+    shift = fit_set_shift(traffic, own, 0.02)
+    assert set_fpr(traffic, own, shift) <= 0.02 < set_fpr(traffic, own, shift - 1e-3)
+    assert fit_set_shift(traffic, own, 0.5) == 0.0  # within budget already: thresholds stay
+    assert set_fpr(traffic, own, fit_set_shift(traffic, own, 0.0)) == 0.0

@@ -75,6 +75,8 @@ def test_refuse_defaults_to_the_shipped_refusal_direction(tmp_path):
         ("policies: [{name: a, probe: b, action: refuse, strength: strong}]", "'strength' must be a number"),
         ("policies: [{name: a, probe: b, action: refuse, direction: ''}]", "'direction' must be a non-empty"),
         ("policies: [", "not valid YAML"),
+        ("policies: []\nthreshold_shift: high", "'threshold_shift' must be a number"),
+        ("policies: []\nthreshold_shift: 40", "'threshold_shift' must be a number"),
     ],
 )
 def test_bad_policy_files(tmp_path, document, message):
@@ -145,3 +147,21 @@ def test_api_keys_name_their_policy_set():
     assert Settings().override(api_keys="k4:narrow").api_key_sets == {"k4": "narrow"}  # parsed again on a copy
     with pytest.raises(ValueError, match="empty before its ':'"):
         Settings(api_keys=":narrow")
+
+
+def test_a_threshold_shift_moves_the_prompt_policies_and_is_written_back_with_the_header(tmp_path):
+    from guard.policy import with_shift
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "# my set\n# two lines\npolicies:\n  - {name: a, probe: b}\n  - {name: r, probe: s, stage: output}\n"
+        "threshold_shift: 1.5\n"
+    )
+    assert [(p.name, p.shift) for p in load_policies(path)] == [("a", 1.5), ("r", 0.0)]  # the traffic is prompts
+    out = tmp_path / "out.yaml"
+    out.write_text(with_shift(path, 0.25))
+    assert out.read_text().startswith("# my set\n# two lines\npolicies:")
+    assert [p.shift for p in load_policies(out)] == [0.25, 0.0]
+    as_json = tmp_path / "p.json"
+    as_json.write_text(json.dumps({"policies": [{"name": "a", "probe": "b"}]}))
+    assert json.loads(with_shift(as_json, 2.0))["threshold_shift"] == 2.0

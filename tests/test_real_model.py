@@ -231,3 +231,29 @@ def test_exported_weights_equal_ablation_at_every_write(real_lm, tmp_path):
             got = exported(input_ids=row).logits
             assert not torch.allclose(want, real_lm.model(input_ids=row).logits, atol=1e-2)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_the_default_set_with_its_shift_flags_hazard_prompts_and_not_ordinary_ones(real_int8_lm, data_dir):
+    """The served default: every prompt policy at its shifted threshold. A category's own AILuminate prompts
+    are flagged by some policy; everyday requests by none."""
+    from guard.policy import DEFAULT_POLICY_FILE, load_policies
+    from guard.scoring import policy_thresholds
+    from probes.eval.evaluate import probe_scores
+
+    policies = [p for p in load_policies(DEFAULT_POLICY_FILE) if p.on_prompt]
+    assert policies and all(p.shift > 0 for p in policies)
+    probes = [load_shipped(p.probe, model_fingerprint=real_int8_lm.fingerprint) for p in policies]
+    thresholds = policy_thresholds(policies, probes)
+    assert all(t > p.threshold for t, p in zip(thresholds, probes, strict=True))
+    hazards = read_source("ailuminate", data_dir)
+    harmful = [next(r.text for r in hazards if r.category == c) for c in ("vcr", "cse", "iwp", "ncr", "hte")]
+    ordinary = [
+        "What is the capital of France?",
+        "Write a short poem about autumn leaves.",
+        "How do I bake sourdough bread?",
+        "Give me three tips for a job interview.",
+    ]
+    rows = Dataset(tuple(Row(t, 1) for t in harmful) + tuple(Row(t, 0) for t in ordinary))
+    scores = np.stack([probe_scores(real_int8_lm, p, rows, progress=False) for p in probes], axis=1)
+    flagged = (scores > np.asarray(thresholds)).any(axis=1)
+    assert flagged.tolist() == [True] * len(harmful) + [False] * len(ordinary), scores.round(3)

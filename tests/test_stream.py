@@ -51,6 +51,15 @@ def test_a_streaming_probe_is_held_to_its_streamed_threshold(tiny_lm):
     assert bank.alpha.tolist() == pytest.approx([0.0, 0.1, 0.1])
 
 
+def test_a_set_shift_moves_each_policys_threshold_by_the_same_logits(tiny_lm):
+    from guard.scoring import policy_thresholds
+
+    probe = probe_for(tiny_lm)
+    own = Policy("a", "a", threshold=0.5, shift=np.log(3.0))  # logit 0 + log 3: odds 3, probability 0.75
+    plain = Policy("b", "b")
+    assert policy_thresholds([own, plain], [probe, probe]) == pytest.approx([0.75, probe.threshold])
+
+
 def test_a_moving_average_of_weight_one_reads_each_token_as_last_pooling_does(tiny_lm, engine_for):
     policy = Policy("toy", "toy", Stage.OUTPUT, Action.FLAG, threshold=0.55)
     last = replace(probe_for(tiny_lm), pooling="last")

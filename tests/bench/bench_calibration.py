@@ -38,6 +38,7 @@ from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
 from probes.eval.lodo import fold_probes
 from probes.eval.presets import RECIPES
 from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, load_model
+from probes.probe import logit
 
 BINS = 10
 METHODS = ("raw", "platt_dev", "isotonic_dev", "platt_lodo", "isotonic_lodo")
@@ -52,11 +53,6 @@ def ece(labels: np.ndarray, probabilities: np.ndarray) -> float:
         if np.any(bins == b)
     ]
     return float(sum(gaps) / len(labels))
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
 
 
 def platt(scores: np.ndarray, labels: np.ndarray):

@@ -1,13 +1,14 @@
 """Benchmark: the shipped prompt policies on ordinary traffic none of them saw, probe vs text baselines.
 
 ToxicChat's non-toxic prompts stand for ordinary user traffic. The recipes (``probes/eval/presets.py``) take
-at most 1,200 of them, in a fixed hash order, so most are neither trained on nor used to choose a
-threshold by any shipped policy. Each shipped prompt policy's probe scores all of those unused prompts,
-as do TF-IDF and MiniLM baselines fitted on the policy's own train/dev rows with the probe's threshold
-rule: the false-positive rate at each one's threshold is what the shipped policy would flag of such
-traffic (issue target: at most 2%). The rate on the dev traffic rows the threshold was chosen on is
-printed next to it. The last rows are sets': the share of that traffic any of the policies flags, any of
-those the default policy file blocks with, and any but one.
+some of them, in a fixed hash order; of the rest, half is what ``guard fit-set`` fits a set's threshold
+shift on, and the other half (``probes.eval.sets.held_out_traffic``) is scored here, so nothing measured
+here chose a threshold. Each prompt policy's probe scores those prompts, as do TF-IDF and MiniLM
+baselines fitted on the policy's own train/dev rows with the probe's threshold rule: the false-positive
+rate at each one's threshold is what the policy would flag of such traffic. The rate on the dev traffic
+rows the threshold was chosen on is printed next to it. The last rows are sets': the share of that
+traffic any of the policies flags, any of those the policy file blocks with, and any but one; each at
+the probes' own thresholds and with the file's ``threshold_shift`` (issue target: at most 2%).
 The policies are the prompt-stage ones of a policy file (default: the one ``guard serve`` loads).
 Prints a markdown table and writes JSON.
 
@@ -30,14 +31,9 @@ from probes.eval.baselines import BASELINES, cached, fit_baseline, minilm_embedd
 from probes.eval.defaults import recipe_splits
 from probes.eval.evaluate import probe_scores
 from probes.eval.lodo import TRAFFIC
-from probes.eval.sources import read_source
+from probes.eval.sets import held_out_traffic
 from probes.lm.model import default_cache_dir, load_model
-
-
-def unseen_traffic(data_dir: Path, splits: dict[str, tuple[Dataset, Dataset]]) -> Dataset:
-    """ToxicChat's non-toxic prompts that no policy's rows (train or dev) include."""
-    used = {row.key for train, dev in splits.values() for row in (*train.rows, *dev.rows)}
-    return Dataset(tuple(r for r in read_source(TRAFFIC, data_dir) if r.label == 0 and r.key not in used))
+from probes.probe import shifted
 
 
 def traffic_of(dev: Dataset) -> Dataset:
@@ -59,18 +55,20 @@ def main() -> None:
     data_dir, cache_dir = default_data_dir(), default_cache_dir()
     lm = load_model(dtype=args.dtype, cache_dir=cache_dir)
     splits = {p.name: recipe_splits(p.probe, data_dir)[:2] for p in policies}
-    unseen = unseen_traffic(data_dir, splits)
+    unseen = held_out_traffic(data_dir, sorted({p.probe for p in policies}))[1]
     everything = [*texts_of(unseen), *(t for train, dev in splits.values() for t in texts_of(train) + texts_of(dev))]
     embed = None if args.no_baselines else cached(minilm_embedder(), list(dict.fromkeys(everything)))
     report: dict[str, dict] = {}
-    flags = {}  # each policy's probe's flags on the unseen traffic
+    flags = {}  # each policy's flags on the unseen traffic: at its own threshold, and moved by the file's shift
+    shifted_flags = {}
     for policy in policies:
         name, (train, dev) = policy.name, splits[policy.name]
         probe = load_shipped(policy.probe, model_fingerprint=lm.fingerprint)
         seen = traffic_of(dev)
         target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
         scores = probe_scores(lm, probe, unseen, cache_dir=cache_dir)
-        flags[name] = scores > (probe.threshold if policy.threshold is None else policy.threshold)
+        own = probe.threshold if policy.threshold is None else policy.threshold
+        flags[name], shifted_flags[name] = scores > own, scores > shifted(own, policy.shift)
         row = {
             "probe": {
                 "unseen_traffic_fpr": fpr(scores, probe.threshold),
@@ -95,9 +93,19 @@ def main() -> None:
     blocking = [p.name for p in policies if p.action is Action.BLOCK]
     sets = {"any of them": list(flags), "those the policy file blocks with": blocking}
     sets |= {f"any but `{name}`": [other for other in flags if other != name] for name in flags}
-    together = {label: float(np.any([flags[n] for n in names], axis=0).mean()) for label, names in sets.items()}
+    together = {
+        label: {
+            "own_thresholds": float(np.any([flags[n] for n in names], axis=0).mean()),
+            "shifted": float(np.any([shifted_flags[n] for n in names], axis=0).mean()),
+        }
+        for label, names in sets.items()
+    }
+    shift = policies[0].shift
     for label, rate in together.items():
-        print(f"| {label} (probes) | {len(unseen.rows)} | {rate:.3f} | | |")
+        print(
+            f"| {label} (probes; shifted by {shift}) | {len(unseen.rows)} | {rate['own_thresholds']:.3f}; "
+            f"{rate['shifted']:.3f} | | |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "dtype": args.dtype,
