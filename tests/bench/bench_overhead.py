@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prompts import BENIGN, SHIPPED
+from prompts import BENIGN, READING
 
 from guard.engine import Engine
 from guard.events import Emitted, Finished, GenerationRequest
@@ -93,7 +93,7 @@ REFERENCE_STEP = "guarded_transformers_step"
 
 def configurations() -> dict[str, list[Policy]]:
     default = list(load_policies())
-    output_flags = [Policy(f"{n}_out", n, Stage.OUTPUT, Action.FLAG) for n in SHIPPED]
+    output_flags = [Policy(f"{n}_out", n, Stage.OUTPUT, Action.FLAG) for n in READING]
     ablate = [Policy("weapons_ablate", "weapons", Stage.OUTPUT, Action.ABLATE, ablate_always=True)]
     return {
         "unguarded": [],

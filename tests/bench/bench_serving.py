@@ -41,7 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prompts import BENIGN as PROMPTS
-from prompts import SHIPPED
+from prompts import READING, SHIPPED
 from serverproc import Server
 
 MODEL = "smollm2-135m-instruct"
@@ -186,7 +186,7 @@ def main() -> None:
     prompts = workload(args.requests)
     work = Path(tempfile.mkdtemp(prefix="guard-bench-serving-"))
     guarded_policies = [{"name": n, "probe": n, "stage": "prompt", "action": "flag"} for n in SHIPPED]
-    guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in SHIPPED]
+    guarded_policies += [{"name": f"{n}_out", "probe": n, "stage": "output", "action": "flag"} for n in READING]
     (work / "guarded.json").write_text(json.dumps({"policies": guarded_policies}))
     (work / "unguarded.json").write_text(json.dumps({"policies": []}))
     dial = {"name": "sentiment", "direction": "sentiment", "min": -100, "max": 100}
