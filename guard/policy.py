@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent / "policies.yaml"
+ANY = "any"  # the name of the whole set's verdict, beside each policy's: no policy or dial takes it
 
 
 class Stage(StrEnum):
@@ -118,7 +119,7 @@ def load_dials(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Dial, ...]:
     if len({d.name for d in dials}) != len(dials):
         raise PolicyError(f"{path}: dial names must be unique")
     policies = document.get("policies", []) if isinstance(document, dict) else []
-    clash = sorted({d.name for d in dials} & {p.get("name") for p in policies if isinstance(p, dict)})
+    clash = sorted({d.name for d in dials} & {ANY, *(p.get("name") for p in policies if isinstance(p, dict))})
     if clash:  # a reply's verdicts name policies and dials alike
         raise PolicyError(f"{path}: dials {clash} have the names of policies; name them apart")
     return dials
@@ -206,6 +207,8 @@ def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise PolicyError(f"{path}: policy names must be unique, got {names}")
+    if ANY in names:
+        raise PolicyError(f"{path}: '{ANY}' names the whole set's verdict; name the policy otherwise")
     return policies
 
 

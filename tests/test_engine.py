@@ -16,7 +16,7 @@ from test_hostile import until
 
 from guard.engine import TORCH_THREADS, Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked
-from guard.policy import Action, Policy, Stage
+from guard.policy import ANY, Action, Policy, Stage
 from guard.runtime import build_runtime
 from guard.sampling import SamplingParams, sample
 from guard.settings import Settings
@@ -176,7 +176,25 @@ def test_request_policy_subset(tiny_lm, engine_for):
     policies = [Policy("a", "toy", Stage.BOTH, Action.FLAG), Policy("b", "toy", Stage.PROMPT, Action.BLOCK, 0.0)]
     engine = engine_for(policies, [probe_for(tiny_lm), probe_for(tiny_lm, seed=1)])
     _text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0], policies=frozenset({"a"}))))
-    assert set(events[0].verdicts) == {"a"} and not events[0].blocked and done.reason in {"stop", "length"}
+    assert set(events[0].verdicts) == {"a", ANY} and not events[0].blocked and done.reason in {"stop", "length"}
+
+
+def test_the_whole_sets_verdict_crosses_where_any_checked_policy_does(tiny_lm, engine_for):
+    """``any`` scores the largest margin of a checked policy over its threshold: above 0.5 exactly when one crossed."""
+    probe = probe_for(tiny_lm)
+    for low, high in ((0.0, 0.999999), (0.999999, 0.999999)):  # one crosses at once / none does
+        policies = [
+            Policy("low", "toy", Stage.BOTH, Action.FLAG, low),
+            Policy("high", "toy", Stage.BOTH, Action.FLAG, high),
+        ]
+        engine = engine_for(policies, [probe, probe])
+        _text, done, events = asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))
+        for verdicts in (events[0].verdicts, done.verdicts):
+            members = [verdicts["low"], verdicts["high"]]
+            overall = verdicts[ANY]
+            assert overall.detected == any(v.detected for v in members) == (low == 0.0)
+            assert (overall.score > 0.5) == any(v.score > t for v, t in zip(members, (low, high), strict=True))
+            assert overall.action == ANY and not overall.filtered
 
 
 def reading_its_own_direction(probe: LinearProbe) -> LinearProbe:

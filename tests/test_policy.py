@@ -76,6 +76,7 @@ def test_refuse_defaults_to_the_shipped_refusal_direction(tmp_path):
         ("policies: [{name: a, probe: b, action: refuse, direction: ''}]", "'direction' must be a non-empty"),
         ("policies: [", "not valid YAML"),
         ("policies: []\nthreshold_shift: high", "'threshold_shift' must be a number"),
+        ("policies: [{name: any, probe: b}]", "names the whole set's verdict"),
         ("policies: []\nthreshold_shift: 40", "'threshold_shift' must be a number"),
     ],
 )

@@ -105,9 +105,10 @@ def test_chat_non_stream_with_verdicts(client):
     assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     prompt = r.model_extra["prompt_filter_results"][0]["content_filter_results"]
-    assert set(prompt) == {"harmful_request", "hate"} and prompt["harmful_request"]["filtered"] is False
+    assert set(prompt) == {"harmful_request", "hate", "any"} and prompt["harmful_request"]["filtered"] is False
+    assert prompt["any"]["detected"] is False and prompt["any"]["score"] < 0.5  # the whole set's verdict
     output = r.choices[0].model_extra["content_filter_results"]
-    assert set(output) == {"hate"} and 0 <= output["hate"]["score"] <= 1 and output["hate"]["probe_version"]
+    assert set(output) == {"hate", "any"} and 0 <= output["hate"]["score"] <= 1 and output["hate"]["probe_version"]
 
 
 def test_stream_matches_non_stream_and_reports_usage(client):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from guard.events import Verdict
-from guard.policy import Action, Policy
+from guard.policy import ANY, Action, Policy
 from probes.explain import Explanation
 
 
@@ -49,6 +49,29 @@ class Decider:
         """The refusal text of the first blocking policy of one row, if any blocks."""
         index = blocking.nonzero().flatten().tolist()
         return self.policies[index[0]].message if index else None
+
+    def overall(
+        self,
+        scores: torch.Tensor,
+        thresholds: torch.Tensor,
+        checked: torch.Tensor,
+        verdicts: Mapping[str, Verdict],
+        version: str,
+    ) -> Verdict | None:
+        """One row's verdict for the whole set (``None`` when no policy was checked): detected or filtered if any
+        checked policy's verdict is, and a score that is above 0.5 where some checked policy's score is above its
+        threshold: the sigmoid of the largest margin, in logits, of a score over its threshold."""
+        if not checked.any():
+            return None
+        margins = _logit(scores) - _logit(thresholds)
+        members = [verdicts[p.name] for i, p in enumerate(self.policies) if checked[i]]
+        return Verdict(
+            filtered=any(v.filtered for v in members),
+            detected=any(v.detected for v in members),
+            score=round(float(torch.sigmoid(margins[checked].max())), 6),
+            probe_version=version,
+            action=ANY,
+        )
 
     def verdicts(
         self,
@@ -86,3 +109,7 @@ class Decider:
                 **({"explanation": explanations[policy.name]} if policy.name in explanations else {}),
             )
         return out
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.logit(p.double(), eps=1e-7)

@@ -47,7 +47,7 @@ from guard.engine.reply import Reply
 from guard.engine.steering import SteeringPlan
 from guard.engine.tap import LayerTap
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
-from guard.policy import Action, Dial, Policy
+from guard.policy import ANY, Action, Dial, Policy
 from guard.sampling import sample
 from guard.scoring import ProbeBank, ProbeSet, Shadow
 from guard.textstream import TextStream
@@ -484,6 +484,8 @@ class Engine:
             steered_from=reply.steered_from,
             along=reply.plan.steered_with(reply.steered_from),
         )
+        overall = self.decider.overall(scores, bank.thresholds, checked, verdicts, reply.probes.version)
+        verdicts |= {ANY: overall} if overall else {}
         message = self.decider.message(decision.blocking)
         reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, _prompt_shadow(work, checked)))
         if blocked:
@@ -616,7 +618,9 @@ class Engine:
                 reply.steered_from,
                 reply.plan.steered_with(reply.steered_from) | self._ablated_along(reply),
             )
-            verdicts |= reply.plan.dial_verdicts(reply.request.steer)
+            bank = reply.probes.bank
+            overall = self.decider.overall(reply.score, bank.thresholds, checked, verdicts, reply.probes.version)
+            verdicts |= ({ANY: overall} if overall else {}) | reply.plan.dial_verdicts(reply.request.steer)
             if reply.probes.shadow is not None:
                 shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)
         prompt_tokens = len(reply.request.prompt_ids)
