@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "fit-set",
             parents=[common],
-            help="raise a policy file's thresholds until the whole set flags at most a share of ordinary traffic",
+            help="the threshold_shift under which a policy file flags at most a share of ordinary traffic",
         )
     )
     return parser
@@ -770,7 +770,9 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
 def _fit_set_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-file", type=Path, help="the policy set (default: GUARD_POLICY_FILE)")
     p.add_argument("--max-traffic-fpr", type=float, default=0.02, help="share of ordinary traffic the set may flag")
-    p.add_argument("--out", type=Path, required=True, help="the policy file with the fitted thresholds")
+    p.add_argument(
+        "--out", type=Path, required=True, help="where the policy file goes, with the fitted threshold_shift"
+    )
     p.set_defaults(run=_fit_set)
 
 
@@ -784,7 +786,10 @@ def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
     path = args.policy_file or settings.policy_file
     policies = [p for p in load_policies(path) if p.on_prompt]  # the traffic is prompts
     lm = _model(settings)
-    probes = {p.name: LinearProbe.load(resolve_probe(p.probe, lm.fingerprint)) for p in policies}
+    probes = {
+        p.name: LinearProbe.load(resolve_probe(p.probe, lm.fingerprint), model_fingerprint=lm.fingerprint)
+        for p in policies
+    }
     own = {p.name: probes[p.name].threshold if p.threshold is None else p.threshold for p in policies}
     scores = score_set(lm, probes, settings.data_dir, cache_dir=settings.cache_dir)
     shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr)

@@ -162,3 +162,31 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GUARD_THREADS", "many")
     with pytest.raises(ValueError, match="GUARD_THREADS"):
         Settings.from_env()
+
+
+def test_cli_fit_set_writes_the_shift_that_keeps_the_set_within_its_traffic_budget(
+    tiny_model_dir, data_dir, tmp_path, capsys
+):
+    from guard.policy import load_policies
+
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
+    probes = tmp_path / "probes"
+    argv = ["train", *common, "--preset", "default", "--policy", "defamation", "--layers", "1,2", "--out", str(probes)]
+    assert main([*argv, "--no-progress"]) == 0
+    policies = tmp_path / "set.yaml"
+    policies.write_text(f"# mine\npolicies:\n  - {{name: d, probe: {probes / 'defamation'}}}\n")
+    out = tmp_path / "fitted.yaml"
+    capsys.readouterr()
+    assert main(["fit-set", *common, "--policy-file", str(policies), "--out", str(out), "--max-traffic-fpr", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "any policy flags, fit half of the traffic:" in printed and "-> 0.000" in printed  # nothing flagged
+    (policy,) = load_policies(out)
+    assert policy.shift > 0 and out.read_text().startswith("# mine\n")
+    assert main(["fit-set", *common, "--policy-file", str(policies), "--out", str(out), "--max-traffic-fpr", "1"]) == 2
+    assert "--max-traffic-fpr must be in [0, 1)" in capsys.readouterr().err
+    trained_apart = tmp_path / "apart.yaml"  # a probe not trained from the pool has no dev rows to weigh
+    trained_apart.write_text(f"policies:\n  - {{name: d, probe: {tmp_path / 'plain'}}}\n")
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic(40))
+    assert main(["train", *common, "--data", data, "--name", "plain", "--out", str(tmp_path / "plain")]) == 0
+    assert main(["fit-set", *common, "--policy-file", str(trained_apart), "--out", str(out)]) == 2
+    assert "trained by `guard train --preset`" in capsys.readouterr().err
