@@ -23,7 +23,7 @@ from guard.capture import Capture, Seen
 from guard.engine import Engine, QueueFull
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed, Verdict
 from guard.metrics import Metrics
-from guard.policy import ALL, PolicySet
+from guard.policy import ALL, ANY, PolicySet
 from guard.sampling import SamplingParams
 from guard.server.errors import APIError
 from guard.server.protocol import (
@@ -393,7 +393,7 @@ class Serving:
             Seen(
                 request_id,
                 endpoint,
-                {name: v.probe_version for name, v in {**checked.verdicts, **done.verdicts}.items()},
+                {n: v.probe_version for n, v in {**checked.verdicts, **done.verdicts}.items() if n != ANY},  # probes
                 checked.verdicts,
                 done.verdicts,
                 done.reason,
