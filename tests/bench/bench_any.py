@@ -1,0 +1,97 @@
+"""Benchmark: does the whole set's ``any`` score rank "is anything wrong here?" as well as the best single policy?
+
+On leave-one-dataset-out folds over every source that feeds a prompt policy: for held-out source S, each
+policy is trained as shipped on its rows without S (and without the reserved half of ordinary traffic,
+which joins every test set, as in ``guard benchmark-policies``); a policy S does not feed is trained on
+all its rows but that traffic. The test set is S's rows with S's own labels (1: harmful in S's terms)
+plus the held-out traffic. Each policy's AUROC on it, and the ``any`` score's: the largest margin, in
+logits, of a policy's score over its threshold (what the server reports as ``any``; a set's
+``threshold_shift`` moves every margin alike, so it does not change the ranking).
+
+The mean-pooled prompt policies take part; ``jailbreak`` reads a prompt's last template token, whose
+features exist only for its own rows. Prints a markdown table and writes JSON.
+
+    .venv/bin/python tests/bench/bench_any.py [--dtype int8] [--out tests/bench/results/any.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from guard.settings import Settings
+from probes.data import Dataset, Row, split
+from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
+from probes.eval.lodo import TRAFFIC, _half
+from probes.eval.presets import PRESETS, RECIPES
+from probes.eval.sources import read_source
+from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, load_model
+from probes.probe import LinearProbe, logit
+from probes.train import train_probe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=NUMERIC_PATHS, default="int8")
+    parser.add_argument("--out", type=Path, default=Path("tests/bench/results/any.json"))
+    args = parser.parse_args()
+    settings = Settings()
+    lm = load_model(DEFAULT_MODEL, dtype=args.dtype, cache_dir=settings.cache_dir)
+    names = [n for n in PRESETS["default"] if RECIPES[n].stage == "prompt" and RECIPES[n].pooling is None]
+    splits, rows_of = recipe_features(lm, names, settings.data_dir, PRESET_CONFIG, cache_dir=settings.cache_dir)
+    data = {name: Dataset(train.rows + dev.rows) for name, (train, dev, _) in splits.items()}
+    pooled = {row.key: row for rows in data.values() for row in rows.rows}  # every row some policy reads
+    traffic = [r for r in pooled.values() if _reserved(r)]
+    trained: dict[tuple[str, str | None], LinearProbe] = {}
+
+    def without(name: str, source: str) -> LinearProbe:
+        """``name`` trained as shipped on its rows but ``source``'s and the reserved traffic."""
+        held = source if any(r.source == source for r in data[name].rows) else None
+        if (name, held) not in trained:
+            rest = Dataset(tuple(r for r in data[name].rows if r.source != held and not _reserved(r)))
+            train, dev = split(rest, seed=0)
+            config = recipe_config(name, PRESET_CONFIG)
+            features = (rows_of(name, train), rows_of(name, dev))
+            trained[name, held] = train_probe(lm, train, dev, name, config, features=features, progress=False).probe
+        return trained[name, held]
+
+    report = []
+    for source in sorted({r.source for r in pooled.values()} - {TRAFFIC}):
+        own = {r.key: r.label for r in read_source(source, settings.data_dir)}
+        test = Dataset(tuple(r for r in pooled.values() if r.source == source) + tuple(traffic))
+        labels = np.array([own[r.key] if r.source == source else 0 for r in test.rows])
+        if labels.min() == labels.max():
+            continue  # one class: no AUROC
+        x = rows_of(names[0], test)  # the mean-pooled policies share one extraction
+        margins = {}
+        for name in names:
+            probe = without(name, source)
+            margins[name] = logit(probe.predict_proba(x)) - logit(probe.threshold)
+        aurocs = {name: float(roc_auc_score(labels, m)) for name, m in margins.items()}
+        overall = float(roc_auc_score(labels, np.max(list(margins.values()), axis=0)))
+        best = max(aurocs, key=aurocs.get)
+        row = {"heldout": source, "n": len(labels), "positives": int(labels.sum()), "any": overall}
+        report.append(row | {"best_policy": best, "best": aurocs[best], "policies": aurocs})
+        print(f"{source}: any {overall:.3f}, best {best} {aurocs[best]:.3f}", flush=True)
+    print("\n| held-out source | n (pos) | `any` AUROC | best single policy | its AUROC | `any` at least as high |")
+    print("|---|---|---|---|---|---|")
+    for r in report:
+        print(
+            f"| {r['heldout']} | {r['n']} ({r['positives']}) | {r['any']:.3f} | `{r['best_policy']}` | {r['best']:.3f} "
+            f"| {'yes' if r['any'] >= r['best'] else 'no'} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dtype": args.dtype, "policies": names, "folds": report}, indent=2) + "\n")
+
+
+def _reserved(row: Row) -> bool:
+    """The half of ordinary traffic no fold trains on (``probes.eval.lodo.folds``)."""
+    return row.source == TRAFFIC and row.label == 0 and _half(row)
+
+
+if __name__ == "__main__":
+    main()
