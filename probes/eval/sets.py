@@ -2,10 +2,10 @@
 
 Each policy's own threshold keeps its dev false positives within its target; served together, their
 flags add up. :func:`fit_set_shift` finds one shift, in logits, that moves every policy's threshold
-until the whole set flags at most ``max_fpr`` of a sample of ordinary traffic. One number for the set
-carries to traffic it was not fitted on; a threshold fitted per policy to the sample's few flagged
-prompts does not (docs/policies.md). A set's flag is then "some policy's logit exceeds its own
-threshold's by more than the shift".
+until the whole set flags at most ``max_fpr`` of a sample of ordinary traffic. It is one number for
+the set, not a threshold per policy, so that it follows the traffic's score distribution rather than
+the few prompts of the sample that some policy flags. A set's flag is then "some policy's logit
+exceeds its own threshold's by more than the shift".
 
 The ordinary traffic is ToxicChat's non-toxic prompts that no policy's recipe picks, split in two halves
 by a hash of the text: thresholds are fitted on one and checked on the other.
@@ -50,7 +50,8 @@ def score_set(
     unknown = sorted(name for name, recipe in recipes.items() if recipe not in RECIPES)
     if unknown:
         raise ValueError(
-            f"{unknown}: fitting a set needs probes trained by `guard train --preset` (it reads their dev rows)"
+            f"{unknown}: fitting a set needs probes trained by `guard train --preset`, so that the traffic it fits "
+            "on is traffic they never trained on"
         )
     fit, check = held_out_traffic(data_dir, sorted(set(recipes.values())))
 
