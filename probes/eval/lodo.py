@@ -37,22 +37,23 @@ class Fold:
 
 def folds(dataset: Dataset, *, min_rows: int = 20) -> list[Fold]:
     """One fold per source with at least ``min_rows`` rows; the held-out traffic half joins every test set."""
-    traffic = tuple(r for r in dataset.rows if r.source == TRAFFIC and r.label == 0 and _half(r))
-    reserved = {r.key for r in traffic}
+    traffic = tuple(r for r in dataset.rows if reserved(r))
+    held = {r.key for r in traffic}
     out = []
     for source in sorted({r.source for r in dataset.rows}):
-        own = tuple(r for r in dataset.rows if r.source == source and r.key not in reserved)
+        own = tuple(r for r in dataset.rows if r.source == source and r.key not in held)
         if len(own) < min_rows:
             continue
-        rest = Dataset(tuple(r for r in dataset.rows if r.source != source and r.key not in reserved))
+        rest = Dataset(tuple(r for r in dataset.rows if r.source != source and r.key not in held))
         train, dev = split(rest, seed=0)
         extra = () if source == TRAFFIC else traffic
         out.append(Fold(source, train, dev, Dataset(own + extra)))
     return out
 
 
-def _half(row: Row) -> bool:
-    return hashlib.sha256(f"traffic:{row.key}".encode()).digest()[0] < 128
+def reserved(row: Row) -> bool:
+    """Whether a row is in the half of ordinary traffic that no fold trains on and every test set holds."""
+    return row.source == TRAFFIC and row.label == 0 and hashlib.sha256(f"traffic:{row.key}".encode()).digest()[0] < 128
 
 
 def evaluate_folds(

@@ -24,9 +24,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from guard.settings import Settings
-from probes.data import Dataset, Row, split
+from probes.data import Dataset, split
 from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
-from probes.eval.lodo import TRAFFIC, _half
+from probes.eval.lodo import TRAFFIC, reserved
 from probes.eval.presets import PRESETS, RECIPES
 from probes.eval.sources import read_source
 from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, load_model
@@ -45,14 +45,14 @@ def main() -> None:
     splits, rows_of = recipe_features(lm, names, settings.data_dir, PRESET_CONFIG, cache_dir=settings.cache_dir)
     data = {name: Dataset(train.rows + dev.rows) for name, (train, dev, _) in splits.items()}
     pooled = {row.key: row for rows in data.values() for row in rows.rows}  # every row some policy reads
-    traffic = [r for r in pooled.values() if _reserved(r)]
+    traffic = [r for r in pooled.values() if reserved(r)]
     trained: dict[tuple[str, str | None], LinearProbe] = {}
 
     def without(name: str, source: str) -> LinearProbe:
         """``name`` trained as shipped on its rows but ``source``'s and the reserved traffic."""
         held = source if any(r.source == source for r in data[name].rows) else None
         if (name, held) not in trained:
-            rest = Dataset(tuple(r for r in data[name].rows if r.source != held and not _reserved(r)))
+            rest = Dataset(tuple(r for r in data[name].rows if r.source != held and not reserved(r)))
             train, dev = split(rest, seed=0)
             config = recipe_config(name, PRESET_CONFIG)
             features = (rows_of(name, train), rows_of(name, dev))
@@ -86,11 +86,6 @@ def main() -> None:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"dtype": args.dtype, "policies": names, "folds": report}, indent=2) + "\n")
-
-
-def _reserved(row: Row) -> bool:
-    """The half of ordinary traffic no fold trains on (``probes.eval.lodo.folds``)."""
-    return row.source == TRAFFIC and row.label == 0 and _half(row)
 
 
 if __name__ == "__main__":
