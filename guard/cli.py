@@ -792,15 +792,17 @@ def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
     }
     own = {p.name: probes[p.name].threshold if p.threshold is None else p.threshold for p in policies}
     scores = score_set(lm, probes, settings.data_dir, cache_dir=settings.cache_dir)
-    shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr)
+    fixed = {p.name for p in policies if not p.shifts}  # they block or intervene: their thresholds stay
+    shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr, fixed)
     args.out.write_text(with_shift(path, shift))
     print(f"threshold_shift {shift:.6f} (fitted on {scores.rows[0]} traffic prompts, checked on {scores.rows[1]})")
     print("| policy | threshold | dev TPR |\n|---|---|---|")
     for name, threshold in own.items():
-        tpr = [float(np.mean(scores.positives[name] > t)) for t in (threshold, shifted(threshold, shift))]
-        print(f"| `{name}` | {threshold:.4f} -> {shifted(threshold, shift):.4f} | {tpr[0]:.3f} -> {tpr[1]:.3f} |")
+        moved = threshold if name in fixed else shifted(threshold, shift)
+        tpr = [float(np.mean(scores.positives[name] > t)) for t in (threshold, moved)]
+        print(f"| `{name}` | {threshold:.4f} -> {moved:.4f} | {tpr[0]:.3f} -> {tpr[1]:.3f} |")
     for half in ("fit", "check"):
-        before, after = (set_fpr(getattr(scores, half), own, s) for s in (0.0, shift))
+        before, after = (set_fpr(getattr(scores, half), own, s, fixed) for s in (0.0, shift))
         print(f"any policy flags, {half} half of the traffic: {before:.3f} -> {after:.3f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -20,8 +20,8 @@ A policy file is YAML or JSON::
         max: 120
     sets:                             # optional: named subsets of the policies, one per API key
       support_bot: [harmful_request, self_harm]
-    threshold_shift: 0.8              # optional: logits added to every prompt-stage policy's threshold, so that
-                                      # the set together flags little ordinary traffic (``guard fit-set``)
+    threshold_shift: 0.8              # optional: logits added to every prompt-stage flag policy's threshold, so
+                                      # that the set together flags little ordinary traffic (``guard fit-set``)
 
 An API key names its set (``GUARD_API_KEYS="key:support_bot"``); a key that names none, and every
 request when no key is configured, gets the implicit set ``all``, every policy.
@@ -74,7 +74,12 @@ class Policy:
     ablate_always: bool = False
     direction: str | None = None  # refuse: None is the shipped refusal direction; ablate: None is the probe's
     strength: float | None = None
-    shift: float = 0.0  # logits added to its threshold: the file's ``threshold_shift``, for prompt-stage policies
+    shift: float = 0.0  # logits added to its threshold: the file's ``threshold_shift``, for prompt-stage flags
+
+    @property
+    def shifts(self) -> bool:
+        """Whether the file's ``threshold_shift`` moves its threshold: a flag on the prompt stage."""
+        return self.on_prompt and self.action is Action.FLAG
 
     @property
     def steers(self) -> bool:
@@ -203,7 +208,8 @@ def load_policies(path: str | Path = DEFAULT_POLICY_FILE) -> tuple[Policy, ...]:
     if isinstance(shift, bool) or not isinstance(shift, int | float) or not -20 <= shift <= 20:
         raise PolicyError(f"{path}: 'threshold_shift' must be a number of logits between -20 and 20")
     policies = tuple(_policy(entry, f"{path}: policies[{i}]") for i, entry in enumerate(entries))
-    policies = tuple(replace(p, shift=float(shift)) if p.on_prompt else p for p in policies)
+    # the shift moves what only reports; a policy that blocks or intervenes keeps the threshold it was validated at
+    policies = tuple(replace(p, shift=float(shift)) if p.shifts else p for p in policies)
     names = [p.name for p in policies]
     if len(set(names)) != len(names):
         raise PolicyError(f"{path}: policy names must be unique, got {names}")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from probes.data import Dataset, Row
 from probes.eval.lodo import TRAFFIC, compare_means, folds, markdown, scored_fold
@@ -106,3 +107,9 @@ def test_a_set_shift_is_the_smallest_that_keeps_the_set_within_its_traffic_budge
     assert set_fpr(traffic, own, shift) <= 0.02 < set_fpr(traffic, own, shift - 1e-3)
     assert fit_set_shift(traffic, own, 0.5) == 0.0  # within budget already: thresholds stay
     assert set_fpr(traffic, own, fit_set_shift(traffic, own, 0.0)) == 0.0
+    # a policy that keeps its threshold uses up part of the budget; the others move further
+    kept = fit_set_shift(traffic, own, 0.05, fixed={"c"})
+    assert set_fpr(traffic, own, kept, fixed={"c"}) <= 0.05 < set_fpr(traffic, own, kept - 1e-3, fixed={"c"})
+    assert kept > fit_set_shift(traffic, own, 0.05)
+    with pytest.raises(ValueError, match=r"stay flag 0\.270 of the traffic alone, over 0\.02"):
+        fit_set_shift(traffic, {**own, "c": 0.75}, 0.02, fixed={"c"})

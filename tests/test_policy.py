@@ -150,19 +150,20 @@ def test_api_keys_name_their_policy_set():
         Settings(api_keys=":narrow")
 
 
-def test_a_threshold_shift_moves_the_prompt_policies_and_is_written_back_with_the_header(tmp_path):
+def test_a_threshold_shift_moves_the_prompt_flags_and_is_written_back_with_the_header(tmp_path):
     from guard.policy import with_shift
 
     path = tmp_path / "p.yaml"
     path.write_text(
         "# my set\n# two lines\npolicies:\n  - {name: a, probe: b}\n  - {name: r, probe: s, stage: output}\n"
-        "threshold_shift: 1.5\n"
+        "  - {name: k, probe: b, action: block}\nthreshold_shift: 1.5\n"
     )
-    assert [(p.name, p.shift) for p in load_policies(path)] == [("a", 1.5), ("r", 0.0)]  # the traffic is prompts
+    # the traffic is prompts, and a block keeps the threshold it was validated at
+    assert [(p.name, p.shift) for p in load_policies(path)] == [("a", 1.5), ("r", 0.0), ("k", 0.0)]
     out = tmp_path / "out.yaml"
     out.write_text(with_shift(path, 0.25))
     assert out.read_text().startswith("# my set\n# two lines\npolicies:")
-    assert [p.shift for p in load_policies(out)] == [0.25, 0.0]
+    assert [p.shift for p in load_policies(out)] == [0.25, 0.0, 0.0]
     as_json = tmp_path / "p.json"
     as_json.write_text(json.dumps({"policies": [{"name": "a", "probe": "b"}]}))
     assert json.loads(with_shift(as_json, 2.0))["threshold_shift"] == 2.0

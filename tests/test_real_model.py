@@ -234,17 +234,17 @@ def test_exported_weights_equal_ablation_at_every_write(real_lm, tmp_path):
 
 
 def test_the_default_set_with_its_shift_flags_hazard_prompts_and_not_ordinary_ones(real_int8_lm, data_dir):
-    """The served default: every prompt policy at its shifted threshold. A category's own AILuminate prompts
-    are flagged by some policy; everyday requests by none."""
+    """The served default: every prompt flag policy at its shifted threshold, the blocks at their own. A
+    category's own AILuminate prompts are flagged by some policy; everyday requests by none."""
     from guard.policy import DEFAULT_POLICY_FILE, load_policies
     from guard.scoring import policy_thresholds
     from probes.eval.evaluate import probe_scores
 
     policies = [p for p in load_policies(DEFAULT_POLICY_FILE) if p.on_prompt]
-    assert policies and all(p.shift > 0 for p in policies)
+    assert all(p.shift > 0 if p.action is Action.FLAG else p.shift == 0 for p in policies)  # blocks keep theirs
     probes = [load_shipped(p.probe, model_fingerprint=real_int8_lm.fingerprint) for p in policies]
     thresholds = policy_thresholds(policies, probes)
-    assert all(t > p.threshold for t, p in zip(thresholds, probes, strict=True))
+    assert all((t > pr.threshold) == p.shifts for t, pr, p in zip(thresholds, probes, policies, strict=True))
     hazards = read_source("ailuminate", data_dir)
     harmful = [next(r.text for r in hazards if r.category == c) for c in ("vcr", "cse", "iwp", "ncr", "hte")]
     ordinary = [

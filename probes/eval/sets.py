@@ -1,8 +1,9 @@
 """Thresholds for policies served together: the share of ordinary traffic that any of them flags stays in budget.
 
 Each policy's own threshold keeps its dev false positives within its target; served together, their
-flags add up. :func:`fit_set_shift` finds one shift, in logits, that moves every policy's threshold
-until the whole set flags at most ``max_fpr`` of a sample of ordinary traffic. It is one number for
+flags add up. :func:`fit_set_shift` finds one shift, in logits, that moves every flagging policy's
+threshold until the whole set flags at most ``max_fpr`` of a sample of ordinary traffic; the policies
+that block or intervene keep the thresholds they were validated at. It is one number for
 the set, not a threshold per policy, so that it follows the traffic's score distribution rather than
 the few prompts of the sample that some policy flags. A set's flag is then "some policy's logit
 exceeds its own threshold's by more than the shift".
@@ -14,7 +15,7 @@ by a hash of the text: thresholds are fitted on one and checked on the other.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,17 +70,31 @@ def score_set(
     )
 
 
-def set_fpr(scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], shift: float = 0.0) -> float:
-    """The share of rows that any policy flags, every threshold moved by ``shift`` logits."""
-    return float(np.mean(np.any([scores[name] > shifted(t, shift) for name, t in thresholds.items()], axis=0)))
+def set_fpr(
+    scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], shift: float = 0.0, fixed: Set[str] = frozenset()
+) -> float:
+    """The share of rows that any policy flags, the thresholds of all but ``fixed`` moved by ``shift`` logits."""
+    moved = {name: t if name in fixed else shifted(t, shift) for name, t in thresholds.items()}
+    return float(np.mean(np.any([scores[name] > t for name, t in moved.items()], axis=0)))
 
 
-def fit_set_shift(traffic: Mapping[str, np.ndarray], thresholds: Mapping[str, float], max_fpr: float) -> float:
-    """The smallest shift (in logits, at least 0) that, added to every policy's threshold, leaves at most
-    ``max_fpr`` of the traffic rows scoring above any policy's threshold. ``traffic[name]`` are the policy's
-    scores of the same rows, in the same order."""
-    margins = np.max([logit(traffic[name]) - logit(t) for name, t in thresholds.items()], axis=0)
-    allowed = int(np.floor(max_fpr * len(margins) + 1e-9))  # rows the set may still flag
+def fit_set_shift(
+    traffic: Mapping[str, np.ndarray], thresholds: Mapping[str, float], max_fpr: float, fixed: Set[str] = frozenset()
+) -> float:
+    """The smallest shift (in logits, at least 0) that, added to the threshold of every policy but ``fixed``, leaves
+    at most ``max_fpr`` of the traffic rows scoring above any policy's threshold. ``traffic[name]`` are the
+    policy's scores of the same rows, in the same order."""
+    rows = len(next(iter(traffic.values())))
+    held = np.any([traffic[name] > thresholds[name] for name in fixed], axis=0) if fixed else np.zeros(rows, bool)
+    allowed = int(np.floor(max_fpr * rows + 1e-9)) - int(held.sum())  # rows the moving policies may still flag
+    if allowed < 0:
+        raise ValueError(
+            f"the policies whose thresholds stay flag {held.mean():.3f} of the traffic alone, over {max_fpr}"
+        )
+    moving = [name for name in thresholds if name not in fixed]
+    if not moving:
+        return 0.0
+    margins = np.max([logit(traffic[name]) - logit(thresholds[name]) for name in moving], axis=0)[~held]
     ranked = np.sort(margins)[::-1]
     # just past the first row it must stop flagging, so that float32 scores and thresholds still keep it out
     return float(max(0.0, ranked[allowed] + _PAST)) if allowed < len(ranked) else 0.0

@@ -320,7 +320,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 # a threshold rule: the share of dev negatives, and of dev ordinary traffic, it may flag
 RULES = {"1%": (0.01, 0.015), "5%": (0.05, 0.03)}
-SHIFT = load_policies(DEFAULT_POLICY_FILE)[0].shift  # the default set's threshold_shift (its prompt policies')
+SHIFTS = {p.name: p.shift for p in load_policies(DEFAULT_POLICY_FILE)}  # as the default set moves each threshold
 
 
 def fold(family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev: int, shipped, jailbreak) -> dict:
@@ -383,7 +383,7 @@ def fold(family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev:
             out[f"shipped|{method}@{rule}"] = either(flags[method], flags["shipped"], y_held)
     # as the default policy file serves them: each threshold moved by the file's threshold_shift
     served = {
-        method: tuple(scores > shifted(probe.threshold, SHIFT) for scores in scored[method][1:])
+        method: tuple(scores > shifted(probe.threshold, SHIFTS[probe.name]) for scores in scored[method][1:])
         for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak))
     }
     out["shipped|shipped_jailbreak@served"] = either(served["shipped"], served["shipped_jailbreak"], y_held)
