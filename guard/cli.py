@@ -777,7 +777,10 @@ def _fit_set_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
     from guard.policy import load_policies, with_shift
+    from guard.scoring import policy_thresholds
     from probes.eval.sets import fit_set_shift, score_set, set_fpr
     from probes.probe import shifted
 
@@ -790,7 +793,8 @@ def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
         p.name: LinearProbe.load(resolve_probe(p.probe, lm.fingerprint), model_fingerprint=lm.fingerprint)
         for p in policies
     }
-    own = {p.name: probes[p.name].threshold if p.threshold is None else p.threshold for p in policies}
+    unshifted = [replace(p, shift=0.0) for p in policies]  # the thresholds the set is served at without a shift
+    own = dict(zip(probes, policy_thresholds(unshifted, [probes[p.name] for p in policies]), strict=True))
     scores = score_set(lm, probes, settings.data_dir, cache_dir=settings.cache_dir)
     fixed = {p.name for p in policies if not p.shifts}  # they block or intervene: their thresholds stay
     shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr, fixed)
