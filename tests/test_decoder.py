@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from probes.lm import room
 from probes.lm import step as decoder
 from probes.lm.batch import BatchCache
 from probes.lm.hooks import capture
@@ -151,7 +152,7 @@ def test_appending_in_place_decodes_bitwise_as_concatenating(tiny_model_dir, tmp
     monkeypatch.setattr(decoder, "IN_PLACE_FROM", 10**9)
     concatenated, concatenated_batch = decode_with_joins(lm)
     monkeypatch.setattr(decoder, "IN_PLACE_FROM", 4)  # every step, from the first
-    monkeypatch.setattr(decoder, "ROOM", 2)  # full every other step
+    monkeypatch.setattr(room, "ROOM", 2)  # full every other step
     in_place, batch = decode_with_joins(lm)
     assert not batch.cache.layers[0].keys.is_contiguous()  # a view of a buffer with room: appended in place
     assert all(torch.equal(a, b) for a, b in zip(in_place, concatenated, strict=True))

@@ -12,10 +12,10 @@ from probes.lm.batch import BatchCache
 
 
 class Batch:
-    def __init__(self, config: object) -> None:
-        self.config = config
+    def __init__(self, config: object, zero_padding: bool = True) -> None:
+        self.config, self.zero_padding = config, zero_padding
         self.replies: list[Reply] = []
-        self.kv = BatchCache(config)
+        self.kv = BatchCache(config, zero_padding)
 
     def __len__(self) -> int:
         return len(self.replies)
@@ -48,7 +48,7 @@ class Batch:
         return single, length
 
     def clear(self) -> list[Reply]:
-        replies, self.replies, self.kv = self.replies, [], BatchCache(self.config)
+        replies, self.replies, self.kv = self.replies, [], BatchCache(self.config, self.zero_padding)
         return replies
 
     def step_mask(self) -> torch.Tensor:

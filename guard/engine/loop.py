@@ -106,7 +106,7 @@ class Engine:
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
         self._prefilling: list[PromptWork] = []  # admitted: prompts partly prefilled, in arrival order
-        self._batch = Batch(lm.model.config)
+        self._batch = Batch(lm.model.config, self.step.reads_padding)
         self._prefixes = PrefixCache(self.step, lm.model.config)
         self._wake = threading.Condition()
         self._stopping = False

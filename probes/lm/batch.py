@@ -2,9 +2,14 @@
 
 Every sequence decodes in lockstep, so the newest token of every row sits in the same column. A row
 whose history is shorter is left-padded (its attention mask is 0 there) and carries its own position
-ids, so what it computes does not depend on its neighbours. Sequences join (their prefill cache is
-left-padded to the batch width, or the batch is widened) and leave (rows are dropped, and columns
-that are padding for every remaining row are trimmed) at token boundaries.
+ids, so what it computes does not depend on its neighbours. Sequences join (right-aligned, the batch
+widening when one is longer) and leave (rows are dropped, and columns that are padding for every
+remaining row are trimmed) at token boundaries.
+
+Each layer's keys and values are views of a ``probes.lm.room.Room``: a row that joins or moves copies
+its own columns only, whatever the batch's width, so a long prompt joining short rows costs its own
+size, not the rows times its width. Padding columns hold whatever the buffers held, unless
+``zero_padding`` (for a step whose attention reads them under a mask).
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from probes.lm.room import adopt
+
 
 class BatchCache:
-    def __init__(self, config: object) -> None:
-        self.config = config
+    def __init__(self, config: object, zero_padding: bool = True) -> None:
+        self.config, self.zero_padding = config, zero_padding
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros((0, 0), dtype=torch.long)  # [rows, columns]
 
@@ -32,14 +39,13 @@ class BatchCache:
         if self.cache is None or self.rows == 0:
             self.cache, self.mask = row_cache, torch.ones((1, length), dtype=torch.long)
             return 0
-        if length > self.width:
-            self._pad_left(length - self.width)
-        pad = self.width - length
+        firsts = self._firsts()
         for layer, new in zip(self.cache.layers, row_cache.layers, strict=True):
-            layer.keys = torch.cat([layer.keys, _left_pad(new.keys, pad)], dim=0)
-            layer.values = torch.cat([layer.values, _left_pad(new.values, pad)], dim=0)
-        row_mask = torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(length, dtype=torch.long)])
-        self.mask = torch.cat([self.mask, row_mask[None]], dim=0)
+            room = adopt(layer, firsts, spare_rows=1, zero_padding=self.zero_padding)
+            layer.keys, layer.values = room.add(new.keys, new.values)
+        columns = max(self.width, length)
+        row_mask = torch.cat([torch.zeros(columns - length, dtype=torch.long), torch.ones(length, dtype=torch.long)])
+        self.mask = torch.cat([_left_pad(self.mask, columns - self.width), row_mask[None]], dim=0)
         return self.rows - 1
 
     def keep(self, rows: list[int]) -> None:
@@ -49,17 +55,12 @@ class BatchCache:
         if not rows:
             self.cache, self.mask = None, torch.zeros((0, 0), dtype=torch.long)
             return
-        index = torch.tensor(rows, dtype=torch.long)
+        firsts = self._firsts()
         assert self.cache is not None
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        self.mask = self.mask[index]
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else self.width
-        if start:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-            self.mask = self.mask[:, start:]
+            layer.keys, layer.values = adopt(layer, firsts, zero_padding=self.zero_padding).keep(rows)
+        self.mask = self.mask[torch.tensor(rows, dtype=torch.long)]
+        self.mask = self.mask[:, self.width - int(self.mask.sum(1).max()) :]
 
     def row(self, index: int, drop_last: int = 0) -> tuple[DynamicCache, int]:
         """A copy of one row as a single-row cache without its padding (and without its last ``drop_last`` tokens)."""
@@ -81,16 +82,11 @@ class BatchCache:
         """Record that the decode step appended one column for every row."""
         self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=torch.long)], dim=1)
 
-    def _pad_left(self, columns: int) -> None:
-        assert self.cache is not None
-        for layer in self.cache.layers:
-            layer.keys, layer.values = _left_pad(layer.keys, columns), _left_pad(layer.values, columns)
-        self.mask = torch.cat([torch.zeros((self.rows, columns), dtype=torch.long), self.mask], dim=1)
+    def _firsts(self) -> list[int]:
+        """Each row's first own column."""
+        return (self.width - self.mask.sum(1)).tolist()
 
 
-def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    """Zero columns before the sequence axis of ``[batch, heads, pos, head_dim]``."""
-    if columns == 0:
-        return tensor
-    shape = (*tensor.shape[:2], columns, tensor.shape[3])
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+def _left_pad(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    """``columns`` zero columns before ``mask`` ``[rows, columns]``."""
+    return torch.cat([mask.new_zeros((mask.shape[0], columns)), mask], dim=1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import threading
 import types
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,11 +42,11 @@ from transformers import DynamicCache, PreTrainedModel
 
 from probes.lm import ops
 from probes.lm.attention import decode_attention
+from probes.lm.room import adopt
 
 OnLayer = Callable[[int, torch.Tensor], torch.Tensor]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SUPPORTED = frozenset({"llama"})
-ROOM = 64  # spare columns, at least, of a decode cache layer's buffer when it is (re)allocated
 IN_PLACE_FROM = 128  # cached columns from which a decode step appends in place (``DecodeStep._append``)
 
 
@@ -56,6 +55,7 @@ class Step(Protocol):
 
     compiled: bool  # passes run through torch.compile (eagerly until warm, with ``eager_until_warm``)
     warm: bool  # compiled by ``warm_up``
+    reads_padding: bool  # a step attends over a batch's padding columns (masked): they must hold finite values
 
     def __call__(
         self,
@@ -80,6 +80,8 @@ class Segment:
 
 
 class DecodeStep(nn.Module):
+    reads_padding = False  # each row attends over its own columns only (``_attention``, ``probes.lm.attention``)
+
     def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         super().__init__()
         if not supports(model):
@@ -99,7 +101,6 @@ class DecodeStep(nn.Module):
         self.register_buffer("handle", ops.handle(self), persistent=False)
         # per thread: the pass it runs (its ``callbacks``), and whether it warms the compiled pass up
         self._local = threading.local()
-        self._kv_room: weakref.WeakKeyDictionary[object, _Room] = weakref.WeakKeyDictionary()  # per cache layer
         self.compiled = compiled
         self.warm = False  # compiled by ``warm_up``
         # set while another thread warms the step up: passes run eagerly until it is warm, rather than
@@ -231,9 +232,9 @@ class DecodeStep(nn.Module):
         """Add a step's keys and values ``[rows, kv_heads, 1, head_dim]`` to a cache layer, in place when there is room.
 
         Concatenating copies the whole cache at every step. From ``IN_PLACE_FROM`` columns on, the layer's
-        tensors are instead views of buffers with spare columns, which later steps fill in place (``_Room``). When the
-        buffers are full, or the layer's tensors are no longer the views handed out (a row joined or left
-        the batch, which replaced them), the columns are copied into new buffers.
+        tensors are instead views of buffers with spare columns, which later steps fill in place
+        (``probes.lm.room``): the batch's own room, or one made here from the layer's tensors when none
+        backs them (all their columns copied once).
 
         Below that, concatenating is as fast or faster: the fresh copy is still in the processor's cache
         when attention reads it (``tests/bench/bench_kv_cache.py``). Either way the logits are bitwise the same.
@@ -241,10 +242,7 @@ class DecodeStep(nn.Module):
         if past.keys.shape[2] < IN_PLACE_FROM:
             past.keys, past.values = torch.cat([past.keys, key], dim=2), torch.cat([past.values, value], dim=2)
             return
-        room = self._kv_room.get(past)
-        if room is None or room.keys is not past.keys or room.values is not past.values or room.free < key.shape[2]:
-            room = self._kv_room[past] = _Room(past.keys, past.values)
-        past.keys, past.values = room.append(key, value)
+        past.keys, past.values = adopt(past).append(key, value)
 
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
@@ -402,30 +400,6 @@ def _fuse(linears: list[nn.Linear]) -> nn.Linear:
             linear.bias = nn.Parameter(fused.bias[start:end], requires_grad=False)
         start = end
     return fused
-
-
-class _Room:
-    """A cache layer's keys and values as views of buffers with ``ROOM`` (or half as many again) spare columns."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.length = keys.shape[2]
-        shape = (*keys.shape[:2], self.length + max(ROOM, self.length // 2), keys.shape[3])
-        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
-        self.keys = self.key_buffer.narrow(2, 0, self.length).copy_(keys)
-        self.values = self.value_buffer.narrow(2, 0, self.length).copy_(values)
-
-    @property
-    def free(self) -> int:
-        return self.key_buffer.shape[2] - self.length
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        added = keys.shape[2]
-        self.key_buffer.narrow(2, self.length, added).copy_(keys)
-        self.value_buffer.narrow(2, self.length, added).copy_(values)
-        self.length += added
-        self.keys = self.key_buffer.narrow(2, 0, self.length)
-        self.values = self.value_buffer.narrow(2, 0, self.length)
-        return self.keys, self.values
 
 
 def _pasts(segments: Sequence[Segment]) -> list[int]:

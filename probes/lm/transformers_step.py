@@ -24,6 +24,7 @@ from probes.lm.step import OnLayer, Segment
 class TransformersStep:
     compiled = False
     warm = False
+    reads_padding = True  # transformers' attention runs over the whole width under the mask
 
     def __init__(self, model: PreTrainedModel, layer_path: str | None = None) -> None:
         self.model, self.layer_path = model, layer_path

@@ -2,9 +2,10 @@
 
 ``--streams`` clients stream replies (the benign prompts, greedy) from a guarded server (the default
 policies). Once they all decode, one client sends a prompt of about ``--prompt-tokens`` tokens. The bench
-reports, for the running streams, their tokens/s and their longest gap between two chunks while the
-long prompt waits for its first token, against the same streams' figures before it arrived; and the
-long prompt's time to its first token. ``--before DIR`` runs the same against a server on another
+reports, for the running streams, their tokens/s while the long prompt waits for its first token and
+their longest gap between two chunks from its arrival until ``AFTER`` seconds past its first token (its
+row joins the batch just before it), against the same streams' figures before it arrived; and the long
+prompt's time to its first token. ``--before DIR`` runs the same against a server on another
 checkout's code (e.g. a ``git worktree`` of an earlier commit), in the same run, alternating.
 
     .venv/bin/python tests/bench/bench_long_prompt.py [--dtype int8] [--streams 4] [--prompt-tokens 3000]
@@ -31,6 +32,7 @@ from bench_serving import streamed_request
 from prompts import BENIGN
 from serverproc import Server
 
+AFTER = 2.0  # seconds after the long prompt's first token in which the running streams' gaps still count
 FILLER = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the meadow. "
 
 
@@ -72,7 +74,8 @@ def one_round(url: str, streams: int, prompt_tokens: int, tokens: int) -> dict:
         gaps = [b - a for seq in inside for a, b in itertools.pairwise(seq)]
         return count / (end - start), max(gaps, default=end - start)
 
-    during, longest = window(sent, answered)
+    during, _ = window(sent, answered)
+    _, longest = window(sent, answered + AFTER)  # its row joins the batch just before its first token
     before, longest_before = window(sent - (answered - sent), sent)
     return {
         "long_prompt_ttft_s": ttft,
