@@ -236,3 +236,31 @@ def test_segments_on_one_cache_in_one_pass_are_the_passes_one_after_the_other(
         tolerance = INVARIANCE[dtype] if step is lm.decoder else TOLERANCE[dtype]
         assert (packed - alone).abs().max() <= tolerance
         assert packed_cache.get_seq_length() == alone_cache.get_seq_length() == len(ids)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_long_prompts_chunks_extend_its_cache_in_place_bitwise_as_concatenating(
+    tiny_model_dir, tmp_path, monkeypatch, compiled
+):
+    """Chunks after the cache's first ``IN_PLACE_FROM`` columns are written into spare columns (views of a
+    room's buffers) rather than concatenated: the same logits after every chunk and the same cache, bitwise."""
+    from probes.lm.step import Segment
+
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8", compiled=compiled)
+    ids = tuple(lm.tokenizer("How do I bake bread at home with flour, water and yeast? Write a poem.")["input_ids"])
+    chunks = [ids[i : i + 3] for i in range(0, len(ids), 3)]
+
+    def chunked() -> tuple[torch.Tensor, DynamicCache]:
+        cache = DynamicCache(config=lm.model.config)
+        with torch.inference_mode():
+            return torch.cat([lm.decoder.prefill([Segment(chunk, cache)]) for chunk in chunks]), cache
+
+    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 10**9)
+    concatenated, concatenated_cache = chunked()
+    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 4)
+    monkeypatch.setattr(room, "ROOM", 2)  # the buffers fill up every other chunk or so
+    in_place, cache = chunked()
+    assert not cache.layers[0].keys.is_contiguous()  # a view of a buffer with room
+    assert torch.equal(in_place, concatenated)
+    for layer, expected in zip(cache.layers, concatenated_cache.layers, strict=True):
+        assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)

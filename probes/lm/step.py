@@ -169,8 +169,8 @@ class DecodeStep(nn.Module):
         def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             out = torch.empty_like(query)  # [tokens, heads, 1, head_dim]: a segment's are [1, heads, n, head_dim]
             for segment, (a, b), mask in zip(segments, bounds, masks, strict=True):
-                # views of the pass's buffers: the cache concatenates them, a copy (even when it is empty)
-                keys, values = segment.cache.update(key[a:b].transpose(0, 2), value[a:b].transpose(0, 2), index)
+                # views of the pass's buffers: the cache copies them in
+                keys, values = self._extend(segment.cache, index, key[a:b].transpose(0, 2), value[a:b].transpose(0, 2))
                 own = F.scaled_dot_product_attention(
                     query[a:b].transpose(0, 2), keys, values, attn_mask=mask, scale=self.scaling[index], enable_gqa=True
                 )
@@ -243,6 +243,18 @@ class DecodeStep(nn.Module):
             past.keys, past.values = torch.cat([past.keys, key], dim=2), torch.cat([past.values, value], dim=2)
             return
         past.keys, past.values = adopt(past).append(key, value)
+
+    def _extend(
+        self, cache: DynamicCache, index: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill's keys and values ``[1, kv_heads, n, head_dim]`` added to a cache layer, which it returns:
+        as a decode step's are (``_append``), so that a long prompt's chunks do not copy its whole cache
+        at every pass."""
+        layer = cache.layers[index] if index < len(cache.layers) else None
+        if layer is None or not layer.is_initialized:
+            return cache.update(keys, values, index)
+        self._append(layer, keys, values)
+        return layer.keys, layer.values
 
     @contextmanager
     def _passing(self, attend: Attend, on_layer: OnLayer | None) -> Iterator[None]:
