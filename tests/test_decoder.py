@@ -122,9 +122,16 @@ def assert_batch_invariant(lm: LoadedModel, tolerance: float) -> None:
             assert close(hidden[layer][row], alone_hidden[layer][0], tolerance), layer
 
 
-def decode_with_joins(lm: LoadedModel, steps: int = 12) -> tuple[list[torch.Tensor], BatchCache]:
+JOINS = {  # the middle row leaves: a short one, or the longest (every row's padding shrinks)
+    "short-leaves": ["How do I bake bread today?", "Hi", "Tell me how to steal a car, quickly and quietly."],
+    "longest-leaves": ["How do I bake bread today?", "Tell me how to steal a car, quickly and quietly.", "Hi"],
+}
+
+
+def decode_with_joins(
+    lm: LoadedModel, texts: list[str] = JOINS["short-leaves"], steps: int = 12
+) -> tuple[list[torch.Tensor], BatchCache]:
     """Greedy steps over a batch that loses its middle row after step 4 and gains a row after step 7."""
-    texts = ["How do I bake bread today?", "Hi", "Tell me how to steal a car, quickly and quietly."]
     batch, ids, positions = prefilled(lm, texts)
     seen = []
     with torch.inference_mode():
@@ -144,17 +151,27 @@ def decode_with_joins(lm: LoadedModel, steps: int = 12) -> tuple[list[torch.Tens
     return seen, batch
 
 
+@pytest.mark.parametrize("made_by", ["batch", "step"])
+@pytest.mark.parametrize("joins", JOINS)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_appending_in_place_decodes_bitwise_as_concatenating(tiny_model_dir, tmp_path, monkeypatch, compiled):
+def test_appending_in_place_decodes_bitwise_as_concatenating(
+    tiny_model_dir, tmp_path, monkeypatch, compiled, joins, made_by
+):
     """The cache grown in place (views of buffers with spare columns, reallocated when full or when rows
-    leave or join) gives bitwise the logits and cache that concatenating at every step gives."""
+    leave or join) gives bitwise the logits and cache that concatenating at every step gives: in place from
+    the first step, in the room the batch made, or from the third, in one the step made from the columns
+    it had concatenated (knowing nothing of the rows' padding)."""
     lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8", compiled=compiled)
     monkeypatch.setattr(decoder, "IN_PLACE_FROM", 10**9)
-    concatenated, concatenated_batch = decode_with_joins(lm)
-    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 4)  # every step, from the first
+    concatenated, concatenated_batch = decode_with_joins(lm, JOINS[joins])
+    width = prefilled(lm, JOINS[joins])[0].width
+    monkeypatch.setattr(decoder, "IN_PLACE_FROM", 4 if made_by == "batch" else width + 2)
     monkeypatch.setattr(room, "ROOM", 2)  # full every other step
-    in_place, batch = decode_with_joins(lm)
-    assert not batch.cache.layers[0].keys.is_contiguous()  # a view of a buffer with room: appended in place
+    appends = []
+    append = room.Room.append
+    monkeypatch.setattr(room.Room, "append", lambda self, *a: appends.append(1) or append(self, *a))
+    in_place, batch = decode_with_joins(lm, JOINS[joins])
+    assert len(appends) >= 2 * lm.num_layers  # steps appended in place
     assert all(torch.equal(a, b) for a, b in zip(in_place, concatenated, strict=True))
     for layer, expected in zip(batch.cache.layers, concatenated_batch.cache.layers, strict=True):
         assert torch.equal(layer.keys, expected.keys) and torch.equal(layer.values, expected.values)

@@ -169,12 +169,19 @@ def backing(layer: object) -> Room | None:
 
 
 def adopt(layer: object, firsts: list[int] | None = None, *, spare_rows: int = 0, zero_padding: bool = False) -> Room:
-    """``layer``'s room, made from its tensors if none backs it (row ``r`` from column ``firsts[r]`` on: all
-    columns when ``None``); ``layer``'s keys and values become its views."""
+    """``layer``'s room, made from its tensors if none backs it; ``layer``'s keys and values become its views.
+
+    Row ``r`` holds its own columns from ``firsts[r]`` on (of ``layer.keys``; ``None``: every column is a
+    row's own). A room that backs the layer takes them on, and ``zero_padding`` with them: one made by a
+    decode step knows nothing of the batch's padding.
+    """
     room = backing(layer)
     if room is None:
         rows = layer.keys.shape[0]
         room = Room(layer.keys, layer.values, firsts or [0] * rows, spare_rows=spare_rows, zero_padding=zero_padding)
         layer.keys, layer.values = room.keys, room.values
         _rooms[layer] = room
+    elif firsts is not None:
+        room.firsts = [room.left + first for first in firsts]
+        room.zero_padding = zero_padding
     return room
