@@ -220,15 +220,16 @@ def serve(setup, model_dir, name: str, *flags: str):
     return Server(*args, env=env, log=directory / f"{name}.log")
 
 
-@pytest.fixture
-def engine_for(tiny_lm):
-    """Started engines (the tiny model unless ``lm=``), stopped after the test."""
+@pytest.fixture(params=[False, True], ids=["serial", "overlapped"])
+def engine_for(tiny_lm, request):
+    """Started engines (the tiny model unless ``lm=``), stopped after the test: prefill passes on the engine
+    thread, and on a thread of their own beside decoding (``overlap``)."""
     from guard.engine import Engine
 
     engines = []
 
     def make(policies=(), probes=(), lm=None, **kw) -> Engine:
-        engine = Engine(lm or tiny_lm, policies, probes, **kw)
+        engine = Engine(lm or tiny_lm, policies, probes, **{"overlap": request.param, **kw})
         engine.start()
         engines.append(engine)
         return engine

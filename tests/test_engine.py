@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import statistics
 import threading
 import time
 from dataclasses import replace
@@ -151,7 +152,7 @@ def test_cancel_stops_generation(tiny_lm, engine_for):
     assert done.reason == "cancelled" and done.completion_tokens < 400
     deadline = time.monotonic() + 5  # the row leaves the batch right after the event is sent
     while engine.load()["running"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.02)
     assert engine.load() == {"running": 0, "waiting": 0}
 
 
@@ -550,6 +551,48 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for
         assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)
 
 
+def test_a_running_stream_decodes_while_a_pass_runs_on_the_prefill_thread(tiny_lm, engine_for, monkeypatch):
+    """Overlapped, a slow prefill pass runs beside the running batch, which keeps stepping: several decode
+    steps a pass, where the engine thread alone takes one between passes. The prompt's reply is the same."""
+    import guard.engine.loop as loop
+    import guard.engine.prompts as prompts
+
+    monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
+    monkeypatch.setattr(prompts, "CHUNK", 16)
+    policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
+    engine = engine_for([policy], [probe_for(tiny_lm)])
+    prefill = engine.step.prefill
+
+    def slow(segments, tap=None):
+        time.sleep(0.02)
+        return prefill(segments, tap)
+
+    monkeypatch.setattr(engine.step, "prefill", slow)
+    phases: list[str] = []
+    long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
+    expected = asyncio.run(run(engine, long))[0]
+
+    async def scenario():
+        running = engine.submit(request(tiny_lm, PROMPTS[0], 400), asyncio.get_running_loop())
+        events = running.events()
+        while not isinstance(await anext(events), Emitted):
+            pass
+        engine.timing = lambda phase, seconds: phases.append(phase)
+        done = await run(engine, long)
+        running.cancel()
+        return done
+
+    text, done, _ = asyncio.run(scenario())
+    assert text == expected and done.reason in {"stop", "length"}
+    passes = "".join("p" if phase == "prefill" else "d" if phase == "decode_step" else "" for phase in phases)
+    between = [len(steps) for steps in passes.strip("d").split("p")[1:-1]]  # decode steps between two passes
+    assert len(between) >= 3
+    if engine.overlap:
+        assert statistics.median(between) >= 3, passes
+    else:
+        assert set(between) == {1}, passes
+
+
 def test_a_tail_probe_reads_the_prompts_last_token_whatever_the_chunks_and_refuses_the_output_stage(
     tiny_lm, engine_for, monkeypatch
 ):
@@ -633,7 +676,7 @@ def test_a_receiver_that_is_gone_stops_its_generation_and_nothing_else(tiny_lm, 
     assert done.reason in {"stop", "length"}
     deadline = time.monotonic() + 5
     while engine.load()["running"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.02)
     assert engine.load() == {"running": 0, "waiting": 0}
 
 

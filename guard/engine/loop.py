@@ -1,7 +1,9 @@
-"""The generation loop: one thread owns the model and decodes every running request in one shared batch.
+"""The generation loop: one thread owns the shared batch and decodes every running request in it.
 
 The loop only schedules: it admits waiting requests, prefills them (where prompt-stage policies score
-the last user message), steps the batch, and finishes replies at token boundaries. Each decode step
+the last user message), steps the batch, and finishes replies at token boundaries. Prefill passes run
+on this thread between decode steps, or, where the cores allow, on a thread of their own beside them
+(``overlap``): they touch only their own prompts' caches, and their results are taken in here. Each decode step
 feeds every row's pending token, which yields both that token's hidden states and the logits for the
 next one: output-stage policies score the pending token *before* it is emitted, at the cost of a
 one-token delay and no extra pass. What a crossing does is decided in ``guard.engine.decide``:
@@ -31,7 +33,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -87,10 +89,13 @@ class Engine:
         directions: Mapping[str, Direction] | None = None,
         dials: Sequence[Dial] = (),
         compile_in_background: bool = False,
+        overlap: bool | None = None,
     ) -> None:
         """``directions``: by name, the directions ``refuse`` and ``steer`` policies and ``dials`` steer along and
         ``ablate`` policies ablate along. ``compile_in_background``: a compiled step compiles on a thread of its
-        own while the engine decodes eagerly, instead of before ``start`` returns."""
+        own while the engine decodes eagerly, instead of before ``start`` returns. ``overlap``: prefill passes
+        run on a thread of their own while the batch decodes (``None``: when the step can and the cores
+        hold both threads' torch threads)."""
         self.lm = lm
         self.step = lm.step(fast_decode)
         self.threads = threads or default_threads(lm)
@@ -102,6 +107,10 @@ class Engine:
         self.plan = SteeringPlan.build(policies, self.dials, directions or {})
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.compile_in_background = compile_in_background
+        can_overlap = self.step.concurrent_passes
+        self.overlap = can_overlap and (2 * self.threads <= TORCH_THREADS if overlap is None else overlap)
+        self._prefiller: ThreadPoolExecutor | None = None  # the prefill thread, with ``overlap``
+        self._pass: _Pass | None = None  # the prefill pass in flight on it
         self.compile_failed = False  # a background compile failed: the step stays eager
         self.eos_ids = _eos_ids(lm)
         self._waiting: deque[Reply] = deque()
@@ -226,6 +235,8 @@ class Engine:
             return
         if background:
             threading.Thread(target=self._compile, name="guard-compile", daemon=True).start()
+        if self.overlap:  # the same torch threads as this one: compiled code and int8 roundings depend on them
+            self._prefiller = ThreadPoolExecutor(1, "guard-prefill", torch.set_num_threads, (self.threads,))
         ready.set_result(None)
         with torch.inference_mode():
             while True:
@@ -246,6 +257,9 @@ class Engine:
                     for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling)]:
                         self._fail(reply, exc, "generation")
                     self._prefilling.clear()
+                    self._pass = None  # what it writes goes to caches nothing reads any more
+        if self._prefiller is not None:
+            self._prefiller.shutdown(wait=False)
         for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling), *self._waiting]:
             reply.handle.put(Failed("the server is shutting down"))
 
@@ -356,8 +370,16 @@ class Engine:
         return LayerTap(ablations, keep, steered)
 
     def _prefill_pass(self) -> None:
-        """One pass over the next chunks of the prompts being prefilled; those it completes are checked and join
-        the batch. A prompt whose request went away stops here, before its next chunk."""
+        """The next pass over the prompts being prefilled: the chunks it completes are checked and join the batch.
+
+        With ``overlap`` the pass runs on the prefill thread while this one goes on decoding: a call
+        starts a pass, or takes in the one in flight once it is done (waiting for it when nothing decodes).
+        A prompt whose request went away stops before its next chunk."""
+        if self._pass is not None:
+            if self._batch and not self._pass.future.done():
+                return
+            running, self._pass = self._pass, None
+            self._took_in(running)
         for work in [w for w in self._prefilling if w.reply.handle.cancelled]:
             self._prefilling.remove(work)
             self._finish(work.reply, "cancelled")
@@ -366,21 +388,45 @@ class Engine:
             return
         works = list(dict.fromkeys(chunk.work for chunk in chunks))
         tokens = [sum(c.stop - c.start for c in chunks if c.work is work) for work in works]
+        future: Future[tuple[torch.Tensor, float]] = Future()
+        running = _Pass(future, chunks, works, tokens, None)
+        try:
+            running.tap = self._tap([work.reply for work in works], tokens)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            if self._prefiller is not None:
+                self._pass = running
+                self._prefiller.submit(self._run_pass, running)
+                return
+            self._run_pass(running)
+        self._took_in(running)
+
+    def _run_pass(self, running: _Pass) -> None:
+        """The pass itself, on whichever thread runs it: its logits and seconds, or what it raised."""
         started = time.perf_counter()
         try:
-            tap = self._tap([work.reply for work in works], tokens)
-            logits = self.step.prefill([chunk.segment for chunk in chunks], tap)
+            with torch.inference_mode():
+                logits = self.step.prefill([chunk.segment for chunk in running.chunks], running.tap)
+        except Exception as exc:
+            running.future.set_exception(exc)
+        else:
+            running.future.set_result((logits, time.perf_counter() - started))
+
+    def _took_in(self, running: _Pass) -> None:
+        """What a finished pass gave each of its prompts; those now complete are checked and join the batch."""
+        try:
+            logits, seconds = running.future.result()
         except Exception as exc:  # the pass touched only its own prompts' caches: the running batch goes on
-            for work in works:
+            for work in running.works:
                 self._prefilling.remove(work)
                 self._fail(work.reply, exc, "prefill")
             return
-        seconds = time.perf_counter() - started
         self._report("prefill", seconds)
-        self._seen_prefill(sum(tokens), seconds)
-        for work in works:
-            own = [(i, chunk) for i, chunk in enumerate(chunks) if chunk.work is work]
-            if not self._isolated(work.reply, "prefill", self._absorb, work, own, tap, logits):
+        self._seen_prefill(sum(running.tokens), seconds)
+        for work in running.works:
+            own = [(i, chunk) for i, chunk in enumerate(running.chunks) if chunk.work is work]
+            if not self._isolated(work.reply, "prefill", self._absorb, work, own, running.tap, logits):
                 self._prefilling.remove(work)
             elif work.finished:
                 self._prefilling.remove(work)
@@ -419,9 +465,10 @@ class Engine:
         return True
 
     def _budget(self) -> int:
-        """Prompt tokens for the next pass: ``PREFILL_TOKENS`` when nothing decodes; else as many as keep the
-        running streams' stall to about ``STALL_STEPS`` decode steps, at the throughput measured so far (a
-        pass takes one chunk however small this is)."""
+        """Prompt tokens for the next pass: ``PREFILL_TOKENS`` when nothing decodes; else as many as take about
+        ``STALL_STEPS`` decode steps' time, at the throughput measured so far (a pass takes one chunk however
+        small this is). In turn with decode steps, that bounds the running streams' stall; beside them
+        (``overlap``), how long a prompt that arrives waits for the next pass."""
         if not self._batch:
             return PREFILL_TOKENS
         return int(min(PREFILL_TOKENS, STALL_STEPS * self.step_seconds * self.prefill_rate))
@@ -677,6 +724,18 @@ def _pooled(
     its last token's ``[1, n_policies]`` (read by ``tail`` probes)."""
     pooled = torch.where(mean_pooled, contributions.mean(0), contributions[-1])
     return pooled if tail is None else torch.where(bank.tail, tail[0], pooled)
+
+
+@dataclass(eq=False)
+class _Pass:
+    """A prefill pass: its chunks, the prompts they belong to and each one's tokens, its layer callback, and
+    its outcome (the logits and the seconds it took)."""
+
+    future: Future[tuple[torch.Tensor, float]]
+    chunks: list[Chunk]
+    works: list[PromptWork]
+    tokens: list[int]
+    tap: LayerTap | None
 
 
 def _running(

@@ -56,6 +56,7 @@ class Step(Protocol):
     compiled: bool  # passes run through torch.compile (eagerly until warm, with ``eager_until_warm``)
     warm: bool  # compiled by ``warm_up``
     reads_padding: bool  # a step attends over a batch's padding columns (masked): they must hold finite values
+    concurrent_passes: bool  # passes may run on two threads at once (each thread's callbacks are its own)
 
     def __call__(
         self,
@@ -81,6 +82,7 @@ class Segment:
 
 class DecodeStep(nn.Module):
     reads_padding = False  # each row attends over its own columns only (``_attention``, ``probes.lm.attention``)
+    concurrent_passes = True  # a pass's attention and layer callback are its thread's (``_passing``)
 
     def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         super().__init__()

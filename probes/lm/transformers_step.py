@@ -25,6 +25,7 @@ class TransformersStep:
     compiled = False
     warm = False
     reads_padding = True  # transformers' attention runs over the whole width under the mask
+    concurrent_passes = False  # a pass's layer callback is a forward hook on the model, seen by every thread
 
     def __init__(self, model: PreTrainedModel, layer_path: str | None = None) -> None:
         self.model, self.layer_path = model, layer_path

@@ -2,11 +2,12 @@
 
 ``--streams`` clients stream replies (the benign prompts, greedy) from a guarded server (the default
 policies). Once they all decode, one client sends a prompt of about ``--prompt-tokens`` tokens. The bench
-reports, for the running streams, their tokens/s while the long prompt waits for its first token and
-their longest gap between two chunks from its arrival until ``AFTER`` seconds past its first token (its
-row joins the batch just before it), against the same streams' figures before it arrived; and the long
-prompt's time to its first token. ``--before DIR`` runs the same against a server on another
-checkout's code (e.g. a ``git worktree`` of an earlier commit), in the same run, alternating.
+reports, for the running streams: their tokens/s over ``BEFORE`` seconds before it arrives and while it
+waits for its first token; their longest gap between two chunks before it, while it prefills (until
+``JOINING`` seconds before its first token) and from its arrival until ``AFTER`` seconds past its first
+token (its row joins the batch just before it); and the long prompt's time to its first token.
+``--before DIR`` runs the same against a server on another checkout's code (e.g. a ``git worktree`` of
+an earlier commit), in the same run, alternating.
 
     .venv/bin/python tests/bench/bench_long_prompt.py [--dtype int8] [--streams 4] [--prompt-tokens 3000]
         [--rounds 2] [--before DIR] [--out tests/bench/results/long_prompt.json]
@@ -32,6 +33,8 @@ from bench_serving import streamed_request
 from prompts import BENIGN
 from serverproc import Server
 
+BEFORE = 3.0  # seconds the streams decode alone before the long prompt arrives
+JOINING = 0.5  # the last seconds before the long prompt's first token: its row joins the batch in them
 AFTER = 2.0  # seconds after the long prompt's first token in which the running streams' gaps still count
 FILLER = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the meadow. "
 
@@ -60,7 +63,8 @@ def one_round(url: str, streams: int, prompt_tokens: int, tokens: int) -> dict:
         runner.start()
     while min(len(a) for a in arrivals) < 8:  # every stream decodes
         time.sleep(0.01)
-    time.sleep(0.5)
+    decoding = time.perf_counter()
+    time.sleep(BEFORE)
     long_prompt = FILLER * (prompt_tokens // 20) + "\nSummarise the text above in one sentence."
     sent = time.perf_counter()
     ttft = stream(url, long_prompt, 4, [])
@@ -75,13 +79,15 @@ def one_round(url: str, streams: int, prompt_tokens: int, tokens: int) -> dict:
         return count / (end - start), max(gaps, default=end - start)
 
     during, _ = window(sent, answered)
-    _, longest = window(sent, answered + AFTER)  # its row joins the batch just before its first token
-    before, longest_before = window(sent - (answered - sent), sent)
+    _, prefilling = window(sent, answered - JOINING)
+    _, longest = window(sent, answered + AFTER)
+    before, longest_before = window(decoding, sent)
     return {
         "long_prompt_ttft_s": ttft,
         "streams_tokens_per_s_before": before,
         "streams_tokens_per_s_during": during,
         "longest_gap_before_s": longest_before,
+        "longest_gap_prefilling_s": prefilling,
         "longest_gap_during_s": longest,
     }
 
@@ -123,14 +129,15 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2))
     print(
-        f"\n| server | long prompt TTFT | streams tok/s before / during | longest gap before / during |  ({args.dtype})"
+        f"\n| server | long prompt TTFT | streams tok/s before / during "
+        f"| longest gap before / prefilling / with the join |  ({args.dtype})"
     )
     print("|---|---|---|---|")
     for name, m in report["servers"].items():
         print(
             f"| {name} | {m['long_prompt_ttft_s']:.2f} s | {m['streams_tokens_per_s_before']:.1f} /"
             f" {m['streams_tokens_per_s_during']:.1f} | {m['longest_gap_before_s']:.3f} /"
-            f" {m['longest_gap_during_s']:.3f} s |"
+            f" {m['longest_gap_prefilling_s']:.3f} / {m['longest_gap_during_s']:.3f} s |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
