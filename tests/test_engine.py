@@ -551,6 +551,18 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for
         assert events_a[0].verdicts["toy"].score == pytest.approx(events_b[0].verdicts["toy"].score, abs=1e-5)
 
 
+async def beside_a_stream(engine: Engine, long: GenerationRequest, phases: list[str]) -> tuple[str, Finished, list]:
+    """``long`` run while a long reply streams, the engine's phases recorded from its arrival on."""
+    running = engine.submit(request(engine.lm, PROMPTS[0], 400), asyncio.get_running_loop())
+    events = running.events()
+    while not isinstance(await anext(events), Emitted):
+        pass
+    engine.timing = lambda phase, seconds: phases.append(phase)
+    done = await run(engine, long)
+    running.cancel()
+    return done
+
+
 def test_a_running_stream_decodes_while_a_pass_runs_on_the_prefill_thread(tiny_lm, engine_for, monkeypatch):
     """Overlapped, a slow prefill pass runs beside the running batch, which keeps stepping: several decode
     steps a pass, where the engine thread alone takes one between passes. The prompt's reply is the same."""
@@ -572,17 +584,7 @@ def test_a_running_stream_decodes_while_a_pass_runs_on_the_prefill_thread(tiny_l
     long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
     expected = asyncio.run(run(engine, long))[0]
 
-    async def scenario():
-        running = engine.submit(request(tiny_lm, PROMPTS[0], 400), asyncio.get_running_loop())
-        events = running.events()
-        while not isinstance(await anext(events), Emitted):
-            pass
-        engine.timing = lambda phase, seconds: phases.append(phase)
-        done = await run(engine, long)
-        running.cancel()
-        return done
-
-    text, done, _ = asyncio.run(scenario())
+    text, done, _ = asyncio.run(beside_a_stream(engine, long, phases))
     assert text == expected and done.reason in {"stop", "length"}
     passes = "".join("p" if phase == "prefill" else "d" if phase == "decode_step" else "" for phase in phases)
     between = [len(steps) for steps in passes.strip("d").split("p")[1:-1]]  # decode steps between two passes
@@ -632,17 +634,7 @@ def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_fo
     phases: list[str] = []
     long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
 
-    async def scenario():
-        running = engine.submit(request(tiny_lm, PROMPTS[0], 400), asyncio.get_running_loop())
-        events = running.events()
-        while not isinstance(await anext(events), Emitted):
-            pass
-        engine.timing = lambda phase, seconds: phases.append(phase)
-        done = await run(engine, long)
-        running.cancel()
-        return done
-
-    _, done, _ = asyncio.run(scenario())
+    _, done, _ = asyncio.run(beside_a_stream(engine, long, phases))
     assert done.reason in {"stop", "length"}
     chunk_passes = phases.count("prefill")
     assert chunk_passes >= len(long.prompt_ids) // 16
