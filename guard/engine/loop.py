@@ -107,8 +107,8 @@ class Engine:
         self.plan = SteeringPlan.build(policies, self.dials, directions or {})
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.compile_in_background = compile_in_background
-        can_overlap = self.step.concurrent_passes
-        self.overlap = can_overlap and (2 * self.threads <= TORCH_THREADS if overlap is None else overlap)
+        auto = 2 * self.threads <= TORCH_THREADS
+        self.overlap = self.step.concurrent_passes and (auto if overlap is None else overlap)
         self._prefiller: ThreadPoolExecutor | None = None  # the prefill thread, with ``overlap``
         self._pass: _Pass | None = None  # the prefill pass in flight on it
         self.compile_failed = False  # a background compile failed: the step stays eager
