@@ -36,6 +36,7 @@ from serverproc import Server
 BEFORE = 3.0  # seconds the streams decode alone before the long prompt arrives
 JOINING = 0.5  # the last seconds before the long prompt's first token: its row joins the batch in them
 AFTER = 2.0  # seconds after the long prompt's first token in which the running streams' gaps still count
+LONG_REPLIES = BENIGN[1:]  # requests for text (the first, a one-line answer, ends before the long prompt comes)
 FILLER = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the meadow. "
 
 
@@ -56,12 +57,15 @@ def stream(url: str, prompt: str, tokens: int, arrivals: list[float]) -> float:
 def one_round(url: str, streams: int, prompt_tokens: int, tokens: int) -> dict:
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     runners = [
-        threading.Thread(target=stream, args=(url, BENIGN[i % len(BENIGN)], tokens, arrivals[i]))
+        threading.Thread(target=stream, args=(url, LONG_REPLIES[i % len(LONG_REPLIES)], tokens, arrivals[i]))
         for i in range(streams)
     ]
     for runner in runners:
         runner.start()
     while min(len(a) for a in arrivals) < 8:  # every stream decodes
+        ended = [i for i, runner in enumerate(runners) if not runner.is_alive() and len(arrivals[i]) < 8]
+        if ended:
+            raise SystemExit(f"stream {ended[0]} ended after {len(arrivals[ended[0]])} chunks, before the long prompt")
         time.sleep(0.01)
     decoding = time.perf_counter()
     time.sleep(BEFORE)
