@@ -40,6 +40,8 @@ lint: install
 presets: install
 	$(VENV)/bin/guard train --preset default --dtype float32
 	$(VENV)/bin/guard train --preset default --dtype int8
+	$(VENV)/bin/guard calibrate --dtype float32
+	$(VENV)/bin/guard calibrate --dtype int8
 	$(VENV)/bin/guard directions --preset refusal --dtype float32 --out probes/shipped/directions/refusal
 	$(VENV)/bin/guard directions --preset refusal --dtype int8 --out probes/shipped/int8/directions/refusal
 	$(VENV)/bin/guard directions --preset sentiment --dtype int8 --out probes/shipped/int8/directions/sentiment

@@ -1,5 +1,5 @@
 """The ``guard`` command: ``serve``, ``train``, ``eval``, ``explain``, ``data`` (export rows of the shared pool
-as JSONL), ``registry`` and ``benchmark-policies``.
+as JSONL), ``registry``, ``benchmark-policies``, ``calibrate`` and ``fit-set``.
 
 The offline stack (training, evaluation, baselines, reports) is imported by the commands that use it, so
 ``guard serve`` starts without scikit-learn or matplotlib.
@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
             "benchmark-policies",
             parents=[common],
             help="leave-one-dataset-out table of the default policies: probe vs baselines",
+        )
+    )
+    _calibrate_parser(
+        sub.add_parser(
+            "calibrate",
+            parents=[common],
+            help="calibrate the default prompt policies' probabilities on leave-one-dataset-out folds",
         )
     )
     _fit_set_parser(
@@ -763,6 +770,43 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))
     (args.out / "lodo.md").write_text(markdown(tables))
     print(markdown(tables))
+    return 0
+
+
+# -- calibrate ------------------------------------------------------------------------------------------
+def _calibrate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", action="append", help="only these policies (repeatable); default: every prompt one")
+    p.add_argument("--out", type=Path, help="the trained policies' directory (default: the shipped ones)")
+    p.set_defaults(run=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from probes.eval.calibration import METHODS, calibrate, fold_scores
+    from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
+
+    prompt = [name for name in PRESETS["default"] if RECIPES[name].stage == "prompt"]
+    names = args.policy or prompt
+    if set(names) - set(prompt):
+        raise ValueError(f"calibrate takes the default prompt policies: {', '.join(prompt)}")
+    home = args.out or shipped_home(settings.dtype)
+    lm = _model(settings)
+    probes = {name: LinearProbe.load(home / name, model_fingerprint=lm.fingerprint) for name in names}
+    every_layer = replace(PRESET_CONFIG, layers=None)
+    splits, rows_of = recipe_features(lm, names, settings.data_dir, every_layer, cache_dir=settings.cache_dir)
+    print("| policy | " + " | ".join(f"held-out ECE, {m}" for m in METHODS) + " | carried |")
+    print("|---|" + "---|" * (len(METHODS) + 1))
+    for name, probe in probes.items():
+        train, dev, _ = splits[name]
+        dataset = Dataset(train.rows + dev.rows)
+        features = rows_of(name, dataset)[:, list(probe.layers)]  # fold probes read the probe's own layers
+        config = replace(recipe_config(name, PRESET_CONFIG), layers=probe.layers)
+        probe, record = calibrate(probe, fold_scores(lm, name, dataset, features, config))
+        probe.save(home / name)
+        ece = record["heldout_ece"]
+        print(f"| `{name}` | " + " | ".join(f"{ece[m]:.3f}" for m in METHODS) + f" | {record['method']} |")
+    print(f"wrote {len(names)} calibrated probe(s) under {home}", file=sys.stderr)
     return 0
 
 

@@ -167,6 +167,28 @@ class LinearProbe:
         blob, manifest = artifact.read(directory, ARRAYS_FILE, "probe")
         return cls.from_bytes(blob, manifest, model_fingerprint=model_fingerprint)
 
+    def calibrated(self, slope: float, intercept: float, record: dict[str, Any]) -> LinearProbe:
+        """The probe whose logit is ``slope * logit + intercept`` of the uncalibrated probe's (``slope`` > 0),
+        folded into its weight, bias and threshold: it flags the same rows and scores calibrated. ``record``
+        (with ``slope`` and ``intercept``) goes to the manifest's ``calibration``; a probe calibrated before
+        is first taken back to its uncalibrated logit."""
+        if not slope > 0:
+            raise ValueError(f"a calibration's slope must be positive, not {slope}")
+        before = self.manifest.get("calibration") or {"slope": 1.0, "intercept": 0.0}
+        factor = slope / before["slope"]
+        offset = intercept - factor * before["intercept"]
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("version", "calibration")}
+        if "stream" in manifest:  # a moving average of the logit moves with it
+            stream = manifest["stream"]
+            manifest["stream"] = {**stream, "threshold": float(sigmoid(factor * logit(stream["threshold"]) + offset))}
+        return replace(
+            self,
+            weight=self.weight * factor,
+            bias=self.bias * factor + offset,
+            threshold=float(sigmoid(factor * logit(self.threshold) + offset)),
+            manifest={**manifest, "calibration": {**record, "slope": slope, "intercept": intercept}},
+        )
+
     def with_threshold(self, threshold: float, **manifest_updates: Any) -> LinearProbe:
         manifest = {k: v for k, v in self.manifest.items() if k != "version"}
         return replace(self, threshold=threshold, manifest={**manifest, **manifest_updates})

@@ -132,3 +132,28 @@ def test_a_direction_round_trips_and_refuses_corruption_and_another_model(tmp_pa
     (tmp_path / "d" / DIRECTION_FILE).write_bytes(bytes(blob))
     with pytest.raises(ArtifactError, match="corrupt"):
         Direction.load(tmp_path / "d")
+
+
+def test_a_calibrated_probe_flags_the_same_rows_scoring_the_mapped_logit(tmp_path):
+    probe = make_probe()
+    x = np.random.default_rng(3).normal(size=(200, 2, 8))
+    calibrated = probe.calibrated(0.4, -0.3, {"method": "platt"})
+    np.testing.assert_allclose(calibrated.decision_function(x), 0.4 * probe.decision_function(x) - 0.3, rtol=1e-5)
+    np.testing.assert_array_equal(calibrated.predict(x), probe.predict(x))
+    assert calibrated.manifest["calibration"] == {"method": "platt", "slope": 0.4, "intercept": -0.3}
+    assert LinearProbe.load(calibrated.save(tmp_path / "c")) == calibrated
+    assert calibrated.version != probe.version
+    # calibrating again maps the uncalibrated logit, whatever the probe carried before
+    again = calibrated.calibrated(2.0, 0.5, {"method": "platt"})
+    np.testing.assert_allclose(again.decision_function(x), 2.0 * probe.decision_function(x) + 0.5, rtol=1e-4)
+    np.testing.assert_allclose(again.threshold, probe.calibrated(2.0, 0.5, {}).threshold, rtol=1e-6)
+    with pytest.raises(ValueError, match="slope"):
+        probe.calibrated(0.0, 0.0, {})
+
+
+def test_a_streamed_threshold_moves_with_the_calibration():
+    probe = make_probe()
+    streamed = probe.with_threshold(probe.threshold, stream={"alpha": 0.1, "threshold": 0.8})
+    calibrated = streamed.calibrated(0.5, 1.0, {})
+    expected = 1 / (1 + np.exp(-(0.5 * np.log(0.8 / 0.2) + 1.0)))
+    assert calibrated.stream == pytest.approx((0.1, expected))

@@ -2,6 +2,7 @@ import json
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from conftest import make_tiny_model
 
@@ -190,3 +191,29 @@ def test_cli_fit_set_writes_the_shift_that_keeps_the_set_within_its_traffic_budg
     assert main(["train", *common, "--data", data, "--name", "plain", "--out", str(tmp_path / "plain")]) == 0
     assert main(["fit-set", *common, "--policy-file", str(trained_apart), "--out", str(out)]) == 2
     assert "trained by `guard train --preset`" in capsys.readouterr().err
+
+
+def test_cli_calibrate_folds_the_held_out_calibrator_into_the_trained_probe(tiny_model_dir, data_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
+    probes = tmp_path / "probes"
+    argv = ["train", *common, "--preset", "default", "--policy", "defamation", "--layers", "1,2", "--out", str(probes)]
+    assert main([*argv, "--no-progress"]) == 0
+    trained = LinearProbe.load(probes / "defamation")
+    capsys.readouterr()
+    assert main(["calibrate", *common, "--policy", "defamation", "--out", str(probes)]) == 0
+    row = capsys.readouterr().out.splitlines()[-1]
+    calibrated = LinearProbe.load(probes / "defamation")
+    record = calibrated.manifest["calibration"]
+    assert row.startswith("| `defamation` |") and row.endswith(f"| {record['method']} |")
+    assert len(record["folds"]) >= 2 and set(record["heldout_ece"]) == {"raw", "platt", "isotonic"}
+    assert record["heldout_ece"][record["method"]] == min(record["heldout_ece"][m] for m in ("raw", "platt"))
+    x = np.random.default_rng(0).normal(size=(50, 2, trained.weight.shape[1])) * trained.scale + trained.mean
+    np.testing.assert_array_equal(calibrated.predict(x), trained.predict(x))
+    np.testing.assert_allclose(
+        calibrated.decision_function(x),
+        record["slope"] * trained.decision_function(x) + record["intercept"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert main(["calibrate", *common, "--policy", "harmful_reply", "--out", str(probes)]) == 2
+    assert "calibrate takes the default prompt policies" in capsys.readouterr().err

@@ -11,8 +11,8 @@ by its rows). Calibrators, each a monotone map of the probe's logit:
 - ``platt_dev`` / ``isotonic_dev``: fitted on the fold's dev split (rows of the training sources the
   probe did not train on);
 - ``platt_lodo`` / ``isotonic_lodo``: fitted on the other folds' held-out sets, each scored by its own
-  fold's probe: what a probe's score means on a source it never saw. A shipped calibrator would be
-  fitted on every fold's held-out set this way.
+  fold's probe: what a probe's score means on a source it never saw. ``guard calibrate`` fits a
+  shipped probe's calibrator on every fold's held-out set this way (``probes.eval.calibration``).
 
 Prints per policy and held-out source the ECE of each, and the means; writes JSON. Features come from
 the feature cache of ``guard train --preset`` (extracted on first use).
@@ -29,73 +29,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from guard.settings import Settings
 from probes.data import Dataset
+from probes.eval.calibration import FITS, ece, fold_scores, heldout_table
 from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
-from probes.eval.lodo import fold_probes
 from probes.eval.presets import RECIPES
 from probes.lm.model import DEFAULT_MODEL, NUMERIC_PATHS, load_model
-from probes.probe import logit
 
-BINS = 10
 METHODS = ("raw", "platt_dev", "isotonic_dev", "platt_lodo", "isotonic_lodo")
 
 
-def ece(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Expected calibration error over ``BINS`` equal-width bins of the probability."""
-    bins = np.minimum((probabilities * BINS).astype(int), BINS - 1)
-    gaps = [
-        abs(labels[bins == b].mean() - probabilities[bins == b].mean()) * np.sum(bins == b)
-        for b in range(BINS)
-        if np.any(bins == b)
-    ]
-    return float(sum(gaps) / len(labels))
-
-
-def platt(scores: np.ndarray, labels: np.ndarray):
-    model = LogisticRegression(C=1e4).fit(logit(scores)[:, None], labels)
-    return lambda p: model.predict_proba(logit(p)[:, None])[:, 1]
-
-
-def isotonic(scores: np.ndarray, labels: np.ndarray):
-    return IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, labels).predict
-
-
-def fold_scores(lm, name: str, dataset: Dataset, rows_of) -> list[dict]:
-    """Per fold: the held-out source's name, its labels, and the fold probe's probabilities on dev and test."""
-    return [
-        {
-            "heldout": fold.heldout,
-            "dev": (np.asarray(fold.dev.labels), scores(fold.dev)),
-            "test": (np.asarray(fold.test.labels), scores(fold.test)),
-        }
-        for fold, _, scores in fold_probes(
-            lm, name, dataset, rows_of(name, dataset), recipe_config(name, PRESET_CONFIG)
-        )
-    ]
-
-
-def calibrated(scored: list[dict]) -> list[dict]:
-    """Each fold's held-out ECE under each method."""
-    rows = []
-    for k, fold in enumerate(scored):
-        labels, scores = fold["test"]
-        others = [f["test"] for j, f in enumerate(scored) if j != k]
-        pooled = (np.concatenate([o[0] for o in others]), np.concatenate([o[1] for o in others]))
-        maps = {
-            "raw": lambda p: p,
-            "platt_dev": platt(fold["dev"][1], fold["dev"][0]),
-            "isotonic_dev": isotonic(fold["dev"][1], fold["dev"][0]),
-            "platt_lodo": platt(pooled[1], pooled[0]),
-            "isotonic_lodo": isotonic(pooled[1], pooled[0]),
-        }
-        rows.append(
-            {"heldout": fold["heldout"], "n": len(labels), **{m: ece(labels, maps[m](scores)) for m in METHODS}}
-        )
-    return rows
+def calibrated(folds) -> list[dict]:
+    """Each fold's held-out ECE under each method: fitted on the other folds' held-out sets, or on its own dev."""
+    table = heldout_table(folds)
+    for row, fold in zip(table, folds, strict=True):
+        labels, scores = fold.test
+        dev_labels, dev_scores = fold.dev
+        for method in ("platt", "isotonic"):
+            row[f"{method}_lodo"] = row.pop(method)
+            row[f"{method}_dev"] = ece(labels, FITS[method](dev_scores, dev_labels)(scores))
+    return table
 
 
 def main() -> int:
@@ -112,7 +66,9 @@ def main() -> int:
     report = {}
     for name in names:
         train, dev, _ = splits[name]
-        table = calibrated(fold_scores(lm, name, Dataset(train.rows + dev.rows), rows_of))
+        dataset = Dataset(train.rows + dev.rows)
+        folds = fold_scores(lm, name, dataset, rows_of(name, dataset), recipe_config(name, PRESET_CONFIG))
+        table = calibrated(folds)
         means = {m: float(np.mean([row[m] for row in table])) for m in METHODS}
         report[name] = {"folds": table, "mean": means}
         for row in table:
