@@ -841,16 +841,17 @@ def _fit_set(args: argparse.Namespace, settings: Settings) -> int:
     own = dict(zip(probes, policy_thresholds(unshifted, [probes[p.name] for p in policies]), strict=True))
     scores = score_set(lm, probes, settings.data_dir, cache_dir=settings.cache_dir)
     fixed = {p.name for p in policies if not p.shifts}  # they block or intervene: their thresholds stay
-    shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr, fixed)
+    scales = {name: probe.calibration_slope for name, probe in probes.items()}
+    shift = fit_set_shift(scores.fit, own, args.max_traffic_fpr, fixed, scales)
     args.out.write_text(with_shift(path, shift))
     print(f"threshold_shift {shift:.6f} (fitted on {scores.rows[0]} traffic prompts, checked on {scores.rows[1]})")
     print("| policy | threshold | dev TPR |\n|---|---|---|")
     for name, threshold in own.items():
-        moved = threshold if name in fixed else shifted(threshold, shift)
+        moved = threshold if name in fixed else shifted(threshold, shift * scales[name])
         tpr = [float(np.mean(scores.positives[name] > t)) for t in (threshold, moved)]
         print(f"| `{name}` | {threshold:.4f} -> {moved:.4f} | {tpr[0]:.3f} -> {tpr[1]:.3f} |")
     for half in ("fit", "check"):
-        before, after = (set_fpr(getattr(scores, half), own, s, fixed) for s in (0.0, shift))
+        before, after = (set_fpr(getattr(scores, half), own, s, fixed, scales) for s in (0.0, shift))
         print(f"any policy flags, {half} half of the traffic: {before:.3f} -> {after:.3f}")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -35,6 +35,7 @@ class ProbeBank:
     pooling: tuple[str, ...]
     alpha: torch.Tensor  # [n_policies]: the moving average's weight of a new token; 0: the running mean
     tail: torch.Tensor  # [n_policies] bool: reads the prompt's last token, not its text (``tail`` pooling)
+    scales: torch.Tensor  # [n_policies]: each probe's calibration slope, its logits per uncalibrated logit
 
     @classmethod
     def build(
@@ -59,6 +60,7 @@ class ProbeBank:
             pooling=tuple(p.pooling for p in probes),
             alpha=torch.tensor([p.stream[0] if p.stream else 0.0 for p in probes], dtype=torch.float32),
             tail=torch.tensor([p.pooling == "tail" for p in probes], dtype=torch.bool),
+            scales=torch.tensor([p.calibration_slope for p in probes], dtype=torch.float64),
         )
 
     def __len__(self) -> int:
@@ -89,9 +91,10 @@ def _threshold(probe: LinearProbe) -> float:
 
 
 def policy_thresholds(policies: Sequence[Policy], probes: Sequence[LinearProbe]) -> list[float]:
-    """Each policy's threshold: its own ``threshold``, else its probe's, moved by the set's shift."""
+    """Each policy's threshold: its own ``threshold``, else its probe's, moved by the set's shift (in the probe's
+    uncalibrated logits, so that calibrating a probe changes its scores, never what the set flags)."""
     return [
-        shifted(_threshold(probe) if p.threshold is None else p.threshold, p.shift)
+        shifted(_threshold(probe) if p.threshold is None else p.threshold, p.shift * probe.calibration_slope)
         for p, probe in zip(policies, probes, strict=True)
     ]
 

@@ -65,6 +65,12 @@ class LinearProbe:
         stream = self.manifest.get("stream")
         return None if stream is None else (float(stream["alpha"]), float(stream["threshold"]))
 
+    @property
+    def calibration_slope(self) -> float:
+        """The slope of the calibration folded into the probe (1 without one). A policy set's ``threshold_shift``
+        is in the probe's uncalibrated logits, so it moves this probe's threshold by the shift times this."""
+        return float(self.manifest.get("calibration", {}).get("slope", 1.0))
+
     # -- scoring ---------------------------------------------------------------------------------------
     def decision_function(self, features: np.ndarray) -> np.ndarray:
         """Logits for features ``[n, n_layers, d_model]`` (the layers in ``self.layers``, in that order)."""
@@ -178,6 +184,9 @@ class LinearProbe:
         factor = slope / before["slope"]
         offset = intercept - factor * before["intercept"]
         manifest = {k: v for k, v in self.manifest.items() if k not in ("version", "calibration")}
+        manifest["calibration"] = {**record, "slope": slope, "intercept": intercept}
+        if (factor, offset) == (1.0, 0.0):  # the arrays as they are, bit for bit
+            return replace(self, manifest=manifest)
         if "stream" in manifest:  # a moving average of the logit moves with it
             stream = manifest["stream"]
             manifest["stream"] = {**stream, "threshold": float(sigmoid(factor * logit(stream["threshold"]) + offset))}
@@ -186,7 +195,7 @@ class LinearProbe:
             weight=self.weight * factor,
             bias=self.bias * factor + offset,
             threshold=float(sigmoid(factor * logit(self.threshold) + offset)),
-            manifest={**manifest, "calibration": {**record, "slope": slope, "intercept": intercept}},
+            manifest=manifest,
         )
 
     def with_threshold(self, threshold: float, **manifest_updates: Any) -> LinearProbe:

@@ -39,5 +39,13 @@ def test_a_probe_already_calibrated_on_held_out_folds_is_left_as_it_is():
     means = record["heldout_ece"]
     assert record["method"] == "raw" and means["raw"] < means["platt"]
     assert (record["slope"], record["intercept"]) == (1.0, 0.0)
-    assert probe.threshold == make_probe().threshold and probe.bias == make_probe().bias
+    assert probe.version == make_probe().version  # the arrays bit for bit
     assert means == {m: pytest.approx(np.mean([row[m] for row in heldout_table(folds)])) for m in means}
+
+
+def test_a_fit_that_ranks_held_out_scores_backwards_is_not_carried():
+    flipped = [Scored(f.heldout, f.dev, (1 - f.test[0], f.test[1])) for f in folds_of(truth_scale=1.0)]
+    probe, record = calibrate(make_probe(), flipped)
+    assert record["platt_fitted"]["slope"] < 0
+    assert record["method"] == "raw" and record["heldout_ece"]["platt"] < record["heldout_ece"]["raw"]
+    assert probe.threshold == make_probe().threshold

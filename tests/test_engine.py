@@ -27,7 +27,7 @@ from probes.features import extract
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import render_messages
 from probes.lm.transformers_step import TransformersStep
-from probes.probe import LinearProbe
+from probes.probe import LinearProbe, logit, sigmoid
 
 PROMPTS = [
     "How do I bake bread?",
@@ -196,6 +196,26 @@ def test_the_whole_sets_verdict_crosses_where_any_checked_policy_does(tiny_lm, e
             assert overall.detected == any(v.detected for v in members) == (low == 0.0)
             assert (overall.score > 0.5) == any(v.score > t for v, t in zip(members, (low, high), strict=True))
             assert overall.action == ANY and not overall.filtered
+
+
+def test_calibrating_a_probe_changes_its_score_but_not_the_sets_verdict_or_any_score(tiny_lm, engine_for):
+    """A calibrated probe reports the mapped score, and with a set's shift it flags what the uncalibrated one
+    did; ``any`` reads margins in uncalibrated logits, so it scores the same."""
+    probe = probe_for(tiny_lm)
+    calibrated = probe.calibrated(0.25, -0.5, {"method": "platt"})
+
+    def verdicts(p: LinearProbe, shift: float) -> dict:
+        engine = engine_for([Policy("a", "toy", Stage.BOTH, Action.FLAG, shift=shift)], [p])
+        return asyncio.run(run(engine, request(tiny_lm, PROMPTS[0])))[2][0].verdicts
+
+    score = verdicts(probe, 0.0)["a"].score
+    crossing = float(logit(score) - logit(probe.threshold))  # the shift at which the uncalibrated probe stops
+    for shift in (crossing - 0.05, crossing + 0.05):
+        plain, mapped = verdicts(probe, shift), verdicts(calibrated, shift)
+        assert mapped["a"].score == pytest.approx(float(sigmoid(0.25 * logit(plain["a"].score) - 0.5)), abs=1e-5)
+        assert mapped["a"].detected == plain["a"].detected == (shift < crossing)
+        assert mapped[ANY].score == pytest.approx(plain[ANY].score, abs=1e-4)
+    assert mapped["a"].score != pytest.approx(plain["a"].score, abs=1e-3)
 
 
 def reading_its_own_direction(probe: LinearProbe) -> LinearProbe:

@@ -113,3 +113,20 @@ def test_a_set_shift_is_the_smallest_that_keeps_the_set_within_its_traffic_budge
     assert kept > fit_set_shift(traffic, own, 0.05)
     with pytest.raises(ValueError, match=r"stay flag 0\.270 of the traffic alone, over 0\.02"):
         fit_set_shift(traffic, {**own, "c": 0.75}, 0.02, fixed={"c"})
+
+
+def test_a_set_shift_is_in_uncalibrated_logits_whatever_a_probes_calibration():
+    from probes.eval.sets import fit_set_shift, set_fpr
+    from probes.probe import logit, sigmoid
+
+    rng = np.random.default_rng(1)
+    raw = {name: rng.uniform(0, 1, 400) for name in ("a", "b")}
+    own = {"a": 0.9, "b": 0.95}
+    slope, intercept = 0.3, -1.2  # "a" calibrated: its scores and threshold mapped alike
+    calibrated = {**raw, "a": sigmoid(slope * logit(raw["a"]) + intercept)}
+    own_calibrated = {**own, "a": float(sigmoid(slope * logit(own["a"]) + intercept))}
+    shift = fit_set_shift(raw, own, 0.02)
+    scales = {"a": slope}
+    assert fit_set_shift(calibrated, own_calibrated, 0.02, scales=scales) == pytest.approx(shift, rel=1e-6)
+    assert set_fpr(calibrated, own_calibrated, shift, scales=scales) == set_fpr(raw, own, shift)
+    assert set_fpr(calibrated, own_calibrated, shift) != set_fpr(raw, own, shift)  # unscaled, it would not hold

@@ -58,6 +58,12 @@ def test_a_set_shift_moves_each_policys_threshold_by_the_same_logits(tiny_lm):
     own = Policy("a", "a", threshold=0.5, shift=np.log(3.0))  # logit 0 + log 3: odds 3, probability 0.75
     plain = Policy("b", "b")
     assert policy_thresholds([own, plain], [probe, probe]) == pytest.approx([0.75, probe.threshold])
+    # on a calibrated probe the shift is in its uncalibrated logits: it flags what the uncalibrated one would
+    calibrated = probe.calibrated(0.5, -1.0, {"method": "platt"})
+    shifted_policy = Policy("c", "c", shift=np.log(3.0))
+    (moved,) = policy_thresholds([shifted_policy], [calibrated])
+    (raw,) = policy_thresholds([shifted_policy], [probe])
+    assert moved == pytest.approx(float(sigmoid(0.5 * np.log(raw / (1 - raw)) - 1.0)))
 
 
 def test_a_moving_average_of_weight_one_reads_each_token_as_last_pooling_does(tiny_lm, engine_for):

@@ -54,16 +54,18 @@ class Decider:
         self,
         scores: torch.Tensor,
         thresholds: torch.Tensor,
+        scales: torch.Tensor,
         checked: torch.Tensor,
         verdicts: Mapping[str, Verdict],
         version: str,
     ) -> Verdict | None:
         """One row's verdict for the whole set (``None`` when no policy was checked): detected or filtered if any
         checked policy's verdict is, and a score that is above 0.5 where some checked policy's score is above its
-        threshold: the sigmoid of the largest margin, in logits, of a score over its threshold."""
+        threshold: the sigmoid of the largest margin of a score over its threshold, in the probes' uncalibrated
+        logits (a calibrated probe's margin divided by its ``scales``, as a set's shift reads them)."""
         if not checked.any():
             return None
-        margins = _logit(scores) - _logit(thresholds)
+        margins = (_logit(scores) - _logit(thresholds)) / scales
         members = [verdicts[p.name] for i, p in enumerate(self.policies) if checked[i]]
         return Verdict(
             filtered=any(v.filtered for v in members),

@@ -531,7 +531,7 @@ class Engine:
             steered_from=reply.steered_from,
             along=reply.plan.steered_with(reply.steered_from),
         )
-        overall = self.decider.overall(scores, bank.thresholds, checked, verdicts, reply.probes.version)
+        overall = self.decider.overall(scores, bank.thresholds, bank.scales, checked, verdicts, reply.probes.version)
         verdicts |= {ANY: overall} if overall else {}
         message = self.decider.message(decision.blocking)
         reply.handle.put(PromptChecked(verdicts, blocked, message, reply.probes.version, _prompt_shadow(work, checked)))
@@ -666,7 +666,9 @@ class Engine:
                 reply.plan.steered_with(reply.steered_from) | self._ablated_along(reply),
             )
             bank = reply.probes.bank
-            overall = self.decider.overall(reply.score, bank.thresholds, checked, verdicts, reply.probes.version)
+            overall = self.decider.overall(
+                reply.score, bank.thresholds, bank.scales, checked, verdicts, reply.probes.version
+            )
             verdicts |= ({ANY: overall} if overall else {}) | reply.plan.dial_verdicts(reply.request.steer)
             if reply.probes.shadow is not None:
                 shadowed = _shadowed(reply.probes.shadow, reply.shadow_score, reply.shadow_crossed, checked)

@@ -9,10 +9,11 @@ source its probe never saw) and judged on the fold left out, by the expected cal
 - ``platt``: ``sigmoid(slope * logit + intercept)``, fitted by logistic regression;
 - ``isotonic``: isotonic regression of the label on the probability.
 
-A shipped probe carries the winner of ``raw`` and ``platt`` (lowest mean ECE), fitted on every fold's
-held-out scores and folded into its weight, bias and threshold (``LinearProbe.calibrated``), so a
-server scores it calibrated at no cost and flags exactly the rows it flagged before. Isotonic
-regression is a step function that no linear probe carries; it is measured beside them.
+A shipped probe carries the winner of ``raw`` and ``platt`` (lowest mean ECE; ``platt`` only with a
+positive slope), fitted on every fold's held-out scores and folded into its weight, bias and
+threshold (``LinearProbe.calibrated``), so a server scores it calibrated at no cost and flags exactly
+the rows it flagged before. Isotonic regression is a step function that no linear probe carries; it
+is measured beside them.
 """
 
 from __future__ import annotations
@@ -124,12 +125,15 @@ def calibrate(probe: LinearProbe, folds: Sequence[Scored]) -> tuple[LinearProbe,
     every fold; and the record of the choice (also in the probe's manifest under ``calibration``)."""
     table = heldout_table(folds)
     means = mean_ece(table)
-    method = min(CARRIED, key=lambda m: means[m])
-    slope, intercept = fit_platt(*pooled(folds)) if method == "platt" else (1.0, 0.0)
+    fitted = fit_platt(*pooled(folds))
+    # a slope that is not positive ranks the held-out scores backwards: no calibration of this probe
+    method = min(CARRIED if fitted[0] > 0 else ("raw",), key=lambda m: means[m])
+    slope, intercept = fitted if method == "platt" else (1.0, 0.0)
     record = {
         "method": method,
         "slope": slope,
         "intercept": intercept,
+        "platt_fitted": {"slope": fitted[0], "intercept": fitted[1]},
         "fitted_on": "every leave-one-dataset-out fold's held-out scores",
         "heldout_ece": means,
         "folds": table,

@@ -71,19 +71,30 @@ def score_set(
 
 
 def set_fpr(
-    scores: Mapping[str, np.ndarray], thresholds: Mapping[str, float], shift: float = 0.0, fixed: Set[str] = frozenset()
+    scores: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, float],
+    shift: float = 0.0,
+    fixed: Set[str] = frozenset(),
+    scales: Mapping[str, float] | None = None,
 ) -> float:
-    """The share of rows that any policy flags, the thresholds of all but ``fixed`` moved by ``shift`` logits."""
-    moved = {name: t if name in fixed else shifted(t, shift) for name, t in thresholds.items()}
+    """The share of rows that any policy flags, the thresholds of all but ``fixed`` moved by ``shift`` logits,
+    times the policy's ``scales`` (its probe's ``calibration_slope``; 1 where none is given)."""
+    scales = scales or {}
+    moved = {name: t if name in fixed else shifted(t, shift * scales.get(name, 1.0)) for name, t in thresholds.items()}
     return float(np.mean(np.any([scores[name] > t for name, t in moved.items()], axis=0)))
 
 
 def fit_set_shift(
-    traffic: Mapping[str, np.ndarray], thresholds: Mapping[str, float], max_fpr: float, fixed: Set[str] = frozenset()
+    traffic: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, float],
+    max_fpr: float,
+    fixed: Set[str] = frozenset(),
+    scales: Mapping[str, float] | None = None,
 ) -> float:
-    """The smallest shift (in logits, at least 0) that, added to the threshold of every policy but ``fixed``, leaves
-    at most ``max_fpr`` of the traffic rows scoring above any policy's threshold. ``traffic[name]`` are the
-    policy's scores of the same rows, in the same order."""
+    """The smallest shift (in logits, at least 0) that, added to the threshold of every policy but ``fixed`` (times
+    its ``scales``, as in :func:`set_fpr`), leaves at most ``max_fpr`` of the traffic rows scoring above any
+    policy's threshold. ``traffic[name]`` are the policy's scores of the same rows, in the same order."""
+    scales = scales or {}
     rows = len(next(iter(traffic.values())))
     held = np.any([traffic[name] > thresholds[name] for name in fixed], axis=0) if fixed else np.zeros(rows, bool)
     allowed = int(np.floor(max_fpr * rows + 1e-9)) - int(held.sum())  # rows the moving policies may still flag
@@ -94,7 +105,9 @@ def fit_set_shift(
     moving = [name for name in thresholds if name not in fixed]
     if not moving:
         return 0.0
-    margins = np.max([logit(traffic[name]) - logit(thresholds[name]) for name in moving], axis=0)[~held]
+    margins = np.max(
+        [(logit(traffic[name]) - logit(thresholds[name])) / scales.get(name, 1.0) for name in moving], axis=0
+    )[~held]
     ranked = np.sort(margins)[::-1]
     # just past the first row it must stop flagging, so that float32 scores and thresholds still keep it out
     return float(max(0.0, ranked[allowed] + _PAST)) if allowed < len(ranked) else 0.0

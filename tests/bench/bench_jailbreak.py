@@ -383,7 +383,10 @@ def fold(family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev:
             out[f"shipped|{method}@{rule}"] = either(flags[method], flags["shipped"], y_held)
     # as the default policy file serves them: each threshold moved by the file's threshold_shift
     served = {
-        method: tuple(scores > shifted(probe.threshold, SHIFTS[probe.name]) for scores in scored[method][1:])
+        method: tuple(
+            scores > shifted(probe.threshold, SHIFTS[probe.name] * probe.calibration_slope)
+            for scores in scored[method][1:]
+        )
         for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak))
     }
     out["shipped|shipped_jailbreak@served"] = either(served["shipped"], served["shipped_jailbreak"], y_held)

@@ -69,7 +69,7 @@ def main() -> None:
         target, traffic = probe.manifest["target_fpr"], probe.manifest["traffic_fpr"]  # its threshold rule
         scores = probe_scores(lm, probe, unseen, cache_dir=cache_dir)
         own = probe.threshold if policy.threshold is None else policy.threshold
-        flags[name], shifted_flags[name] = scores > own, scores > shifted(own, policy.shift)
+        flags[name], shifted_flags[name] = scores > own, scores > shifted(own, policy.shift * probe.calibration_slope)
         row = {
             "probe": {
                 "unseen_traffic_fpr": fpr(scores, probe.threshold),
