@@ -12,8 +12,8 @@ source its probe never saw) and judged on the fold left out, by the expected cal
 A shipped probe carries the winner of ``raw`` and ``platt`` (lowest mean ECE; ``platt`` only with a
 positive slope), fitted on every fold's held-out scores and folded into its weight, bias and
 threshold (``LinearProbe.calibrated``), so a server scores it calibrated at no cost and flags the
-rows it flagged before (to float rounding at the threshold). Isotonic regression is a step function that no linear probe carries; it
-is measured beside them.
+rows it flagged before (to float rounding at the threshold). Isotonic regression is a step function
+that no linear probe carries; it is measured beside them.
 """
 
 from __future__ import annotations
