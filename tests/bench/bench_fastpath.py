@@ -5,8 +5,10 @@ by more than 0.01) and the false-positive rate on dev negatives at the probe's t
 threshold's meaning shifts). bfloat16 serves the float32 probes; int8 serves probes trained on int8
 features (``probes/shipped/int8``), and the float32 probes' AUROC on int8 features shows why. Then
 each path's mean relative error of the hidden states against float32 over the benign prompts (every
-fifth layer), and decode tokens/s of the guarded engine, all paths interleaved per prompt. Prints and
-writes JSON.
+fifth layer); how often each path's greedy replies to held-out benign prompts (dev negatives, none
+of them int8's calibration prompts) match float32's: the same first token, the same whole reply, and
+the same next token at each position of float32's reply; and decode tokens/s of the guarded engine,
+all paths interleaved per prompt. Prints and writes JSON.
 
     .venv/bin/python tests/bench/bench_fastpath.py [--tokens 48] [--out tests/bench/results/fastpath.json]
 """
@@ -27,6 +29,7 @@ from probes.catalog import load_shipped
 from probes.data import default_data_dir
 from probes.eval.defaults import recipe_splits
 from probes.eval.evaluate import probe_scores
+from probes.lm import quantize
 from probes.lm.model import NUMERIC_PATHS, LoadedModel, load_model
 from probes.lm.render import render_messages
 
@@ -55,14 +58,70 @@ def hidden_error(models: dict[str, LoadedModel]) -> dict[str, dict[int, float]]:
     return out
 
 
+def greedy(lm: LoadedModel, ids: list[int], tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = lm.model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def reply_agreement(models: dict[str, LoadedModel], prompts: list[str], tokens: int) -> dict[str, dict[str, float]]:
+    """Per fast path: the share of prompts whose first token and whole greedy reply equal float32's, and
+    the share of float32's reply tokens the path also ranks first given the same prefix."""
+    reference = models["float32"]
+    encoded = [
+        render_messages(
+            reference.tokenizer, [{"role": "user", "content": text}], span_message=0, add_generation_prompt=True
+        ).ids
+        for text in prompts
+    ]
+    replies = [greedy(reference, ids, tokens) for ids in encoded]
+    out = {}
+    for path in FAST:
+        first = same = ranked = total = 0
+        for ids, reply in zip(encoded, replies, strict=True):
+            own = greedy(models[path], ids, tokens)
+            first += own[:1] == reply[:1]
+            same += own == reply
+            with torch.inference_mode():
+                logits = models[path].model(input_ids=torch.tensor([[*ids, *reply]])).logits[0, len(ids) - 1 : -1]
+            ranked += int((logits.argmax(-1) == torch.tensor(reply)).sum())
+            total += len(reply)
+        out[path] = {
+            "first_token": first / len(prompts),
+            "whole_reply": same / len(prompts),
+            "next_token": ranked / total,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--agreement-prompts", type=int, default=48, help="held-out benign prompts for reply agreement")
+    parser.add_argument("--agreement-tokens", type=int, default=24)
+    parser.add_argument("--agreement-only", action="store_true", help="measure reply agreement alone")
+    parser.add_argument(
+        "--int8-activation-bits",
+        type=int,
+        choices=(7, 8),
+        help="run int8 as a CPU with these would (default: this CPU's)",
+    )
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/fastpath.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.int8_activation_bits:  # a CPU without VNNI gets 7 (probes.lm.quantize.activation_bits)
+        quantize.activation_bits = lambda: args.int8_activation_bits
     models = {path: load_model(dtype=path) for path in NUMERIC_PATHS}
+    _, dev, _ = recipe_splits("harmful_request", default_data_dir())
+    held_out = [row.text for row in dev.rows if row.label == 0][: args.agreement_prompts]
+    agreement = reply_agreement(models, held_out, args.agreement_tokens)
+    print(
+        f"greedy replies against float32 (int8 on {quantize.activation_bits()}-bit activations)", json.dumps(agreement)
+    )
+    if args.agreement_only:
+        write(args.out, {"reply_agreement": agreement, "int8_activation_bits": quantize.activation_bits()})
+        return
     detection = {}
     for name in SHIPPED:
         _, dev, _ = recipe_splits(name, default_data_dir())
@@ -96,6 +155,8 @@ def main() -> None:
     report = {
         "detection": detection,
         "hidden_state_error": error,
+        "reply_agreement": agreement,
+        "int8_activation_bits": quantize.activation_bits(),
         "guarded_decode_tokens_per_s": speed,
         **{
             path: {
@@ -107,8 +168,12 @@ def main() -> None:
         },
     }
     print(json.dumps(report, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write(args.out, report)
+
+
+def write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
