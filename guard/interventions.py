@@ -47,8 +47,10 @@ class Ablation:
         if layer not in self.directions or not bool(mask.any()):
             return hidden
         directions = self.directions[layer].to(hidden.dtype)  # [n, d_model]
-        coefficients = (hidden @ directions.T) * mask[:, None, :].to(hidden.dtype)  # [rows, pos, n]
-        return hidden - coefficients @ directions
+        # elementwise products and sums, not matrix products, whose kernels (and roundings) depend on the
+        # number of rows: a row ablates bitwise alike alone or in any batch
+        coefficients = (hidden[:, :, None, :] * directions).sum(-1) * mask[:, None, :].to(hidden.dtype)
+        return hidden - (coefficients[..., None] * directions).sum(-2)
 
 
 class Steering:
@@ -72,7 +74,7 @@ class Steering:
         """What each row's steering adds at each layer a direction steers at: ``[rows, d_model]`` by layer,
         for ``strengths`` ``[rows, n_directions]``; layers where every row's strength is 0 add nothing."""
         return {
-            layer: strengths @ vectors
+            layer: (strengths[:, :, None] * vectors).sum(1)  # per row, bitwise alike in any batch
             for layer, vectors in self.vectors.items()
             if bool(strengths[:, self.steers_at[layer]].any())
         }
