@@ -1,9 +1,10 @@
 """Batched activation extraction: pooled residual-stream features for every row, cached on disk.
 
-Batches are sorted by length and right-padded after a shared prefix: the chat template's system
-prompt and role marker are the same for every row, so their KV cache is computed once and reused,
-and right padding keeps each row's position ids exactly as they are when it runs alone (features do
-not depend on what else is in the batch). The LM head is never run: the base model is enough.
+Every row goes through the model the way the server prefills a prompt (``row_states``): the chat
+template's system prompt and role marker, the same for every row, are computed once and reused, and
+the rest goes through the model's step in the server's chunks, several rows packed in one pass. So a
+row's features do not depend on what else is in its batch, and on int8 a prompt's features are bitwise
+the states the server scores it on.
 
 Pooling (the server computes each online):
 - ``mean``: mean over the text's own tokens. For a prompt, computed once after prefill; for a reply,
@@ -19,7 +20,6 @@ Pooling (the server computes each online):
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from probes.data import Dataset
-from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel
+from probes.lm.prefix import PrefixCache, chunk_end, split_at
 from probes.lm.render import Encoded, encode_row
+from probes.lm.step import Segment
 
 POOLINGS = ("mean", "last", "tail")  # what a probe may pool or read (the server computes each online)
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 def extract(
@@ -61,13 +61,12 @@ def extract(
             return np.load(path, allow_pickle=False)
     features = np.zeros((len(dataset.rows), len(layers), lm.hidden_size), dtype=np.float32)
     with tqdm(total=len(dataset.rows), desc="extracting", unit="text", disable=not progress) as bar:
-        encoded = _encode(lm, dataset, max_text_tokens, generation_prompt=pooling == "tail")
-        for batch, rows, hidden, offset in batched_states(lm, encoded, layers, batch_tokens):
+        encoded = _encode(lm, dataset, max_text_tokens, tail=pooling == "tail")
+        for i, row, hidden, split in row_states(lm, encoded, layers, batch_tokens):
+            end = len(row.ids) if pooling == "tail" else row.end
             for j, layer in enumerate(layers):
-                for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                    end = len(row.ids) if pooling == "tail" else row.end
-                    features[i, j] = pool(hidden[layer][k], row.start - offset, end - offset, pooling).numpy()
-            bar.update(len(batch))
+                features[i, j] = pool(hidden[layer], row.start - split, end - split, pooling).numpy()
+            bar.update(1)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
@@ -96,86 +95,100 @@ def token_states(
     For methods that score tokens rather than a pooled row (``tests/bench/bench_window_pooling.py``);
     the mean over a row's tokens is its ``mean``-pooled feature.
     """
-    for batch, rows, hidden, offset in batched_states(lm, _encode(lm, dataset, max_text_tokens), layers, batch_tokens):
-        for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
-            span = [hidden[layer][k, row.start - offset : row.end - offset] for layer in layers]
-            yield i, torch.stack(span, 1).numpy()
+    for i, row, hidden, split in row_states(lm, _encode(lm, dataset, max_text_tokens), layers, batch_tokens):
+        yield i, torch.stack([hidden[layer][row.start - split : row.end - split] for layer in layers], 1).numpy()
 
 
-def _encode(lm: LoadedModel, dataset: Dataset, max_text_tokens: int, generation_prompt: bool = False) -> list[Encoded]:
+def _encode(lm: LoadedModel, dataset: Dataset, max_text_tokens: int, tail: bool = False) -> list[Encoded]:
+    """User texts rendered with the generation prompt, as the server prefills them (the text's own states do not
+    depend on it, but where the chunks end does, and int8 rounds by chunk); ``tail``: every row (user texts only)."""
     return [
-        encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens, generation_prompt=generation_prompt)
+        encode_row(
+            lm.tokenizer, r.text, r.prompt, max_text_tokens=max_text_tokens, generation_prompt=tail or r.prompt is None
+        )
         for r in dataset.rows
     ]
 
 
-def batched_states(
+def row_states(
     lm: LoadedModel, encoded: list[Encoded], layers: Sequence[int], batch_tokens: int = 2048
-) -> Iterator[tuple[list[int], list[Encoded], dict[int, torch.Tensor], int]]:
-    """Per batch of rows of similar length: their indices, encodings, hidden states and shared prefix length.
+) -> Iterator[tuple[int, Encoded, dict[int, torch.Tensor], int]]:
+    """Per row, in order: its index, encoding, hidden states ``{layer: [len(ids) - split, d_model]}`` (float32)
+    of ``ids[split:]``, and ``split``.
 
-    ``hidden[layer][k, p]`` is the state of ``rows[k].ids[offset + p]``; positions past a row's ids are padding.
+    Each row goes through the model as the server prefills a prompt: its prefix up to ``split`` looked up
+    (computed once), the rest in chunks (``probes.lm.prefix``) through the model's step, several rows'
+    chunks packed in one pass of at most ``batch_tokens`` tokens.
     """
-    prefixes: dict[tuple[int, ...], DynamicCache] = {}
-    for batch in _batches(encoded, batch_tokens):
-        rows = [encoded[i] for i in batch]
-        yield batch, rows, *_batch_states(lm, rows, layers, prefixes)
+    step = lm.step()
+    prefixes = PrefixCache(step, lm.model.config)
+    template = _template_prefix(lm)
+    for batch in _batches(encoded, template, batch_tokens):
+        splits, segments = [], []
+        for index in batch:
+            row = encoded[index]
+            splits.append(_split(row, template))
+            cache = prefixes.segment(row.ids, splits[-1]).cache
+            start = splits[-1]
+            while start < len(row.ids):
+                stop = chunk_end(len(row.ids), start, splits[-1])
+                segments.append(Segment(row.ids[start:stop], cache))
+                start = stop
+        kept = _Kept(layers)
+        with torch.inference_mode():
+            step.prefill(segments, kept)
+        hidden = {layer: kept.states(layer) for layer in layers}
+        offset = 0
+        for index, split in zip(batch, splits, strict=True):
+            n = len(encoded[index].ids) - split
+            yield index, encoded[index], {layer: hidden[layer][offset : offset + n] for layer in layers}, split
+            offset += n
 
 
-def _batch_states(
-    lm: LoadedModel, rows: list[Encoded], layers: Sequence[int], prefixes: dict[tuple[int, ...], DynamicCache]
-) -> tuple[dict[int, torch.Tensor], int]:
-    """``{layer: [batch, position, d_model]}`` (float32) after the batch's shared prefix, and the prefix's length."""
-    shared = _shared_prefix(rows)
-    cache = None
-    if shared:
-        if shared not in prefixes:
-            prefixes[shared] = _prefix_cache(lm, shared)
-        cache = copy.deepcopy(prefixes[shared])
-        cache.batch_repeat_interleave(len(rows))
-    offset = len(shared)
-    width = max(len(r.ids) for r in rows) - offset
-    ids = torch.full((len(rows), width), lm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), offset + width), dtype=torch.long)
-    mask[:, :offset] = 1
-    for i, row in enumerate(rows):
-        ids[i, : len(row.ids) - offset] = torch.tensor(row.ids[offset:])
-        mask[i, offset : len(row.ids)] = 1
-    with torch.inference_mode(), capture(lm.model, layers, layer_path=lm.layer_path) as store:
-        lm.model.base_model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
-    return {layer: store[layer].float() for layer in layers}, offset
+class _Kept:
+    """A prefill's layer callback that keeps the layers asked for (one token a row) and changes nothing."""
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        self.parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if layer in self.parts:
+            self.parts[layer].append(hidden[:, 0].float())
+        return hidden
+
+    def states(self, layer: int) -> torch.Tensor:
+        return torch.cat(self.parts[layer])
 
 
-def _shared_prefix(rows: list[Encoded]) -> tuple[int, ...]:
-    """Longest common token prefix of the batch that stops before any row's scored span."""
-    limit = min(r.start for r in rows)
-    first = rows[0].ids
-    n = 0
-    while n < limit and all(r.ids[n] == first[n] for r in rows):
-        n += 1
-    return tuple(first[:n])
+def _template_prefix(lm: LoadedModel) -> tuple[int, ...]:
+    """The chat template's tokens before a user text: every row's prefix, a reply's too."""
+    probe = encode_row(lm.tokenizer, "Hello.")
+    return probe.ids[: probe.start]
 
 
-def _prefix_cache(lm: LoadedModel, prefix: tuple[int, ...]) -> DynamicCache:
-    cache = DynamicCache(config=lm.model.config)
-    with torch.inference_mode():
-        lm.model.base_model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
-    return cache
+def _split(row: Encoded, template: tuple[int, ...]) -> int:
+    """Where the server splits a user text (``probes.lm.prefix.split_at``); a reply, after the template's
+    tokens before its prompt, which every row shares."""
+    if row.ids[: row.start] == template:
+        return split_at(row.start)
+    shared = 0
+    while shared < min(len(template), row.start) and row.ids[shared] == template[shared]:
+        shared += 1
+    return split_at(shared)
 
 
-def _batches(encoded: list[Encoded], batch_tokens: int) -> list[list[int]]:
-    """Index batches of similar length, each at most ``batch_tokens`` padded tokens (and at least one row)."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and len(encoded[index].ids) * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+def _batches(encoded: list[Encoded], template: tuple[int, ...], batch_tokens: int) -> list[list[int]]:
+    """Consecutive rows whose tokens after their split come to at most ``batch_tokens`` (one row at least)."""
+    batches: list[list[int]] = [[]]
+    tokens = 0
+    for index, row in enumerate(encoded):
+        n = len(row.ids) - _split(row, template)
+        if batches[-1] and tokens + n > batch_tokens:
+            batches.append([])
+            tokens = 0
+        batches[-1].append(index)
+        tokens += n
+    return [batch for batch in batches if batch]
 
 
 def _cache_key(fingerprint: str, data_hash: str, layers: Sequence[int], pooling: str, max_text_tokens: int) -> str:

@@ -545,15 +545,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for
     """A prompt cut into chunks, over passes of a few chunks each continuing its cache: its reply and its
     prompt score are what one piece in one pass gives (a legacy completion's two caches included)."""
     import guard.engine.loop as loop
-    import guard.engine.prompts as prompts
+    import probes.lm.prefix as prefix
 
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     long = " ".join(PROMPTS * 6)
     requests = [request(tiny_lm, long, 8), legacy_request(tiny_lm, long, 8)]
-    monkeypatch.setattr(prompts, "CHUNK", 10_000)
+    monkeypatch.setattr(prefix, "CHUNK", 10_000)
     whole = engine_for([policy], [probe_for(tiny_lm)])
     alone = [asyncio.run(run(whole, r)) for r in requests]
-    monkeypatch.setattr(prompts, "CHUNK", 8)
+    monkeypatch.setattr(prefix, "CHUNK", 8)
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
     chunked = engine_for([policy], [probe_for(tiny_lm)])
     passes = []
@@ -587,10 +587,10 @@ def test_a_running_stream_decodes_while_a_pass_runs_on_the_prefill_thread(tiny_l
     """Overlapped, a slow prefill pass runs beside the running batch, which keeps stepping: several decode
     steps a pass, where the engine thread alone takes one between passes. The prompt's reply is the same."""
     import guard.engine.loop as loop
-    import guard.engine.prompts as prompts
+    import probes.lm.prefix as prefix
 
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
-    monkeypatch.setattr(prompts, "CHUNK", 16)
+    monkeypatch.setattr(prefix, "CHUNK", 16)
     policy = Policy("toy", "toy", Stage.BOTH, Action.FLAG)
     engine = engine_for([policy], [probe_for(tiny_lm)])
     prefill = engine.step.prefill
@@ -620,7 +620,7 @@ def test_a_tail_probe_reads_the_prompts_last_token_whatever_the_chunks_and_refus
 ):
     """A ``tail`` probe scores the state at the prompt's last template token, as training extracts it, for a
     chat request and a legacy completion, prefilled whole or in chunks; on the output stage it is refused."""
-    import guard.engine.prompts as prompts
+    import probes.lm.prefix as prefix
 
     probe = replace(probe_for(tiny_lm, seed=3), pooling="tail")
     policy = Policy("toy", "toy", Stage.PROMPT, Action.FLAG)
@@ -629,7 +629,7 @@ def test_a_tail_probe_reads_the_prompts_last_token_whatever_the_chunks_and_refus
     mean = replace(probe, pooling="mean").predict_proba(extract(tiny_lm, Dataset((Row(texts[1], 0),)), (2,)))[0]
     assert abs(mean - expected[1]) > 1e-3  # the readings differ: the test tells them apart
     for chunk in (10_000, 8):
-        monkeypatch.setattr(prompts, "CHUNK", chunk)
+        monkeypatch.setattr(prefix, "CHUNK", chunk)
         engine = engine_for([policy], [probe])
         for text, score in zip(texts, expected, strict=True):
             for req in (request(tiny_lm, text, 2), legacy_request(tiny_lm, text, 2)):
@@ -646,10 +646,10 @@ def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_fo
     """While a long prompt prefills, every pass is followed by a decode step of the running batch, and each
     pass takes at most the budget; a request that goes away stops at its next chunk."""
     import guard.engine.loop as loop
-    import guard.engine.prompts as prompts
+    import probes.lm.prefix as prefix
 
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
-    monkeypatch.setattr(prompts, "CHUNK", 16)
+    monkeypatch.setattr(prefix, "CHUNK", 16)
     engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)])
     phases: list[str] = []
     long = request(tiny_lm, " ".join(PROMPTS * 6), 4)

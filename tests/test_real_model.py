@@ -121,23 +121,14 @@ def test_int8_engine_replies_batched_equal_replies_alone_on_the_default_model(fi
         assert done_a.verdicts["harmful_request"].score == done_b.verdicts["harmful_request"].score
 
 
-@pytest.mark.parametrize(
-    ("fixture", "tolerance", "mean_tolerance"),
-    [
-        ("real_lm", 1e-5, 1e-5),
-        ("real_compiled_lm", 1e-5, 1e-5),
-        ("real_int8_lm", 0.02, 0.005),
-        ("real_int8_compiled_lm", 0.15, 0.02),
-    ],
-)
-def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture, tolerance, mean_tolerance, request):
-    """The server prefills a prompt after its template prefix, where feature extraction splits it too, so the
-    prompt-stage scores are the shipped probes applied to the features they were trained on: equal on float32
-    (to the verdict's 6 decimals), compiled or not; within int8's rounding on int8 (measured at most 0.008
-    over these 28 prompts and the five policies; a prefill in one piece through transformers was 0.039 off).
-    Compiled int8 fuses float operations and rounds them differently, which moves some int8 roundings: on
-    400 dev rows per policy its scores were 0.003-0.013 apart on average, up to 0.14, at the same AUROC
-    (docs/benchmarks.md, "The lean step and compiling it")."""
+@pytest.mark.parametrize("fixture", ["real_lm", "real_compiled_lm", "real_int8_lm", "real_int8_compiled_lm"])
+def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture, request):
+    """Feature extraction prefills each row through the model's own step as the server prefills a prompt: after
+    the same template prefix, in the same chunks, with the generation prompt after the text. So the
+    prompt-stage scores are the shipped probes applied to the features they were trained on, to float32's
+    rounding of a mean of per-token terms (the verdict's 6 decimals), on every numeric path: on int8, where
+    a chunk cut elsewhere or a batch through transformers' forward moves states by a quantisation step,
+    one prompt's score was 0.075 off."""
     lm = request.getfixturevalue(fixture)
     names = ["harmful_request", "jailbreak", "hate", "self_harm", "weapons", "medical_advice"]  # the prompt stage
     probes = [load_shipped(name, model_fingerprint=lm.fingerprint) for name in names]
@@ -159,13 +150,10 @@ def test_served_prompt_scores_are_the_probes_on_their_training_features(fixture,
         served = asyncio.run(together())
     finally:
         engine.stop()
-    gaps = []
     for name, probe in zip(names, probes, strict=True):
         trained = probe.predict_proba(features[probe.pooling])
         for i, (_, _, events) in enumerate(served):
-            gaps.append(abs(events[0].verdicts[name].score - trained[i]))
-            assert gaps[-1] <= tolerance, (name, texts[i])
-    assert np.mean(gaps) <= mean_tolerance
+            assert abs(events[0].verdicts[name].score - trained[i]) <= 1e-5, (name, texts[i])
 
 
 def test_special_token_text_in_content_is_text_on_the_default_model(real_lm):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from probes.data import Dataset, Row
-from probes.features import batched_states, extract, token_states
+from probes.features import extract, row_states, token_states
 from probes.lm.hooks import capture
 from probes.lm.render import encode_row, render_messages
 
@@ -42,15 +42,13 @@ def test_generation_prompt_keeps_the_template_after_a_truncated_text(tiny_lm):
         encode_row(tiny_lm.tokenizer, "Sure.", "Tell me.", generation_prompt=True)
 
 
-def test_batched_states_past_the_text_equal_the_row_alone(tiny_lm):
+def test_row_states_past_the_text_equal_the_row_alone(tiny_lm):
     encoded = [encode_row(tiny_lm.tokenizer, t, generation_prompt=True) for t in TEXTS]
-    for batch, rows, hidden, offset in batched_states(tiny_lm, encoded, [2]):
-        assert len(batch) > 1  # one batch for these few short rows
-        for k, row in enumerate(rows):
-            with torch.inference_mode(), capture(tiny_lm.model, [2]) as store:
-                tiny_lm.model(input_ids=torch.tensor([row.ids]))
-            tail = hidden[2][k, row.end - offset : len(row.ids) - offset]
-            torch.testing.assert_close(tail, store[2][0, row.end :].float(), rtol=1e-4, atol=1e-5)
+    for i, row, hidden, split in row_states(tiny_lm, encoded, [2]):
+        assert row is encoded[i] and 0 < split <= row.start
+        with torch.inference_mode(), capture(tiny_lm.model, [2]) as store:
+            tiny_lm.model(input_ids=torch.tensor([row.ids]))
+        torch.testing.assert_close(hidden[2], store[2][0, split:].float(), rtol=1e-4, atol=1e-5)
 
 
 def test_batched_features_equal_unbatched_and_manual_mean(tiny_lm):
@@ -179,3 +177,18 @@ def test_prompt_scores_of_injected_content_are_the_probes_on_its_features(tiny_l
     _, _, events = asyncio.run(run(engine, request(tiny_lm, injected, 2)))
     features = extract(tiny_lm, Dataset((Row(injected, 0),)), probe.layers, progress=False)
     assert events[0].verdicts["toy"].score == pytest.approx(float(probe.predict_proba(features)[0]), abs=1e-5)
+
+
+def test_int8_features_are_bitwise_the_same_batched_or_alone(tiny_model_dir, tmp_path):
+    """Rows go through the model as the server prefills a prompt, each in chunks of its own: a row's int8
+    features (where one rounding step can move a state by a whole quantisation step) do not depend on
+    the rows it is batched with."""
+    from probes.lm.model import load_model
+
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype="int8")
+    prompts = (*(Row(t, 0) for t in TEXTS), Row(" ".join(TEXTS * 4), 1))  # the last one spans several chunks
+    reply = Row("Sure, here is how.", 1, prompt="Tell me how to bake bread.")
+    for pooling, rows in (("mean", (*prompts, reply)), ("tail", prompts)):
+        batched = extract(lm, Dataset(rows), [1, 3], pooling=pooling, progress=False)
+        alone = np.stack([extract(lm, Dataset((r,)), [1, 3], pooling=pooling, progress=False)[0] for r in rows])
+        np.testing.assert_array_equal(batched, alone)

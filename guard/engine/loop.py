@@ -55,7 +55,7 @@ from guard.scoring import ProbeBank, ProbeSet, Shadow
 from guard.textstream import TextStream
 from probes.direction import Direction
 from probes.lm.model import LoadedModel
-from probes.lm.prefix import PrefixCache
+from probes.lm.prefix import PrefixCache, split_at
 from probes.lm.step import Segment
 from probes.probe import LinearProbe
 
@@ -67,7 +67,6 @@ Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefil
 TORCH_THREADS = torch.get_num_threads()
 PREFILL_TOKENS = 1024  # prompt tokens in one prefill pass at most (a longer prompt takes several)
 STALL_STEPS = 2.0  # while streams decode, a prefill pass takes about this many decode steps' time (a chunk at least)
-PREFIX_TOKENS = 128  # a prompt's template prefix up to this long is computed once and kept (probes.lm.prefix)
 CALIBRATION_TOKENS = 256  # the prefill measured at start, for the prompt-token throughput
 
 
@@ -303,7 +302,7 @@ class Engine:
         """A reply's prefill plan: its scored prompt after the cached template prefix, then (a legacy completion)
         the raw text it generates from."""
         request = reply.request
-        split = request.prompt_span[0] if request.prompt_span[0] <= PREFIX_TOKENS else 0
+        split = split_at(request.prompt_span[0])
         scored = request.score_ids or request.prompt_ids
         segment = self._prefixes.segment(scored, split, _intervention(reply), lambda: self._tap([reply], [split]))
         lanes = [Lane(scored, segment.cache, split, split)]

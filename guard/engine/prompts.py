@@ -1,6 +1,6 @@
 """Prompts on their way through prefill, a chunk at a time.
 
-A prompt is cut into chunks of ``CHUNK`` tokens at fixed places (counted from where its cached prefix
+A prompt is cut into chunks of ``probes.lm.prefix.CHUNK`` tokens at fixed places (counted from where its cached prefix
 ends), whatever else runs: a chunk computes the same whether it shares a pass or not, so a reply does
 not depend on the load it met (bitwise on int8). A pass takes whole chunks, of several prompts, and
 several of one prompt (each continuing the one before it); while streams decode it takes only a few,
@@ -18,9 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from guard.engine.reply import Reply
+from probes.lm.prefix import chunk_end
 from probes.lm.step import Segment
-
-CHUNK = 32  # prompt tokens a chunk
 
 
 @dataclass(eq=False)
@@ -35,7 +34,7 @@ class Lane:
 
     def chunk_end(self, start: int) -> int:
         """Where the chunk that starts at ``start`` ends."""
-        return min(len(self.ids), start + CHUNK - (start - self.origin) % CHUNK)
+        return chunk_end(len(self.ids), start, self.origin)
 
 
 @dataclass(eq=False)

@@ -7,6 +7,10 @@ training splits it (``probes.features``): the part before is looked up here, or 
 kept, and only the rest goes through the packed pass. A hit changes nothing but the time: the same
 tokens computed alone give the same cache.
 
+After its prefix a prompt goes through prefill in chunks of ``CHUNK`` tokens cut at fixed places, counted
+from the split, whatever pass a chunk shares: on int8 a prompt's states are then bitwise the same served
+alone, served among others, or extracted for training.
+
 A prefix computed under an intervention (a layer callback that steers or ablates it) is kept apart, under
 the caller's name for that intervention: the same tokens under another intervention are another prefix.
 """
@@ -22,6 +26,18 @@ from transformers import DynamicCache
 from probes.lm.step import OnLayer, Segment, Step
 
 PREFIXES = 16  # prefixes kept (least recently used dropped)
+PREFIX_TOKENS = 128  # a prompt's template prefix up to this long is computed once and kept
+CHUNK = 32  # prompt tokens a prefill chunk
+
+
+def split_at(start: int) -> int:
+    """Where a prompt whose scored text starts at ``start`` is split: the part before is a kept prefix."""
+    return start if start <= PREFIX_TOKENS else 0
+
+
+def chunk_end(length: int, start: int, split: int) -> int:
+    """Where the chunk of a prompt of ``length`` tokens split at ``split`` that starts at ``start`` ends."""
+    return min(length, start + CHUNK - (start - split) % CHUNK)
 
 
 class PrefixCache:

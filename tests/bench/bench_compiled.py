@@ -2,10 +2,9 @@
 
 Two things, on one numeric path (``--dtype``), one torch thread, the same model:
 - decode step time in-process for 1 and 8 rows, not compiled vs compiled, interleaved per round;
-- the shipped probes on dev rows of every prompt-stage policy, scored as the server scores a prompt
-  (a packed prefill after the cached template prefix, mean over the scored span): AUROC, FPR and TPR
-  at the probe's threshold, for the training features (transformers' forward, what the probes were
-  fitted on), the lean step and the compiled lean step, and how far each row's score moves.
+- the shipped probes on dev rows of every prompt-stage policy, their features extracted (as the server
+  prefills a prompt) through the eager step, what they were trained on, and through the compiled one:
+  AUROC, FPR and TPR at the probe's threshold, and how far each row's score moves.
 
 Compiled code fuses float operations and rounds them differently; on int8 that moves some int8
 roundings, so this measures what it costs the probes. Prints and writes JSON.
@@ -33,10 +32,8 @@ from probes.eval.defaults import recipe_splits
 from probes.eval.evaluate import probe_scores
 from probes.lm.batch import BatchCache
 from probes.lm.model import LoadedModel, load_model
-from probes.lm.prefix import PrefixCache
-from probes.lm.render import encode_row, render_messages
+from probes.lm.render import render_messages
 from probes.lm.step import Segment
-from probes.probe import LinearProbe
 
 
 def step_ms(lm: LoadedModel, rows: int, steps: int) -> float:
@@ -58,63 +55,32 @@ def step_ms(lm: LoadedModel, rows: int, steps: int) -> float:
     return statistics.median(times) * 1000
 
 
-def served_scores(lm: LoadedModel, probe: LinearProbe, dataset: Dataset, prefixes: PrefixCache) -> np.ndarray:
-    """Each row's score as a prompt-stage policy computes it in the server, 8 rows a packed prefill."""
-    limit = int(probe.manifest.get("max_text_tokens", 256))
-    scores = []
-    seen: dict[int, torch.Tensor] = {}  # this pass's outputs of the probe's layers
-
-    def keep(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        if layer in probe.layers:
-            seen[layer] = hidden[:, 0].clone()
-        return hidden
-
-    for at in range(0, len(dataset.rows), 8):
-        rows = [encode_row(lm.tokenizer, r.text, r.prompt, max_text_tokens=limit) for r in dataset.rows[at : at + 8]]
-        segments = [prefixes.segment(tuple(row.ids), row.start) for row in rows]
-        with torch.inference_mode():
-            lm.decoder.prefill(segments, keep)
-        starts = np.cumsum([0] + [len(s.ids) for s in segments])
-        features = [
-            np.stack([seen[layer][start : start + row.end - row.start].mean(0).numpy() for layer in probe.layers])
-            for row, start in zip(rows, starts, strict=False)
-        ]
-        scores.append(probe.predict_proba(np.stack(features)))
-    return np.concatenate(scores)
-
-
 def detection(lm: LoadedModel, compiled: LoadedModel, sample: int) -> dict:
-    """Per policy: AUROC / FPR / TPR at threshold per scoring path, and how far served scores are from training's."""
+    """Per policy: AUROC / FPR / TPR at threshold, eager (the training features, which are the served
+    states) and compiled, and how far each row's compiled score is from its eager one."""
     out, rng = {}, np.random.default_rng(0)
-    datasets = {}
     for name in SHIPPED:
         _, dev, _ = recipe_splits(name, default_data_dir())
         pick = rng.permutation(len(dev.rows))[:sample]
-        datasets[name] = Dataset(tuple(dev.rows[i] for i in pick))
-    scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in SHIPPED}
-    for path, model in (("training_features", lm), ("lean", lm), ("compiled", compiled)):
-        prefixes = PrefixCache(model.decoder, model.model.config)
-        for name, dataset in datasets.items():
-            probe = load_shipped(name, model_fingerprint=model.fingerprint)
-            if path == "training_features":
-                scores[name][path] = probe_scores(model, probe, dataset, progress=False)
-            else:
-                scores[name][path] = served_scores(model, probe, dataset, prefixes)
-    for name, dataset in datasets.items():
-        labels, threshold = np.asarray(dataset.labels), load_shipped(name, model_fingerprint=lm.fingerprint).threshold
+        dataset = Dataset(tuple(dev.rows[i] for i in pick))
+        probe = load_shipped(name, model_fingerprint=lm.fingerprint)
+        labels = np.asarray(dataset.labels)
+        scores = {
+            path: probe_scores(model, probe, dataset, progress=False)
+            for path, model in (("eager", lm), ("compiled", compiled))
+        }
         row = {
             path: {
                 "auroc": float(roc_auc_score(labels, s)),
-                "fpr_at_threshold": float((s[labels == 0] > threshold).mean()),
-                "tpr_at_threshold": float((s[labels == 1] > threshold).mean()),
+                "fpr_at_threshold": float((s[labels == 0] > probe.threshold).mean()),
+                "tpr_at_threshold": float((s[labels == 1] > probe.threshold).mean()),
             }
-            for path, s in scores[name].items()
+            for path, s in scores.items()
         }
-        for path in ("lean", "compiled"):
-            gap = np.abs(scores[name][path] - scores[name]["training_features"])
-            row[path] |= {"mean_abs_score_gap": float(gap.mean()), "max_abs_score_gap": float(gap.max())}
-        row["compiled_auroc_drop"] = row["lean"]["auroc"] - row["compiled"]["auroc"]
-        row["compiled_fpr_shift"] = row["compiled"]["fpr_at_threshold"] - row["lean"]["fpr_at_threshold"]
+        gap = np.abs(scores["compiled"] - scores["eager"])
+        row["compiled"] |= {"mean_abs_score_gap": float(gap.mean()), "max_abs_score_gap": float(gap.max())}
+        row["compiled_auroc_drop"] = row["eager"]["auroc"] - row["compiled"]["auroc"]
+        row["compiled_fpr_shift"] = row["compiled"]["fpr_at_threshold"] - row["eager"]["fpr_at_threshold"]
         out[name] = row
         print(name, json.dumps(row), flush=True)
     return out

@@ -60,7 +60,7 @@ from probes.data import Dataset, Row, default_data_dir
 from probes.eval.defaults import PRESET_CONFIG, recipe_splits
 from probes.eval.jailbreaks import hash_order, templates, wrap
 from probes.eval.sources import read_source
-from probes.features import batched_states
+from probes.features import row_states
 from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import Encoded, encode_row
@@ -202,13 +202,11 @@ def plain_states(lm: LoadedModel, rows: Sequence[Row]) -> States:
     encoded = [encode_row(lm.tokenizer, r.text, None, max_text_tokens=512, generation_prompt=True) for r in rows]
     states = States.empty(len(rows), lm.hidden_size)
     with tqdm(total=len(rows), desc="plain prompts") as bar:
-        for batch, enc, hidden, offset in batched_states(lm, encoded, LAYERS, 4096):
-            stacked = torch.stack([hidden[layer] for layer in LAYERS], 2)  # [batch, positions, layers, d]
-            for k, (i, row) in enumerate(zip(batch, enc, strict=True)):
-                own = stacked[k, : len(row.ids) - offset]
-                span = (row.start - offset, row.end - offset)
-                states.put(i, *readings(own, *span, span))
-            bar.update(len(batch))
+        for i, row, hidden, split in row_states(lm, encoded, LAYERS, 4096):
+            own = torch.stack([hidden[layer] for layer in LAYERS], 1)  # [positions, layers, d]
+            span = (row.start - split, row.end - split)
+            states.put(i, *readings(own, *span, span))
+            bar.update(1)
     return states
 
 

@@ -36,7 +36,7 @@ from probes.data import Dataset
 from probes.eval.defaults import PRESET_CONFIG, recipe_splits
 from probes.eval.lodo import Fold, folds, scored_fold
 from probes.eval.presets import PRESET_LAYERS
-from probes.features import batched_states
+from probes.features import row_states
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import encode_row
 from probes.probe import sigmoid
@@ -65,14 +65,13 @@ def template_states(lm: LoadedModel, dataset: Dataset, cache_dir: Path, refresh:
     layers = list(range(lm.num_layers))
     out = {p: np.zeros((len(encoded), len(layers), lm.hidden_size), np.float32) for p in POOLINGS}
     with tqdm(total=len(encoded), desc="extracting", unit="text") as bar:
-        for batch, rows, hidden, offset in batched_states(lm, encoded, layers):
-            states = np.stack([hidden[layer].numpy() for layer in layers], 2)  # [batch, position, layer, d]
-            for k, (i, row) in enumerate(zip(batch, rows, strict=True)):
-                start, end, stop = row.start - offset, row.end - offset, len(row.ids) - offset
-                out["mean"][i] = states[k, start:end].mean(0)
-                out["tail_mean"][i] = states[k, end:stop].mean(0)
-                out["tail_last"][i] = states[k, stop - 1]
-            bar.update(len(batch))
+        for i, row, hidden, split in row_states(lm, encoded, layers):
+            states = np.stack([hidden[layer].numpy() for layer in layers], 1)  # [position, layer, d]
+            start, end = row.start - split, row.end - split
+            out["mean"][i] = states[start:end].mean(0)
+            out["tail_mean"][i] = states[end:].mean(0)
+            out["tail_last"][i] = states[-1]
+            bar.update(1)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
