@@ -123,15 +123,14 @@ def row_states(
     step = lm.step()
     prefixes = PrefixCache(step, lm.model.config)
     template = _template_prefix(lm)
-    for batch in _batches(encoded, template, batch_tokens):
-        splits, segments = [], []
+    splits = [_split(row, template) for row in encoded]
+    for batch in _batches(encoded, splits, batch_tokens):
+        segments = []
         for index in batch:
-            row = encoded[index]
-            splits.append(_split(row, template))
-            cache = prefixes.segment(row.ids, splits[-1]).cache
-            start = splits[-1]
+            row, start = encoded[index], splits[index]
+            cache = prefixes.segment(row.ids, start).cache
             while start < len(row.ids):
-                stop = chunk_end(len(row.ids), start, splits[-1])
+                stop = chunk_end(len(row.ids), start, splits[index])
                 segments.append(Segment(row.ids[start:stop], cache))
                 start = stop
         kept = _Kept(layers)
@@ -139,9 +138,9 @@ def row_states(
             step.prefill(segments, kept)
         hidden = {layer: kept.states(layer) for layer in layers}
         offset = 0
-        for index, split in zip(batch, splits, strict=True):
-            n = len(encoded[index].ids) - split
-            yield index, encoded[index], {layer: hidden[layer][offset : offset + n] for layer in layers}, split
+        for index in batch:
+            n = len(encoded[index].ids) - splits[index]
+            yield index, encoded[index], {layer: hidden[layer][offset : offset + n] for layer in layers}, splits[index]
             offset += n
 
 
@@ -167,22 +166,20 @@ def _template_prefix(lm: LoadedModel) -> tuple[int, ...]:
 
 
 def _split(row: Encoded, template: tuple[int, ...]) -> int:
-    """Where the server splits a user text (``probes.lm.prefix.split_at``); a reply, after the template's
-    tokens before its prompt, which every row shares."""
-    if row.ids[: row.start] == template:
-        return split_at(row.start)
+    """After the template's tokens before the user text, which every row shares: where the server splits a
+    user text (``probes.lm.prefix.split_at``), and a reply's prompt."""
     shared = 0
     while shared < min(len(template), row.start) and row.ids[shared] == template[shared]:
         shared += 1
     return split_at(shared)
 
 
-def _batches(encoded: list[Encoded], template: tuple[int, ...], batch_tokens: int) -> list[list[int]]:
+def _batches(encoded: list[Encoded], splits: list[int], batch_tokens: int) -> list[list[int]]:
     """Consecutive rows whose tokens after their split come to at most ``batch_tokens`` (one row at least)."""
     batches: list[list[int]] = [[]]
     tokens = 0
     for index, row in enumerate(encoded):
-        n = len(row.ids) - _split(row, template)
+        n = len(row.ids) - splits[index]
         if batches[-1] and tokens + n > batch_tokens:
             batches.append([])
             tokens = 0
