@@ -221,6 +221,55 @@ def test_packed_prefill_matches_transformers_and_each_prompt_alone(tiny_model_di
             assert close(hidden[row][layer], alone[0][layer], INVARIANCE[dtype]), layer
 
 
+def mixed_or_apart(lm: LoadedModel, mixed: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int]]:
+    """A decode step of three rows and three prompt chunks (two continuing one cache), in one pass or in a
+    step and a prefill pass of their own: the logits (rows', then each chunk's), every layer's outputs (the
+    rows', then the chunks' tokens) and the caches' lengths after."""
+    from probes.lm.step import Segment
+
+    batch, ids, positions = prefilled(lm, ["How do I bake bread today?", "Hi", "Tell me how to steal a car."])
+    prompt = tuple(lm.tokenizer("Write a poem about the sea, the wind and a boat at night.")["input_ids"])
+    caches = [DynamicCache(config=lm.model.config) for _ in range(2)]
+    segments = [Segment(prompt[:6], caches[0]), Segment(prompt[6:], caches[0]), Segment(prompt[:4], caches[1])]
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def record(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(layer, []).append(hidden[:, 0])
+        return hidden
+
+    mask = batch.step_mask()
+    mask = None if bool(mask.all()) else mask
+    with torch.inference_mode():
+        if mixed:
+            logits = lm.decoder(ids, positions, batch.cache, mask, record, segments)
+        else:
+            logits = torch.cat(
+                [lm.decoder(ids, positions, batch.cache, mask, record), lm.decoder.prefill(segments, record)]
+            )
+    lengths = [c.get_seq_length() for c in (batch.cache, *caches)]
+    return logits, {layer: torch.cat(parts) for layer, parts in seen.items()}, lengths
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_prompt_chunks_riding_in_a_decode_step_compute_what_passes_of_their_own_do(
+    tiny_model_dir, tmp_path, dtype, compiled
+):
+    """A decode step that carries prompt chunks in its pass gives every row and every chunk what a step and a
+    prefill pass of their own give them: logits, every layer's outputs and the caches (bitwise on int8)."""
+    lm = load_model(str(tiny_model_dir), cache_dir=tmp_path, dtype=dtype, compiled=compiled)
+    logits, hidden, lengths = mixed_or_apart(lm, mixed=True)
+    want_logits, want_hidden, want_lengths = mixed_or_apart(lm, mixed=False)
+    assert logits.shape == want_logits.shape == (6, lm.model.config.vocab_size) and lengths == want_lengths
+    assert close(logits, want_logits, INVARIANCE[dtype])
+    for layer, expected in want_hidden.items():
+        assert close(hidden[layer], expected, INVARIANCE[dtype]), layer
+    with pytest.raises(ValueError, match="mixes is False"):
+        lm.step(fast=False)(
+            torch.tensor([[1]]), torch.tensor([[0]]), DynamicCache(config=lm.model.config), segments=[1]
+        )
+
+
 def test_fused_weights_share_the_originals_storage(tiny_lm):
     attention = tiny_lm.model.model.layers[0].self_attn
     fused = tiny_lm.decoder.qkv[0].weight

@@ -2,8 +2,9 @@
 
 The loop only schedules: it admits waiting requests, prefills them (where prompt-stage policies score
 the last user message), steps the batch, and finishes replies at token boundaries. Prefill passes run
-on this thread between decode steps, or, where the cores allow, on a thread of their own beside them
-(``overlap``): they touch only their own prompts' caches, and their results are taken in here. Each decode step
+on this thread: alone when nothing decodes, else riding in a decode step's pass (``mixing``), or, where the
+cores allow, on a thread of their own beside the steps (``overlap``). They touch only their own prompts'
+caches, and their results are taken in here. Each decode step
 feeds every row's pending token, which yields both that token's hidden states and the logits for the
 next one: output-stage policies score the pending token *before* it is emitted, at the cost of a
 one-token delay and no extra pass. What a crossing does is decided in ``guard.engine.decide``:
@@ -47,7 +48,7 @@ from guard.engine.explain import explanations
 from guard.engine.prompts import Chunk, Lane, PromptWork, plan
 from guard.engine.reply import Reply
 from guard.engine.steering import SteeringPlan
-from guard.engine.tap import LayerTap
+from guard.engine.tap import LayerTap, joined
 from guard.events import Emitted, Failed, Finished, GenerationRequest, Handle, PromptChecked, Shadowed
 from guard.policy import ANY, Action, Dial, Policy
 from guard.sampling import sample
@@ -67,7 +68,9 @@ Timing = Callable[[str, float], None]  # (phase, seconds): "queue_wait", "prefil
 TORCH_THREADS = torch.get_num_threads()
 PREFILL_TOKENS = 1024  # prompt tokens in one prefill pass at most (a longer prompt takes several)
 STALL_STEPS = 2.0  # while streams decode, a prefill pass takes about this many decode steps' time (a chunk at least)
+RIDING_STEPS = 1.0  # riding in a decode step (``mixing``), a pass adds about this many decode steps' time to it
 CALIBRATION_TOKENS = 256  # the prefill measured at start, for the prompt-token throughput
+RIDER_FLOOR = 0.1  # a pass riding in a decode step counts as at least this share of a plain step's time
 
 
 class QueueFull(RuntimeError):
@@ -108,6 +111,8 @@ class Engine:
         self.compile_in_background = compile_in_background
         auto = 2 * self.threads <= TORCH_THREADS
         self.overlap = self.step.concurrent_passes and (auto if overlap is None else overlap)
+        # otherwise, while streams decode, a prefill pass rides in a decode step where the step can carry it
+        self.mixing = not self.overlap and self.step.mixes
         self._prefiller: ThreadPoolExecutor | None = None  # the prefill thread, with ``overlap``
         self._pass: _Pass | None = None  # the prefill pass in flight on it
         self.compile_failed = False  # a background compile failed: the step stays eager
@@ -246,12 +251,10 @@ class Engine:
                         break
                 try:
                     self._admit()
-                    if self._prefilling:
+                    if self._prefilling and not (self.mixing and self._batch):
                         self._prefill_pass()
                     if self._batch:
-                        started = time.perf_counter()
-                        self._step()
-                        self._seen_step(time.perf_counter() - started)
+                        self._step(self._next_pass() if self.mixing and self._prefilling else None)
                 except Exception as exc:  # shared state is in doubt: fail what runs, go on with new requests
                     for reply in [*self._batch.clear(), *(work.reply for work in self._prefilling)]:
                         self._fail(reply, exc, "generation")
@@ -310,16 +313,28 @@ class Engine:
             lanes.append(Lane(request.prompt_ids, DynamicCache(config=self.lm.model.config), 0, 0))
         return PromptWork(reply, lanes, request.prompt_span)
 
-    def _step(self) -> None:
+    def _step(self, riders: _Pass | None = None) -> None:
+        """A decode step of the batch; ``riders``, a prefill pass not yet run, rides in it (``mixing``)."""
         self._batch.drop(self._leaves_before_step)
         if not self._batch:
+            if riders is not None:
+                self._run_pass(riders)
+                self._took_in(riders)
             return
+        started = time.perf_counter()
         rows = list(self._batch.replies)
         ids = torch.tensor([[r.pending] for r in rows])
         positions = torch.tensor([[r.position] for r in rows])
         mask = self._batch.step_mask()
+        mask = None if bool(mask.all()) else mask
         tap = self._tap(rows)
-        logits = self.step(ids, positions, self._batch.cache, None if bool(mask.all()) else mask, tap)
+        if riders is None or riders.future.done():  # done already: its tap failed
+            logits = self.step(ids, positions, self._batch.cache, mask, tap)
+        else:
+            on_layer = joined(len(rows), tap, riders.tap)
+            segments = [chunk.segment for chunk in riders.chunks]
+            logits = self.step(ids, positions, self._batch.cache, mask, on_layer, segments)
+            logits, prompt_logits = logits[: len(rows)], logits[len(rows) :]
         self._batch.advance()
         outcomes = self._check_tokens(rows, tap)
         kept, rework = [], []
@@ -331,6 +346,15 @@ class Engine:
         self._batch.keep(kept + rework)
         for reply in [rows[i] for i in rework]:
             self._isolated(reply, "generation", self._recompute, reply, 2)
+        seconds = time.perf_counter() - started
+        if riders is None or riders.future.done():
+            self._seen_step(seconds)
+        else:
+            self._report("decode_step", seconds)
+            # the pass's own time: what the step took beyond a plain one (a step's jitter is no free pass)
+            riders.future.set_result((prompt_logits, max(seconds - self.step_seconds, RIDER_FLOOR * self.step_seconds)))
+        if riders is not None:
+            self._took_in(riders)
 
     def _leaves_before_step(self, reply: Reply) -> bool:
         if reply.handle.cancelled:
@@ -372,34 +396,40 @@ class Engine:
         """The next pass over the prompts being prefilled: the chunks it completes are checked and join the batch.
 
         With ``overlap`` the pass runs on the prefill thread while this one goes on decoding: a call
-        starts a pass, or takes in the one in flight once it is done (waiting for it when nothing decodes).
-        A prompt whose request went away stops before its next chunk."""
+        starts a pass, or takes in the one in flight once it is done (waiting for it when nothing decodes)."""
         if self._pass is not None:
             if self._batch and not self._pass.future.done():
                 return
             running, self._pass = self._pass, None
             self._took_in(running)
+        running = self._next_pass()
+        if running is None:
+            return
+        if self._prefiller is not None and not running.future.done():
+            self._pass = running
+            self._prefiller.submit(self._run_pass, running)
+            return
+        if not running.future.done():
+            self._run_pass(running)
+        self._took_in(running)
+
+    def _next_pass(self) -> _Pass | None:
+        """The chunks the next pass takes, with its layer callback; not yet run (done already if its tap failed).
+        A prompt whose request went away stops before its next chunk."""
         for work in [w for w in self._prefilling if w.reply.handle.cancelled]:
             self._prefilling.remove(work)
             self._finish(work.reply, "cancelled")
         chunks = plan(self._prefilling, self._budget())
         if not chunks:
-            return
+            return None
         works = list(dict.fromkeys(chunk.work for chunk in chunks))
         tokens = [sum(c.stop - c.start for c in chunks if c.work is work) for work in works]
-        future: Future[tuple[torch.Tensor, float]] = Future()
-        running = _Pass(future, chunks, works, tokens, None)
+        running = _Pass(Future(), chunks, works, tokens, None)
         try:
             running.tap = self._tap([work.reply for work in works], tokens)
         except Exception as exc:
-            future.set_exception(exc)
-        else:
-            if self._prefiller is not None:
-                self._pass = running
-                self._prefiller.submit(self._run_pass, running)
-                return
-            self._run_pass(running)
-        self._took_in(running)
+            running.future.set_exception(exc)
+        return running
 
     def _run_pass(self, running: _Pass) -> None:
         """The pass itself, on whichever thread runs it: its logits and seconds, or what it raised."""
@@ -466,11 +496,13 @@ class Engine:
     def _budget(self) -> int:
         """Prompt tokens for the next pass: ``PREFILL_TOKENS`` when nothing decodes; else as many as take about
         ``STALL_STEPS`` decode steps' time, at the throughput measured so far (a pass takes one chunk however
-        small this is). In turn with decode steps, that bounds the running streams' stall; beside them
-        (``overlap``), how long a prompt that arrives waits for the next pass."""
+        small this is), or ``RIDING_STEPS`` riding in a decode step (``mixing``): that bounds what a step
+        costs the running streams beyond a plain one. Beside them (``overlap``), it bounds how long a prompt
+        that arrives waits for the next pass."""
         if not self._batch:
             return PREFILL_TOKENS
-        return int(min(PREFILL_TOKENS, STALL_STEPS * self.step_seconds * self.prefill_rate))
+        steps = RIDING_STEPS if self.mixing else STALL_STEPS
+        return int(min(PREFILL_TOKENS, steps * self.step_seconds * self.prefill_rate))
 
     def _calibrate(self) -> None:
         """Measure the prompt-token throughput once at start, so the first passes are sized and the server can

@@ -13,6 +13,7 @@ from collections.abc import Collection, Sequence
 import torch
 
 from guard.interventions import Ablation, Steering
+from probes.lm.step import OnLayer
 
 
 class LayerTap:
@@ -46,3 +47,17 @@ class LayerTap:
         parts = self._parts[layer]
         whole = parts[0] if len(parts) == 1 else torch.cat(parts)
         return whole.reshape(-1, whole.shape[-1])
+
+
+def joined(rows: int, first: LayerTap | None, rest: LayerTap | None) -> OnLayer | None:
+    """The layer callback of a pass that serves two parties: ``first`` sees its first ``rows`` rows (a decode
+    step's), ``rest`` the rows after them (the prompt chunks riding in it); ``None`` when neither taps."""
+    if first is None and rest is None:
+        return None
+
+    def on_layer(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        top, bottom = hidden[:rows], hidden[rows:]
+        top = top if first is None else first(layer, top)
+        return torch.cat([top, bottom if rest is None else rest(layer, bottom)])
+
+    return on_layer

@@ -9,7 +9,8 @@ to 1e-5 on float paths, and on int8 too up to the rounding of its fused products
 quantises each row on its own, ``probes.lm.quantize``).
 
 It decodes (``forward``: one new token per sequence) and prefills (``prefill``: several prompts packed
-into one pass, each attending to its own tokens). ``compiled=True`` runs its layers through
+into one pass, each attending to its own tokens); a decode step may carry prompt chunks in its own pass
+(``forward``'s ``segments``). ``compiled=True`` runs its layers through
 ``torch.compile``: what lies between the matrix products (norms, rotary embedding, the int8 products'
 row scaling, the activation) becomes a few fused kernels, while the int8 products, the attention and
 the per-layer callback stay Python-side operators (``guard::int8_linear``, ``guard::attend``,
@@ -57,6 +58,7 @@ class Step(Protocol):
     warm: bool  # compiled by ``warm_up``
     reads_padding: bool  # a step attends over a batch's padding columns (masked): they must hold finite values
     concurrent_passes: bool  # passes may run on two threads at once (each thread's callbacks are its own)
+    mixes: bool  # a decode step can carry prefill segments in its pass (``segments``)
 
     def __call__(
         self,
@@ -65,6 +67,7 @@ class Step(Protocol):
         cache: DynamicCache,
         mask: torch.Tensor | None = None,
         on_layer: OnLayer | None = None,
+        segments: Sequence[Segment] = (),
     ) -> torch.Tensor: ...
 
     def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor: ...
@@ -83,6 +86,7 @@ class Segment:
 class DecodeStep(nn.Module):
     reads_padding = False  # each row attends over its own columns only (``_attention``, ``probes.lm.attention``)
     concurrent_passes = True  # a pass's attention and layer callback are its thread's (``_passing``)
+    mixes = True
 
     def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         super().__init__()
@@ -132,23 +136,40 @@ class DecodeStep(nn.Module):
         cache: DynamicCache,
         mask: torch.Tensor | None = None,
         on_layer: OnLayer | None = None,
+        segments: Sequence[Segment] = (),
     ) -> torch.Tensor:
         """Logits ``[rows, vocab]`` for the next token after ``ids`` ``[rows, 1]`` at ``positions`` ``[rows, 1]``.
 
         ``cache`` grows by one column. ``mask`` ``[rows, columns + 1]`` (1 = attend) covers the cached
         columns and the new one; ``None`` when no row has padding. ``on_layer(layer, hidden)`` sees
         each layer's output ``[rows, 1, d_model]`` and returns what the next layer reads.
+
+        ``segments`` ride in the same pass, packed after the rows as ``prefill`` packs them: ``on_layer``
+        sees their tokens after the rows, and their logits follow the rows'. The products read every
+        weight once for both, so a prompt's chunk costs the running rows far less than a pass of its own.
+        Each row and segment computes what it computes in a pass of its own, bitwise on int8.
         """
         run, native = self._runner()
-        attention = self._attention(mask, ids.shape[0], native)
+        rows = ids.shape[0]
+        attention = self._attention(mask, rows, native)
 
-        def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        def decode(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
             past = cache.layers[index]
             self._append(past, key, value)
             return attention(query, past.keys, past.values, self.scaling[index])
 
+        if not segments:
+            with self._passing(decode, on_layer):
+                return self._logits(run(ids, positions))
+        packed_ids, packed_positions, ends, packed = self._packed(segments)
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            top = decode(index, query[:rows], key[:rows], value[:rows])
+            return torch.cat([top, packed(index, query[rows:], key[rows:], value[rows:])])
+
         with self._passing(attend, on_layer):
-            return self._logits(run(ids, positions))
+            hidden = run(torch.cat([ids, packed_ids]), torch.cat([positions, packed_positions]))
+        return self._logits(hidden[torch.cat([torch.arange(rows), rows + torch.tensor(ends) - 1])])
 
     def prefill(self, segments: Sequence[Segment], on_layer: OnLayer | None = None) -> torch.Tensor:
         """Logits ``[segments, vocab]`` for the token after each segment's last one; every ``cache`` grows by its ids.
@@ -161,6 +182,15 @@ class DecodeStep(nn.Module):
         weight for a few tokens. Segments may share a cache: each then continues where the one before it
         on that cache ends (its keys are in the cache by the time its layer attends), as in a pass of its own.
         """
+        ids, positions, ends, attend = self._packed(segments)
+        run, _ = self._runner()
+        with self._passing(attend, on_layer):
+            hidden = run(ids, positions)
+        return self._logits(hidden[torch.tensor(ends) - 1])
+
+    def _packed(self, segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor, list[int], Attend]:
+        """``segments`` packed for one pass: their ids and positions ``[tokens, 1]``, where each one's rows end,
+        and the attention of those rows (each segment over its own cache and tokens)."""
         pasts = _pasts(segments)
         ends = torch.tensor([len(segment.ids) for segment in segments]).cumsum(0).tolist()
         bounds = list(zip([0, *ends[:-1]], ends, strict=True))
@@ -179,10 +209,7 @@ class DecodeStep(nn.Module):
                 out[a:b] = own.transpose(0, 2)
             return out
 
-        run, _ = self._runner()
-        with self._passing(attend, on_layer):
-            hidden = run(ids, positions)
-        return self._logits(hidden[torch.tensor(ends) - 1])
+        return ids, positions, ends, attend
 
     def warm_up(self) -> None:
         """Compile now rather than on the first requests: the pass for several rows, then for one.

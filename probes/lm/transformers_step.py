@@ -26,6 +26,7 @@ class TransformersStep:
     warm = False
     reads_padding = True  # transformers' attention runs over the whole width under the mask
     concurrent_passes = False  # a pass's layer callback is a forward hook on the model, seen by every thread
+    mixes = False  # a decode step is the batch's forward alone
 
     def __init__(self, model: PreTrainedModel, layer_path: str | None = None) -> None:
         self.model, self.layer_path = model, layer_path
@@ -38,8 +39,11 @@ class TransformersStep:
         cache: DynamicCache,
         mask: torch.Tensor | None = None,
         on_layer: OnLayer | None = None,
+        segments: Sequence[Segment] = (),
     ) -> torch.Tensor:
         """Logits ``[rows, vocab]`` for the token after ``ids`` ``[rows, 1]``; ``mask`` covers the cache and ``ids``."""
+        if segments:
+            raise ValueError("transformers' forward does not carry prefill segments in a decode step (mixes is False)")
         with self._calling(on_layer):
             out = self.model(
                 input_ids=ids,
