@@ -541,6 +541,38 @@ def test_a_failing_row_fails_alone_and_the_batch_goes_on(tiny_lm, engine_for, mo
     assert after[0] == alone[2][0]
 
 
+def test_a_prompt_whose_pass_fails_to_start_fails_alone_beside_a_running_stream(tiny_lm, engine_for, monkeypatch):
+    """A prompt arriving while a stream decodes, whose pass cannot be set up (its layer callback raises),
+    gets its own generic error; the stream finishes as it does alone, and the engine serves on."""
+    engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)])
+    running = request(tiny_lm, PROMPTS[0], 200)
+    bad = GenerationRequest(running.prompt_ids, running.prompt_span, SamplingParams(max_tokens=8, seed=666))
+    tap = engine._tap
+
+    def faulty(rows, tokens=None):
+        if tokens is not None and any(row.request.sampling.seed == 666 for row in rows):
+            raise RuntimeError("an internal detail")
+        return tap(rows, tokens)
+
+    async def scenario():
+        alone = await run(engine, running)
+        monkeypatch.setattr(engine, "_tap", faulty)
+        handle = engine.submit(running, asyncio.get_running_loop())
+        events = handle.events()
+        first = await anext(events)
+        while not isinstance(first, Emitted):
+            first = await anext(events)
+        failed = await collect(engine.submit(bad, asyncio.get_running_loop()))
+        rest = [first] + [event async for event in events]
+        return alone, failed, rest, await run(engine, request(tiny_lm, PROMPTS[1], 4))
+
+    alone, failed, rest, after = asyncio.run(scenario())
+    assert isinstance(failed[1], Failed) and "error id" in failed[1].error and "internal" not in failed[1].error
+    assert "".join(e.text for e in rest if isinstance(e, Emitted)) == alone[0]
+    assert isinstance(rest[-1], Finished) and rest[-1].reason == alone[1].reason
+    assert isinstance(after[1], Finished)
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_as_in_one_pass(tiny_lm, engine_for, monkeypatch):
     """A prompt cut into chunks, over passes of a few chunks each continuing its cache: its reply and its
     prompt score are what one piece in one pass gives (a legacy completion's two caches included)."""

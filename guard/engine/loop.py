@@ -318,7 +318,8 @@ class Engine:
         self._batch.drop(self._leaves_before_step)
         if not self._batch:
             if riders is not None:
-                self._run_pass(riders)
+                if not riders.future.done():
+                    self._run_pass(riders)
                 self._took_in(riders)
             return
         started = time.perf_counter()
