@@ -27,14 +27,14 @@ and 3%):
 
 - ``mean+tail``: retrained on the mean and the last template token side by side;
 - ``shipped|X``: the shipped probe and X served together, either one flagging (the guard as a whole);
-  at the rule ``served``, the two shipped probes at the thresholds the default policy file serves, each
-  moved by its ``threshold_shift``.
+  at the rule ``served``, the two shipped probes at the thresholds a policy file serves (``--policy-file``,
+  default: the default one), each moved by its ``threshold_shift``.
 
 Per held-out family it prints recall on wrapped harmful requests, FPR on wrapped benign ones, and FPR on
 ordinary traffic (ToxicChat prompts outside the pool, unwrapped), then the means, and writes JSON.
 States are cached under the guard cache directory.
 
-    .venv/bin/python tests/bench/bench_jailbreak.py [--dtype int8] [--templates 6]
+    .venv/bin/python tests/bench/bench_jailbreak.py [--dtype int8] [--templates 6] [--policy-file FILE]
         [--out tests/bench/results/jailbreak.json]
 """
 
@@ -293,13 +293,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     w = cached_states(lm, "wrapped", [r.text for r in wrapped], lambda: wrapped_states(lm, wrapped), cache)
     shipped = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
     jailbreak = load_shipped("jailbreak", model_fingerprint=lm.fingerprint)
+    shifts = {policy.name: policy.shift for policy in load_policies(args.policy_file)}  # what the file serves
     families = sorted({r.family for r in wrapped})
     results = []
     for family in families:
         results.append(
             {
                 "heldout": family,
-                **fold(family, plain, wrapped, p, w, len(train.rows), len(dev.rows), shipped, jailbreak),
+                **fold(family, plain, wrapped, p, w, len(train.rows), len(dev.rows), shipped, jailbreak, shifts),
             }
         )
         print(family, json.dumps(results[-1]), flush=True)
@@ -318,10 +319,11 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 # a threshold rule: the share of dev negatives, and of dev ordinary traffic, it may flag
 RULES = {"1%": (0.01, 0.015), "5%": (0.05, 0.03)}
-SHIFTS = {p.name: p.shift for p in load_policies(DEFAULT_POLICY_FILE)}  # as the default set moves each threshold
 
 
-def fold(family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev: int, shipped, jailbreak) -> dict:
+def fold(
+    family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev: int, shipped, jailbreak, shifts: dict
+) -> dict:
     """One held-out family: each method's recall, FPRs and AUROC on its test rows, at each threshold rule."""
     held = [i for i, r in enumerate(wrapped) if r.family == family and r.test]
     others = [i for i, r in enumerate(wrapped) if r.family != family and not r.test]
@@ -379,10 +381,10 @@ def fold(family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev:
             }
         for method in ("tail", "mean+tail", "shipped_jailbreak"):  # beside the shipped probe: either one flags
             out[f"shipped|{method}@{rule}"] = either(flags[method], flags["shipped"], y_held)
-    # as the default policy file serves them: each threshold moved by the file's threshold_shift
+    # as the policy file serves them: each threshold moved by the file's threshold_shift
     served = {
         method: tuple(
-            scores > shifted(probe.threshold, SHIFTS[probe.name] * probe.calibration_slope)
+            scores > shifted(probe.threshold, shifts[probe.name] * probe.calibration_slope)
             for scores in scored[method][1:]
         )
         for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak))
@@ -406,6 +408,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--templates", type=int, default=6, help="templates per family")
     parser.add_argument("--per-template", type=int, default=5, help="requests of each label and role per template")
+    parser.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="the shifts rule `served` serves")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/jailbreak.json"))
     args = parser.parse_args()
     report = evaluate(args)
