@@ -86,7 +86,7 @@ class Segment:
 class DecodeStep(nn.Module):
     reads_padding = False  # each row attends over its own columns only (``_attention``, ``probes.lm.attention``)
     concurrent_passes = True  # a pass's attention and layer callback are its thread's (``_passing``)
-    mixes = True
+    mixes = True  # a decode step carries prefill segments in its pass (``forward``)
 
     def __init__(self, model: PreTrainedModel, compiled: bool = False) -> None:
         super().__init__()
@@ -146,7 +146,7 @@ class DecodeStep(nn.Module):
 
         ``segments`` ride in the same pass, packed after the rows as ``prefill`` packs them: ``on_layer``
         sees their tokens after the rows, and their logits follow the rows'. The products read every
-        weight once for both, so a prompt's chunk costs the running rows far less than a pass of its own.
+        weight once for both, so a prompt's chunk costs the running rows less than a pass of its own.
         Each row and segment computes what it computes in a pass of its own, bitwise on int8.
         """
         run, native = self._runner()
