@@ -710,7 +710,7 @@ def test_running_streams_decode_between_a_long_prompts_chunks(tiny_lm, engine_fo
     assert asyncio.run(cancelled()).reason == "cancelled" and len(passes) == 1
 
 
-def test_a_long_prompts_chunks_ride_in_the_running_streams_decode_steps(tiny_lm, engine_for, monkeypatch):
+def test_a_long_prompts_chunks_ride_in_the_running_streams_decode_steps(tiny_lm, monkeypatch):
     """On the engine thread alone (``mixing``), each of a long prompt's passes rides in a decode step of the
     running stream, within the budget, instead of a pass of its own; its reply and score are what it gets alone."""
     import guard.engine.loop as loop
@@ -718,27 +718,32 @@ def test_a_long_prompts_chunks_ride_in_the_running_streams_decode_steps(tiny_lm,
 
     monkeypatch.setattr(loop, "PREFILL_TOKENS", 16)
     monkeypatch.setattr(prefix, "CHUNK", 16)
-    engine = engine_for([Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)])
-    if not engine.mixing:
-        pytest.skip("prefill passes run on a thread of their own")
-    long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
-    text, done, events = asyncio.run(run(engine, long))
-    riders, alone = [], []
-    forward, prefill = engine.step.forward, engine.step.prefill
+    engine = Engine(tiny_lm, [Policy("toy", "toy", Stage.BOTH, Action.FLAG)], [probe_for(tiny_lm)], overlap=False)
+    assert engine.mixing
+    engine.start()
+    try:
+        long = request(tiny_lm, " ".join(PROMPTS * 6), 4)
+        text, done, events = asyncio.run(run(engine, long))
+        riders, alone = [], []
+        forward, prefill = engine.step.forward, engine.step.prefill
 
-    def step(ids, positions, cache, mask=None, on_layer=None, segments=()):
-        riders.append(sum(len(s.ids) for s in segments))
-        return forward(ids, positions, cache, mask, on_layer, segments)
+        def step(ids, positions, cache, mask=None, on_layer=None, segments=()):
+            riders.append(sum(len(s.ids) for s in segments))
+            return forward(ids, positions, cache, mask, on_layer, segments)
 
-    monkeypatch.setattr(engine.step, "forward", step)
-    monkeypatch.setattr(engine.step, "prefill", lambda segments, tap=None: alone.append(1) or prefill(segments, tap))
-    phases: list[str] = []
-    beside = asyncio.run(beside_a_stream(engine, long, phases))
-    assert beside[0] == text and beside[1].reason == done.reason
-    assert beside[2][0].verdicts["toy"].score == pytest.approx(events[0].verdicts["toy"].score, abs=1e-5)
-    carried = [tokens for tokens in riders if tokens]
-    assert len(carried) >= len(long.prompt_ids) // 16 - 1 and max(carried) <= 16, riders
-    assert len(alone) <= 2, alone  # the prefix, and at most a pass before the stream's first step
+        monkeypatch.setattr(engine.step, "forward", step)
+        monkeypatch.setattr(
+            engine.step, "prefill", lambda segments, tap=None: alone.append(1) or prefill(segments, tap)
+        )
+        phases: list[str] = []
+        beside = asyncio.run(beside_a_stream(engine, long, phases))
+        assert beside[0] == text and beside[1].reason == done.reason
+        assert beside[2][0].verdicts["toy"].score == pytest.approx(events[0].verdicts["toy"].score, abs=1e-5)
+        carried = [tokens for tokens in riders if tokens]
+        assert len(carried) >= len(long.prompt_ids) // 16 - 1 and max(carried) <= 16, riders
+        assert len(alone) <= 2, alone  # the prefix, and at most a pass before the stream's first step
+    finally:
+        engine.stop()
 
 
 def test_a_receiver_that_is_gone_stops_its_generation_and_nothing_else(tiny_lm, engine_for):
