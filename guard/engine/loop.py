@@ -315,11 +315,13 @@ class Engine:
 
     def _step(self, riders: _Pass | None = None) -> None:
         """A decode step of the batch; ``riders``, a prefill pass not yet run, rides in it (``mixing``)."""
+        if riders is not None and riders.future.done():  # its tap failed: its prompts fail, the step goes on
+            self._took_in(riders)
+            riders = None
         self._batch.drop(self._leaves_before_step)
         if not self._batch:
             if riders is not None:
-                if not riders.future.done():
-                    self._run_pass(riders)
+                self._run_pass(riders)
                 self._took_in(riders)
             return
         started = time.perf_counter()
@@ -329,7 +331,7 @@ class Engine:
         mask = self._batch.step_mask()
         mask = None if bool(mask.all()) else mask
         tap = self._tap(rows)
-        if riders is None or riders.future.done():  # done already: its tap failed
+        if riders is None:
             logits = self.step(ids, positions, self._batch.cache, mask, tap)
         else:
             on_layer = joined(len(rows), tap, riders.tap)
@@ -348,14 +350,13 @@ class Engine:
         for reply in [rows[i] for i in rework]:
             self._isolated(reply, "generation", self._recompute, reply, 2)
         seconds = time.perf_counter() - started
-        if riders is None or riders.future.done():
+        if riders is None:
             self._seen_step(seconds)
-        else:
-            self._report("decode_step", seconds)
-            # the pass's own time: what the step took beyond a plain one (a step's jitter is no free pass)
-            riders.future.set_result((prompt_logits, max(seconds - self.step_seconds, RIDER_FLOOR * self.step_seconds)))
-        if riders is not None:
-            self._took_in(riders)
+            return
+        self._report("decode_step", seconds)
+        # the pass's own time: what the step took beyond a plain one (a step's jitter is no free pass)
+        riders.future.set_result((prompt_logits, max(seconds - self.step_seconds, RIDER_FLOOR * self.step_seconds)))
+        self._took_in(riders)
 
     def _leaves_before_step(self, reply: Reply) -> bool:
         if reply.handle.cancelled:
