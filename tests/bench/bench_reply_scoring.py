@@ -15,7 +15,11 @@ split by the shipped rule (at most 1% of dev negatives flagged) and is scored on
 - ``running_mean``: the served rule, the mean of the token logits so far, firing at its first crossing;
 - ``running_prob``: the mean of the tokens' probabilities so far;
 - ``ema``: an exponential moving average of the token logits (``--alpha``);
-- ``window``: the mean of the last ``--window`` token logits (the running mean before that).
+- ``window``: the mean of the last ``--window`` token logits (the running mean before that);
+- ``prompt_reply_mean`` and ``prompt_reply_ema``: a probe on prompt-plus-reply features, the state where
+  the model is about to answer (the prompt's last template token, which the server has from the prefill)
+  beside the reply's mean-pooled states, C picked on dev AUROC; scored on the whole reply, and streamed
+  as the moving average of its reply-token logits plus the prompt's fixed term.
 
 A streamed score is its highest value over the reply. Detection latency is, for the held-out
 positives a scorer catches, the share of the reply's tokens seen when it first crosses (median).
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from lodo_report import finish, print_fold
+from sklearn.metrics import roc_auc_score
 
 from probes.data import Dataset, Row, deduplicate, default_data_dir
 from probes.eval.defaults import PRESET_CONFIG
@@ -40,13 +45,14 @@ from probes.eval.lodo import Fold, folds, scored_fold
 from probes.eval.presets import RECIPES
 from probes.eval.replies import newest
 from probes.eval.sources import read_source
-from probes.features import token_states
+from probes.features import extract, token_states
 from probes.lm.model import default_cache_dir, load_model
 from probes.probe import sigmoid
 from probes.stream import ema
-from probes.train import dev_threshold, train_probe
+from probes.train import dev_threshold, fit_linear, train_probe
 
-SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window")
+SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window", "prompt_reply_mean", "prompt_reply_ema")
+STREAMED = ("running_mean", "running_prob", "ema", "window", "prompt_reply_ema")  # scorers with a latency
 
 
 def own_replies(path: Path) -> list[Row]:
@@ -72,8 +78,8 @@ def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndar
 
 
 def score_rows(per_row: list[np.ndarray], bias: float, window: int, alpha: float) -> dict[str, list[np.ndarray]]:
-    """Per scorer and row, the probability after each token."""
-    out: dict[str, list[np.ndarray]] = {s: [] for s in SCORERS}
+    """Per scorer and row, the probability after each token (the reply probe's scorers)."""
+    out: dict[str, list[np.ndarray]] = {s: [] for s in SCORERS[:5]}
     for z in per_row:
         for name, values in streamed(z, window, alpha).items():
             out[name].append(values if name == "running_prob" else sigmoid(values + bias))
@@ -90,7 +96,32 @@ def latency(test: Dataset, traces: list[np.ndarray], threshold: float) -> float 
     return float(np.median(shares)) if shares else None
 
 
-def evaluate(lm, fold: Fold, states, pooled, index, scorers, args) -> dict:
+def prompt_reply_traces(fold: Fold, states, pooled, prompts, at, alpha: float) -> dict[str, dict[str, list]]:
+    """``prompt_reply_*`` per split (dev, test) and row: a probe on the prompt's answer-position state beside the
+    reply's mean, C picked on dev AUROC; per token, the whole reply's logit and the moving average's."""
+    x = {
+        part: np.concatenate([prompts[at(d)], pooled[at(d)]], axis=1)
+        for part, d in (("train", fold.train), ("dev", fold.dev))
+    }
+    y_dev = np.asarray(fold.dev.labels)
+    fits = [fit_linear(x["train"], np.asarray(fold.train.labels), c) for c in PRESET_CONFIG.cs]
+    fit = max(fits, key=lambda f: roc_auc_score(y_dev, f.logits(x["dev"])))
+    weight = (fit.weight / fit.scale).astype(np.float32)
+    bias = float(fit.bias - (weight * fit.mean).sum())
+    layers = prompts.shape[1]
+    out = {}
+    for part, data in (("dev", fold.dev), ("test", fold.test)):
+        rows = at(data)
+        fixed = np.einsum("nld,ld->n", prompts[rows], weight[:layers]) + bias
+        tokens = [states[i].astype(np.float32) @ weight[layers:].reshape(-1) for i in rows]
+        out[part] = {
+            "prompt_reply_mean": [sigmoid(np.full(len(z), z.mean() + c)) for z, c in zip(tokens, fixed, strict=True)],
+            "prompt_reply_ema": [sigmoid(ema(z, alpha) + c) for z, c in zip(tokens, fixed, strict=True)],
+        }
+    return out
+
+
+def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args) -> dict:
     """A fold's row: each scorer thresholded on dev and summarised on the held-out source, with its latency."""
     config = PRESET_CONFIG
 
@@ -106,9 +137,12 @@ def evaluate(lm, fold: Fold, states, pooled, index, scorers, args) -> dict:
         return score_rows([states[i].astype(np.float32) @ w for i in at(data)], bias, args.window, args.alpha)
 
     dev, test = traces(fold.dev), traces(fold.test)
+    if "prompt_reply_ema" in scorers:
+        both = prompt_reply_traces(fold, states, pooled, prompts, at, args.alpha)
+        dev, test = dev | both["dev"], test | both["test"]
     peaks = {s: (np.array([t.max() for t in dev[s]]), np.array([t.max() for t in test[s]])) for s in scorers}
     row = scored_fold(fold, peaks, config)
-    for s in scorers[1:]:  # the final mean is known only at the end: it has no latency
+    for s in set(scorers) & set(STREAMED):  # a whole reply's score is known only at its end: it has no latency
         threshold = dev_threshold(fold.dev, peaks[s][0], config.target_fpr, config.traffic_fpr, config.traffic_source)
         row[s]["median_latency"] = latency(fold.test, test[s], threshold)
     return row
@@ -139,12 +173,16 @@ def main() -> None:
     for i, tokens in token_states(lm, union, config.layers, max_text_tokens=config.max_text_tokens):
         pooled[i] = tokens.mean(0)  # the mean-pooled feature the shipped probe trains on
         states[i] = tokens.reshape(len(tokens), -1).astype(np.float16)  # [tokens, layers * d_model], kept small
+    asked = Dataset(tuple(Row(r.prompt or "", r.label) for r in union.rows))  # the prompt alone, as prefilled
+    prompts = extract(
+        lm, asked, config.layers, pooling="tail", max_text_tokens=config.max_text_tokens, cache_dir=default_cache_dir()
+    )
     report: dict = {"own_replies": str(own_path), "layers": list(config.layers), "variants": {}}
     for name, dataset in variants.items():
         scorers = SCORERS if name == "+own" else ("final_mean", "running_mean")
         results = []
         for fold in folds(dataset):
-            results.append(evaluate(lm, fold, states, pooled, index, scorers, args))
+            results.append(evaluate(lm, fold, states, pooled, prompts, index, scorers, args))
             print(name, end=" ")
             print_fold(results[-1], scorers)
         report["variants"][name] = results
