@@ -28,7 +28,8 @@ and 3%; ``5%/5%``: 5% and 5%; ``10%/10%``: 10% and 10%):
 - ``mean+tail``: retrained on the mean and the last template token side by side;
 - ``shipped|X``: the shipped probe as it serves (at its own threshold) and X at the rule, either one
   flagging (the guard as a whole); at the rule ``served``, the two shipped probes at the thresholds a
-  policy file serves (``--policy-file``, default: the default one), each moved by its ``threshold_shift``.
+  policy file serves (``--policy-file``, default: the default one): a policy's ``threshold`` where the file
+  sets one, else the probe's, moved by the file's ``threshold_shift``.
 
 Per held-out family it prints recall on wrapped harmful requests, FPR on wrapped benign ones, and FPR on
 ordinary traffic (ToxicChat prompts outside the pool, unwrapped), then the means, and writes JSON.
@@ -293,14 +294,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     w = cached_states(lm, "wrapped", [r.text for r in wrapped], lambda: wrapped_states(lm, wrapped), cache)
     shipped = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
     jailbreak = load_shipped("jailbreak", model_fingerprint=lm.fingerprint)
-    shifts = {policy.name: policy.shift for policy in load_policies(args.policy_file)}  # what the file serves
+    served = {policy.name: policy for policy in load_policies(args.policy_file)}  # what the file serves
     families = sorted({r.family for r in wrapped})
     results = []
     for family in families:
         results.append(
             {
                 "heldout": family,
-                **fold(family, plain, wrapped, p, w, len(train.rows), len(dev.rows), shipped, jailbreak, shifts),
+                **fold(family, plain, wrapped, p, w, len(train.rows), len(dev.rows), shipped, jailbreak, served),
             }
         )
         print(family, json.dumps(results[-1]), flush=True)
@@ -322,7 +323,7 @@ RULES = {"1%": (0.01, 0.015), "5%": (0.05, 0.03), "5%/5%": (0.05, 0.05), "10%/10
 
 
 def fold(
-    family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev: int, shipped, jailbreak, shifts: dict
+    family: str, plain, wrapped, p: States, w: States, n_train: int, n_dev: int, shipped, jailbreak, policies: dict
 ) -> dict:
     """One held-out family: each method's recall, FPRs and AUROC on its test rows, at each threshold rule."""
     held = [i for i, r in enumerate(wrapped) if r.family == family and r.test]
@@ -383,14 +384,14 @@ def fold(
             as_served = flags["shipped"]  # the shipped probe at its own threshold, beside each method at each rule
         for method in ("tail", "mean+tail", "shipped_jailbreak"):
             out[f"shipped|{method}@{rule}"] = either(flags[method], as_served, y_held)
-    # as the policy file serves them: each threshold moved by the file's threshold_shift
-    served = {
-        method: tuple(
-            scores > shifted(probe.threshold, shifts[probe.name] * probe.calibration_slope)
-            for scores in scored[method][1:]
-        )
-        for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak))
-    }
+    # as the policy file serves them: the policy's threshold (the probe's unless the file sets one), moved by
+    # the file's threshold_shift
+    served = {}
+    for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak)):
+        policy = policies[probe.name]
+        threshold = probe.threshold if policy.threshold is None else policy.threshold
+        threshold = shifted(threshold, policy.shift * probe.calibration_slope)
+        served[method] = tuple(scores > threshold for scores in scored[method][1:])
     out["shipped|shipped_jailbreak@served"] = either(served["shipped"], served["shipped_jailbreak"], y_held)
     return out
 
@@ -410,7 +411,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--templates", type=int, default=6, help="templates per family")
     parser.add_argument("--per-template", type=int, default=5, help="requests of each label and role per template")
-    parser.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="the shifts rule `served` serves")
+    parser.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="the file rule `served` serves")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/jailbreak.json"))
     args = parser.parse_args()
     report = evaluate(args)
