@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from guard.policy import DEFAULT_POLICY_FILE, load_policies
+from guard.scoring import policy_thresholds
 from guard.settings import Settings
 from probes.catalog import load_shipped
 from probes.data import Dataset, Row, default_data_dir
@@ -66,7 +67,7 @@ from probes.lm.hooks import capture
 from probes.lm.model import LoadedModel, load_model
 from probes.lm.render import Encoded, encode_row
 from probes.metrics import binary_metrics
-from probes.probe import shifted, sigmoid
+from probes.probe import sigmoid
 from probes.train import dev_threshold, fit_linear
 
 LAYERS = PRESET_CONFIG.layers
@@ -365,6 +366,8 @@ def fold(
         if name == "mean":
             raw = fit.weight / fit.scale
             scored["window16"] = windows(raw, fit.bias - float((raw * fit.mean).sum()))
+    # the shipped probe at its own threshold, beside each method at each rule
+    as_served = tuple(scores > shipped.threshold for scores in scored["shipped"][1:])
     out = {}
     for rule, (target, traffic_target) in RULES.items():
         flags = {}
@@ -380,18 +383,15 @@ def fold(
                 "traffic_fpr": float(np.mean(traffic_scores > threshold)),
                 "auroc": m["auroc"],
             }
-        if rule == "1%":
-            as_served = flags["shipped"]  # the shipped probe at its own threshold, beside each method at each rule
         for method in ("tail", "mean+tail", "shipped_jailbreak"):
             out[f"shipped|{method}@{rule}"] = either(flags[method], as_served, y_held)
-    # as the policy file serves them: the policy's threshold (the probe's unless the file sets one), moved by
-    # the file's threshold_shift
-    served = {}
-    for method, probe in (("shipped", shipped), ("shipped_jailbreak", jailbreak)):
-        policy = policies[probe.name]
-        threshold = probe.threshold if policy.threshold is None else policy.threshold
-        threshold = shifted(threshold, policy.shift * probe.calibration_slope)
-        served[method] = tuple(scores > threshold for scores in scored[method][1:])
+    # as the policy file serves them (``guard.scoring.policy_thresholds``)
+    methods = {"shipped": shipped, "shipped_jailbreak": jailbreak}
+    thresholds = policy_thresholds([policies[probe.name] for probe in methods.values()], list(methods.values()))
+    served = {
+        method: tuple(scores > threshold for scores in scored[method][1:])
+        for method, threshold in zip(methods, thresholds, strict=True)
+    }
     out["shipped|shipped_jailbreak@served"] = either(served["shipped"], served["shipped_jailbreak"], y_held)
     return out
 

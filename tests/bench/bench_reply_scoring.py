@@ -53,7 +53,8 @@ from probes.probe import sigmoid
 from probes.stream import ema
 from probes.train import dev_threshold, fit_linear, train_probe
 
-SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window", "prompt_reply_mean", "prompt_reply_ema")
+REPLY_SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window")  # the reply probe's (``streamed``)
+SCORERS = (*REPLY_SCORERS, "prompt_reply_mean", "prompt_reply_ema")
 STREAMED = ("running_mean", "running_prob", "ema", "window", "prompt_reply_ema")  # scorers with a latency
 
 
@@ -80,8 +81,8 @@ def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndar
 
 
 def score_rows(per_row: list[np.ndarray], bias: float, window: int, alpha: float) -> dict[str, list[np.ndarray]]:
-    """Per scorer and row, the probability after each token (the reply probe's scorers)."""
-    out: dict[str, list[np.ndarray]] = {s: [] for s in SCORERS[:5]}
+    """Per scorer and row, the probability after each token."""
+    out: dict[str, list[np.ndarray]] = {s: [] for s in REPLY_SCORERS}
     for z in per_row:
         for name, values in streamed(z, window, alpha).items():
             out[name].append(values if name == "running_prob" else sigmoid(values + bias))
