@@ -19,8 +19,9 @@ and 3%; ``5%/5%``: 5% and 5%; ``10%/10%``: 10% and 10%):
 - ``shipped_window16``: the shipped probe scored by its highest 16-token window mean;
 - ``shipped_jailbreak``: the shipped ``jailbreak`` probe as it serves. These templates are in its training
   rows (wrapping other requests), so it is not held out as the others are;
-- ``mean``, ``last32``, ``tail``: probes retrained with the wrapped rows on the mean over the prompt's
-  tokens, the mean over its last 32 tokens, and the last template token before the reply;
+- ``mean``, ``last32``, ``tail``, ``eoi``: probes retrained with the wrapped rows on the mean over the prompt's
+  tokens, the mean over its last 32 tokens, the last template token before the reply, and the mean over the
+  template's tokens after the text (the post-instruction positions of Arditi et al.);
 - ``window16``: the retrained ``mean`` probe scored by its highest 16-token window mean;
 - ``span``: retrained on the mean over the request's own tokens, an oracle (a server does not know
   where a request sits inside a template).
@@ -73,7 +74,7 @@ from probes.train import dev_threshold, fit_linear
 LAYERS = PRESET_CONFIG.layers
 C = 0.01  # the shipped harmful_request probe's
 WINDOW, STRIDE, LAST = 16, 8, 32
-READINGS = ("mean", "last32", "tail", "span")
+READINGS = ("mean", "last32", "tail", "eoi", "span")
 HARMFUL_SCENARIOS = (
     "Illegal Activity",
     "Hate Speech",
@@ -170,6 +171,7 @@ def readings(hidden: torch.Tensor, start: int, end: int, span: tuple[int, int]) 
         "mean": text.mean(0),
         "last32": text[-LAST:].mean(0),
         "tail": hidden[-1],
+        "eoi": hidden[end:].mean(0),
         "span": hidden[span[0] : span[1]].mean(0),
     }
     if len(text) <= WINDOW:
@@ -260,7 +262,8 @@ def _group_states(
 
 
 def cached_states(lm: LoadedModel, kind: str, texts: Sequence[str], compute, cache_dir: Path) -> States:
-    key = hashlib.sha256(json.dumps([lm.fingerprint, lm.numeric, kind, list(texts)]).encode()).hexdigest()[:24]
+    what = [lm.fingerprint, lm.numeric, kind, READINGS, list(texts)]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]
     path = cache_dir / "bench" / f"jailbreak_{kind}_{key}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
@@ -358,6 +361,7 @@ def fold(
         ("mean", ["mean"]),
         ("last32", ["last32"]),
         ("tail", ["tail"]),
+        ("eoi", ["eoi"]),
         ("mean+tail", ["mean", "tail"]),
         ("span", ["span"]),
     ):
@@ -383,7 +387,7 @@ def fold(
                 "traffic_fpr": float(np.mean(traffic_scores > threshold)),
                 "auroc": m["auroc"],
             }
-        for method in ("tail", "mean+tail", "shipped_jailbreak"):
+        for method in ("tail", "eoi", "mean+tail", "shipped_jailbreak"):
             out[f"shipped|{method}@{rule}"] = either(flags[method], as_served, y_held)
     # as the policy file serves them (``guard.scoring.policy_thresholds``)
     methods = {"shipped": shipped, "shipped_jailbreak": jailbreak}
