@@ -32,12 +32,15 @@ and 3%; ``5%/5%``: 5% and 5%; ``10%/10%``: 10% and 10%):
   policy file serves (``--policy-file``, default: the default one): a policy's ``threshold`` where the file
   sets one, else the probe's, moved by the file's ``threshold_shift``.
 
+``--extra-negatives SOURCE:N`` adds N more negatives of one source to every retrained probe's training rows,
+none of them a row scored here.
+
 Per held-out family it prints recall on wrapped harmful requests, FPR on wrapped benign ones, and FPR on
 ordinary traffic (ToxicChat prompts outside the pool, unwrapped), then the means, and writes JSON.
 States are cached under the guard cache directory.
 
     .venv/bin/python tests/bench/bench_jailbreak.py [--dtype int8] [--templates 6] [--policy-file FILE]
-        [--out tests/bench/results/jailbreak.json]
+        [--extra-negatives SOURCE:N] [--out tests/bench/results/jailbreak.json]
 """
 
 from __future__ import annotations
@@ -200,6 +203,11 @@ class States:
             self.pooled[k][i] = v
         self.windows[i] = windows
 
+    def inserted(self, at: int, other: States) -> States:
+        """These states with ``other``'s rows inserted before row ``at``."""
+        pooled = {k: np.concatenate([v[:at], other.pooled[k], v[at:]]) for k, v in self.pooled.items()}
+        return States(pooled, [*self.windows[:at], *other.windows, *self.windows[at:]])
+
 
 def plain_states(lm: LoadedModel, rows: Sequence[Row]) -> States:
     """Readings of unwrapped prompts (the request span is the whole text), batched as training extracts."""
@@ -296,6 +304,15 @@ def evaluate(args: argparse.Namespace) -> dict:
     cache = settings.cache_dir
     p = cached_states(lm, "plain", [r.text for r in plain], lambda: plain_states(lm, plain), cache)
     w = cached_states(lm, "wrapped", [r.text for r in wrapped], lambda: wrapped_states(lm, wrapped), cache)
+    if args.extra_negatives:  # more training negatives, none of them a row scored here
+        source, count = args.extra_negatives.rsplit(":", 1)
+        taken = pooled | set(traffic) | {r.request for r in wrapped if r.test}
+        texts = sorted({r.text for r in read_source(source, data_dir) if r.label == 0} - taken, key=hash_order)
+        extra = [Row(t, 0, source=source) for t in texts[: int(count)]]
+        e = cached_states(lm, "plain", [r.text for r in extra], lambda: plain_states(lm, extra), cache)
+        p = p.inserted(len(train.rows), e)
+        plain[len(train.rows) : len(train.rows)] = extra
+        train = Dataset((*train.rows, *extra))
     shipped = load_shipped("harmful_request", model_fingerprint=lm.fingerprint)
     jailbreak = load_shipped("jailbreak", model_fingerprint=lm.fingerprint)
     served = {policy.name: policy for policy in load_policies(args.policy_file)}  # what the file serves
@@ -416,6 +433,11 @@ def main() -> None:
     parser.add_argument("--templates", type=int, default=6, help="templates per family")
     parser.add_argument("--per-template", type=int, default=5, help="requests of each label and role per template")
     parser.add_argument("--policy-file", type=Path, default=DEFAULT_POLICY_FILE, help="the file rule `served` serves")
+    parser.add_argument(
+        "--extra-negatives",
+        metavar="SOURCE:N",
+        help="add N label-0 rows of SOURCE (e.g. alpaca:4000, toxicchat:585) to every retrained probe's training rows",
+    )
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/jailbreak.json"))
     args = parser.parse_args()
     report = evaluate(args)
