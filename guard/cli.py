@@ -158,7 +158,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
         f"for the default policies {','.join(map(str, PRESET_LAYERS))})",
     )
     p.add_argument("--pooling", choices=POOLINGS, default="mean")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="threshold: at most this FPR on dev negatives")
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        help="threshold: at most this FPR on dev negatives (default 0.01; a preset's policy may have a rule of its "
+        "own, which either flag replaces)",
+    )
     p.add_argument(
         "--traffic-fpr",
         type=float,
@@ -173,6 +178,7 @@ def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = N
     """The ``TrainConfig`` the flags describe."""
     from probes.train import TrainConfig
 
+    target_fpr = TrainConfig.target_fpr if args.target_fpr is None else args.target_fpr
     traffic_fpr = TrainConfig.traffic_fpr if args.traffic_fpr is None else args.traffic_fpr
     if args.layers in (None, ""):
         layers = default_layers
@@ -181,11 +187,16 @@ def _method(args: argparse.Namespace, default_layers: tuple[int, ...] | None = N
     return TrainConfig(
         layers=layers,
         pooling=args.pooling,
-        target_fpr=args.target_fpr,
+        target_fpr=target_fpr,
         traffic_fpr=traffic_fpr if traffic_fpr >= 0 else None,
         seed=args.seed,
         max_text_tokens=args.max_text_tokens,
     )
+
+
+def _own_rule(args: argparse.Namespace) -> bool:
+    """Whether a preset's policies keep their own threshold rules: the command names none."""
+    return args.target_fpr is None and args.traffic_fpr is None
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
@@ -206,6 +217,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             cache_dir=settings.cache_dir,
             progress=not args.no_progress,
             extra=_extra(args),
+            own_rule=_own_rule(args),
         )
         for name, result in results.items():
             _print_trained(name, result.probe, args.out or shipped_home(settings.dtype))
@@ -764,7 +776,8 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
     for name in names:
         train, dev, _ = splits[name]
         dataset = Dataset(train.rows + dev.rows)
-        tables[name] = evaluate_folds(lm, name, dataset, rows_of(name, dataset), recipe_config(name, config), baselines)
+        own = recipe_config(name, config, own_rule=_own_rule(args))
+        tables[name] = evaluate_folds(lm, name, dataset, rows_of(name, dataset), own, baselines)
         print(f"{name}: {len(tables[name])} held-out sources", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lodo.json").write_text(json.dumps(tables, indent=2))

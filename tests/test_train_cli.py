@@ -193,6 +193,32 @@ def test_cli_fit_set_writes_the_shift_that_keeps_the_set_within_its_traffic_budg
     assert "trained by `guard train --preset`" in capsys.readouterr().err
 
 
+def test_a_recipes_own_threshold_rule_holds_unless_the_command_names_one(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    from probes.eval.defaults import PRESET_CONFIG, recipe_config
+    from probes.eval.presets import RECIPES
+
+    own = recipe_config("jailbreak", PRESET_CONFIG)
+    assert (own.target_fpr, own.traffic_fpr) == (0.05, 0.03) and own.pooling == "tail"
+    hate = recipe_config("hate", PRESET_CONFIG)  # no rule of its own: the command's
+    assert (hate.target_fpr, hate.traffic_fpr) == (0.01, 0.015)
+    named = recipe_config("jailbreak", PRESET_CONFIG, own_rule=False)
+    assert (named.target_fpr, named.traffic_fpr) == (0.01, 0.015) and named.pooling == "tail"
+    # through the command, on a policy that trains fast: its rule unless a flag names one
+    monkeypatch.setitem(RECIPES, "defamation", replace(RECIPES["defamation"], target_fpr=0.2, traffic_fpr=0.1))
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
+    argv = ["train", *common, "--preset", "default", "--policy", "defamation", "--layers", "1,2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "own")]) == 0
+    assert main([*argv, "--traffic-fpr", "0.05", "--out", str(tmp_path / "named")]) == 0
+    rules = {
+        name: (m["target_fpr"], m["traffic_fpr"])
+        for name in ("own", "named")
+        for m in [json.loads((tmp_path / name / "defamation" / "manifest.json").read_text())]
+    }
+    assert rules == {"own": (0.2, 0.1), "named": (0.01, 0.05)}
+
+
 def test_cli_calibrate_folds_the_held_out_calibrator_into_the_trained_probe(tiny_model_dir, data_dir, tmp_path, capsys):
     common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
     probes = tmp_path / "probes"

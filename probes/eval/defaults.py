@@ -81,13 +81,21 @@ def recipe_features(
     return splits, rows_of
 
 
-def recipe_config(name: str, config: TrainConfig) -> TrainConfig:
-    """``config`` as policy ``name`` reads its rows: a recipe may fix its pooling and how many tokens it reads."""
+def recipe_config(name: str, config: TrainConfig, *, own_rule: bool = True) -> TrainConfig:
+    """``config`` as policy ``name`` reads its rows: a recipe may fix its pooling and how many tokens it reads, and,
+    with ``own_rule`` (the command names no threshold rule), its threshold rule."""
     recipe = RECIPES[name]
-    return replace(
+    config = replace(
         config,
         pooling=recipe.pooling or config.pooling,
         max_text_tokens=recipe.max_text_tokens or config.max_text_tokens,
+    )
+    if not own_rule:
+        return config
+    return replace(
+        config,
+        target_fpr=config.target_fpr if recipe.target_fpr is None else recipe.target_fpr,
+        traffic_fpr=config.traffic_fpr if recipe.traffic_fpr is None else recipe.traffic_fpr,
     )
 
 
@@ -101,24 +109,27 @@ def train_recipes(
     cache_dir: Path | None = None,
     progress: bool = True,
     extra: Dataset = NO_ROWS,
+    own_rule: bool = True,
 ) -> dict[str, TrainResult]:
-    """``extra``: hand-labelled rows added to every named policy's train split (see ``recipe_splits``)."""
+    """``extra``: hand-labelled rows added to every named policy's train split (see ``recipe_splits``);
+    ``own_rule``: a recipe's threshold rule, where it has one, replaces ``config``'s."""
     config = config or PRESET_CONFIG
     splits, rows_of = recipe_features(lm, names, data_dir, config, cache_dir=cache_dir, progress=progress, extra=extra)
     results = {}
     for name, (train, dev, provenance) in splits.items():
+        own = recipe_config(name, config, own_rule=own_rule)
         result = train_probe(
             lm,
             train,
             dev,
             name,
-            recipe_config(name, config),
+            own,
             provenance=provenance,
             features=(rows_of(name, train), rows_of(name, dev)),
             progress=progress,
         )
         if is_reply_data(dev):  # an output-stage policy: thresholded as the server streams it
-            result = replace(result, probe=calibrate(lm, result.probe, dev, config.target_fpr))
+            result = replace(result, probe=calibrate(lm, result.probe, dev, own.target_fpr))
         result.probe.save(out_dir / name)
         results[name] = result
     return results

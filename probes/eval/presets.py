@@ -60,6 +60,10 @@ class Recipe:
     stage: str = "prompt"  # what its rows are: user prompts, or assistant replies ("output", rows with a prompt)
     pooling: str | None = None  # how its probe reads a row, when not the command's (``probes.features``)
     max_text_tokens: int | None = None  # how much of a row it reads, when not the command's
+    # its threshold rule, when the command names none: at most this share of dev negatives, and of dev ordinary
+    # traffic, above the threshold (``probes.train.TrainConfig``)
+    target_fpr: float | None = None
+    traffic_fpr: float | None = None
 
     def rows(self, data_dir: Path) -> tuple[Dataset, dict]:
         """The policy's rows and a provenance record (per-pick counts, conflicts resolved)."""
@@ -153,6 +157,10 @@ JAILBREAK = Recipe(
     heldout=HARMFUL_REQUEST.heldout,
     pooling="tail",  # the mean over a long template barely moves with the request inside it
     max_text_tokens=2048,  # the whole template, whose request may come last
+    # looser than the others': the dev traffic rule binds, and at 1% / 1.5% it catches half the wrapped requests
+    # of template families it never saw; the set still keeps its traffic budget (docs/policies.md)
+    target_fpr=0.05,
+    traffic_fpr=0.03,
 )
 
 HATE = Recipe(

@@ -394,8 +394,9 @@ def fold(
         flags = {}
         for method, (dev_scores, held_scores, traffic_scores) in scored.items():
             threshold = dev_threshold(dev_rows, dev_scores, target, traffic_target, "toxicchat")
-            if method in ("shipped", "shipped_jailbreak") and rule == "1%":  # as it serves
-                threshold = (jailbreak if method == "shipped_jailbreak" else shipped).threshold
+            own = {"shipped": shipped, "shipped_jailbreak": jailbreak}.get(method)
+            if own is not None and RULES[rule] == (own.manifest["target_fpr"], own.manifest["traffic_fpr"]):
+                threshold = own.threshold  # the rule it was trained by: its own threshold, as it serves
             m = binary_metrics(y_held, held_scores, threshold)
             flags[method] = (held_scores > threshold, traffic_scores > threshold)
             out[f"{method}@{rule}"] = {
