@@ -15,10 +15,12 @@ shipped C, thresholded on the fold's dev rows by the shipped rule (``1%``: at mo
 wrapped benign ones included, and 1.5% of dev ordinary traffic flagged) and by looser ones (``5%``: 5%
 and 3%; ``5%/5%``: 5% and 5%; ``10%/10%``: 10% and 10%):
 
-- ``shipped``: the shipped probe as it serves, mean over the prompt's tokens, at its own threshold;
+- ``shipped``: the shipped probe as it serves, mean over the prompt's tokens; under the rule it was trained by
+  (``1%``), at its own threshold;
 - ``shipped_window16``: the shipped probe scored by its highest 16-token window mean;
-- ``shipped_jailbreak``: the shipped ``jailbreak`` probe as it serves. These templates are in its training
-  rows (wrapping other requests), so it is not held out as the others are;
+- ``shipped_jailbreak``: the shipped ``jailbreak`` probe as it serves; under its own rule (``5%``), at its own
+  threshold. These templates are in its training rows (wrapping other requests), so it is not held out as the
+  others are;
 - ``mean``, ``last32``, ``tail``, ``eoi``: probes retrained with the wrapped rows on the mean over the prompt's
   tokens, the mean over its last 32 tokens, the last template token before the reply, and the mean over the
   template's tokens after the text (the post-instruction positions of Arditi et al.);
