@@ -258,9 +258,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_trained(name: str, probe: LinearProbe, out: Path) -> None:
     dev = probe.manifest["metrics"]["dev"]
+    rule = f"at most {100 * probe.manifest['target_fpr']:g}% of dev negatives"
+    if probe.manifest.get("traffic_fpr") is not None:
+        rule += f" and {100 * probe.manifest['traffic_fpr']:g}% of dev traffic"
     print(
         f"{name}: layers {list(probe.layers)}, dev AUROC {dev['auroc']:.4f}, TPR {dev['tpr_at_threshold']:.3f} "
-        f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}) -> {out / name}"
+        f"at FPR {dev['fpr_at_threshold']:.3f} (threshold {probe.threshold:.4f}: {rule}) -> {out / name}"
     )
     stream = probe.manifest.get("stream")
     if stream:

@@ -194,7 +194,7 @@ def test_cli_fit_set_writes_the_shift_that_keeps_the_set_within_its_traffic_budg
 
 
 def test_a_recipes_own_threshold_rule_holds_unless_the_command_names_one(
-    tiny_model_dir, data_dir, tmp_path, monkeypatch
+    tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys
 ):
     from probes.eval.defaults import PRESET_CONFIG, recipe_config
     from probes.eval.presets import RECIPES
@@ -210,6 +210,7 @@ def test_a_recipes_own_threshold_rule_holds_unless_the_command_names_one(
     common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
     argv = ["train", *common, "--preset", "default", "--policy", "defamation", "--layers", "1,2", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "own")]) == 0
+    assert "at most 20% of dev negatives and 10% of dev traffic) ->" in capsys.readouterr().out  # the rule it used
     assert main([*argv, "--traffic-fpr", "0.05", "--out", str(tmp_path / "named")]) == 0
     rules = {
         name: (m["target_fpr"], m["traffic_fpr"])
