@@ -340,7 +340,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         auroc = f"{s['auroc']:.3f}" if "auroc" in s else "n/a"
         print(f"| {method} | {rule} | {s['recall']:.3f} | {s['wrapped_fpr']:.3f} | {s['traffic_fpr']:.3f} | {auroc} |")
     counts = {f: sum(r.family == f and r.test for r in wrapped) for f in families}
-    return {"dtype": args.dtype, "families": counts, "folds": results, "means": means}
+    chosen = {"dtype": args.dtype, "c": args.c, "extra_negatives": args.extra_negatives}  # what the run varied
+    return {**chosen, "families": counts, "folds": results, "means": means}
 
 
 # a threshold rule: the share of dev negatives, and of dev ordinary traffic, it may flag
