@@ -29,7 +29,8 @@ from probes.data import Dataset
 from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
 from probes.eval.lodo import fold_probes
 from probes.lm.model import load_model
-from probes.metrics import threshold_for_fpr, tpr_at_fpr
+from probes.metrics import tpr_at_fpr
+from probes.train import dev_threshold
 
 RULES = {"rule 1%": (0.01, True), "rule 5%": (0.05, True), "rule without HH 1%": (0.01, False)}
 RELATIVE = "hh_rlhf"  # a source whose negatives are only less harmful than their pair
@@ -63,12 +64,13 @@ def main() -> None:
     folds = []
     for fold, _, scores in fold_probes(lm, args.policy, data, rows_of(args.policy, data), config):
         dev_scores, test_scores = scores(fold.dev), scores(fold.test)
-        labels, dev_labels = np.array(fold.test.labels), np.array(fold.dev.labels)
-        relative = np.array([r.source == RELATIVE for r in fold.dev.rows])
+        labels = np.array(fold.test.labels)
         row = {"heldout": fold.heldout, "positives": int(labels.sum()), "negatives": int((labels == 0).sum())}
         for name, (fpr, with_relative) in RULES.items():
-            negatives = (dev_labels == 0) & (with_relative | ~relative)
-            row[name] = rates(labels, test_scores, threshold_for_fpr(dev_scores[negatives], fpr))
+            kept = [i for i, r in enumerate(fold.dev.rows) if with_relative or r.source != RELATIVE]
+            counted = Dataset(tuple(fold.dev.rows[i] for i in kept))
+            threshold = dev_threshold(counted, dev_scores[kept], fpr, config.traffic_fpr, config.traffic_source)
+            row[name] = rates(labels, test_scores, threshold)
         both = labels.any() and (labels == 0).any()
         row["best"] = {"recall": tpr_at_fpr(labels, test_scores, 0.01) if both else None, "fpr": 0.01}
         folds.append(row)
