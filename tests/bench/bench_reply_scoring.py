@@ -14,20 +14,24 @@ split by the shipped rule (at most 1% of dev negatives flagged) and is scored on
 - ``final_mean``: the mean over the whole reply (offline mean pooling; a stream cannot wait for it);
 - ``running_mean``: the served rule, the mean of the token logits so far, firing at its first crossing;
 - ``running_prob``: the mean of the tokens' probabilities so far;
-- ``ema``: an exponential moving average of the token logits (``--alpha``);
+- ``ema``: an exponential moving average of the token logits (``--alpha``), and ``ema@A`` for each
+  further smoothing ``A`` of ``--sweep-alpha`` (a larger one reacts sooner and averages fewer tokens);
 - ``window``: the mean of the last ``--window`` token logits (the running mean before that);
+- ``token_max``: the highest single token logit so far (a sliding-window maximum of any width fires at the
+  same token, since a stream fires at its first crossing);
 - ``prompt_reply_mean`` and ``prompt_reply_ema``: a probe on prompt-plus-reply features, the state where
   the model is about to answer (the prompt's last template token, which the server has from the prefill)
   beside the reply's mean-pooled states, C picked on dev AUROC; scored on the whole reply, and streamed
   as the moving average of its reply-token logits plus the prompt's fixed term.
 
 A streamed score is its highest value over the reply. Detection latency is, for the held-out
-positives a scorer catches, the share of the reply's tokens seen when it first crosses (median). Where
+positives a scorer catches, the share of the reply's tokens seen when it first crosses: the median per
+held-out source, and over every caught positive of every fold together (``pooled_latency``). Where
 the held-out source's labels are relative (HH-RLHF's pairs of replies to one prompt), the share of
 pairs a scorer orders as the labels do is reported beside its AUROC (``pair_accuracy``).
 
     PYTHONPATH=tests/bench .venv/bin/python tests/bench/bench_reply_scoring.py [--own FILE] [--dtype int8]
-        [--window 16] [--alpha 0.1]
+        [--window 16] [--alpha 0.1] [--sweep-alpha 0.2 0.3 0.5]
         [--out tests/bench/results/reply_scoring.json]
 """
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +58,10 @@ from probes.probe import sigmoid
 from probes.stream import ema
 from probes.train import dev_threshold, fit_linear, train_probe
 
-REPLY_SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window")  # the reply probe's (``streamed``)
+# the reply probe's scorers (``streamed``)
+REPLY_SCORERS = ("final_mean", "running_mean", "running_prob", "ema", "window", "token_max")
 SCORERS = (*REPLY_SCORERS, "prompt_reply_mean", "prompt_reply_ema")
-STREAMED = ("running_mean", "running_prob", "ema", "window", "prompt_reply_ema")  # scorers with a latency
+WHOLE = ("final_mean", "prompt_reply_mean")  # a whole reply's score is known only at its end: it has no latency
 
 
 def own_replies(path: Path) -> list[Row]:
@@ -63,7 +69,7 @@ def own_replies(path: Path) -> list[Row]:
     return [Row(r["text"], r["label"], r["prompt"], r["category"], "own_replies") for r in records]
 
 
-def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndarray]:
+def streamed(logits: np.ndarray, window: int, alpha: float, sweep: Sequence[float] = ()) -> dict[str, np.ndarray]:
     """Per scorer, the score after each token (``final_mean`` is the whole reply's at every token)."""
     steps = np.arange(1, len(logits) + 1)
     running = np.cumsum(logits) / steps
@@ -77,26 +83,29 @@ def streamed(logits: np.ndarray, window: int, alpha: float) -> dict[str, np.ndar
         "running_prob": np.cumsum(sigmoid(logits)) / steps,
         "ema": ema(logits, alpha),
         "window": windowed,
-    }
+        "token_max": np.maximum.accumulate(logits),
+    } | {f"ema@{a}": ema(logits, a) for a in sweep}
 
 
-def score_rows(per_row: list[np.ndarray], bias: float, window: int, alpha: float) -> dict[str, list[np.ndarray]]:
+def score_rows(
+    per_row: list[np.ndarray], bias: float, window: int, alpha: float, sweep: Sequence[float] = ()
+) -> dict[str, list[np.ndarray]]:
     """Per scorer and row, the probability after each token."""
-    out: dict[str, list[np.ndarray]] = {s: [] for s in REPLY_SCORERS}
+    out: dict[str, list[np.ndarray]] = {}
     for z in per_row:
-        for name, values in streamed(z, window, alpha).items():
-            out[name].append(values if name == "running_prob" else sigmoid(values + bias))
+        for name, values in streamed(z, window, alpha, sweep).items():
+            out.setdefault(name, []).append(values if name == "running_prob" else sigmoid(values + bias))
     return out
 
 
-def latency(test: Dataset, traces: list[np.ndarray], threshold: float) -> float | None:
-    """The median share of a caught positive's tokens seen when its score first crosses ``threshold``."""
+def latencies(test: Dataset, traces: list[np.ndarray], threshold: float) -> list[float]:
+    """Per caught positive, the share of its tokens seen when its score first crosses ``threshold``."""
     shares = []
     for row, values in zip(test.rows, traces, strict=True):
         crossed = np.flatnonzero(values > threshold)
         if row.label == 1 and crossed.size:
-            shares.append((crossed[0] + 1) / len(values))
-    return float(np.median(shares)) if shares else None
+            shares.append(float((crossed[0] + 1) / len(values)))
+    return shares
 
 
 def pair_accuracy(test: Dataset, scores: np.ndarray) -> float | None:
@@ -138,8 +147,9 @@ def prompt_reply_traces(fold: Fold, states, pooled, prompts, at, alpha: float) -
     return out
 
 
-def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args) -> dict:
-    """A fold's row: each scorer thresholded on dev and summarised on the held-out source, with its latency."""
+def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args, caught: dict[str, list]) -> dict:
+    """A fold's row: each scorer thresholded on dev and summarised on the held-out source, with its latency;
+    each caught positive's latency is added to ``caught``."""
     config = PRESET_CONFIG
 
     def at(data: Dataset) -> list[int]:
@@ -151,7 +161,8 @@ def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args) -> d
     w = weight.reshape(-1).astype(np.float32)
 
     def traces(data: Dataset) -> dict[str, list[np.ndarray]]:
-        return score_rows([states[i].astype(np.float32) @ w for i in at(data)], bias, args.window, args.alpha)
+        per_row = [states[i].astype(np.float32) @ w for i in at(data)]
+        return score_rows(per_row, bias, args.window, args.alpha, args.sweep_alpha)
 
     dev, test = traces(fold.dev), traces(fold.test)
     if "prompt_reply_ema" in scorers:
@@ -161,9 +172,11 @@ def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args) -> d
     row = scored_fold(fold, peaks, config)
     for s in scorers:
         row[s]["pair_accuracy"] = pair_accuracy(fold.test, peaks[s][1])
-    for s in set(scorers) & set(STREAMED):  # a whole reply's score is known only at its end: it has no latency
+    for s in set(scorers) - set(WHOLE):
         threshold = dev_threshold(fold.dev, peaks[s][0], config.target_fpr, config.traffic_fpr, config.traffic_source)
-        row[s]["median_latency"] = latency(fold.test, test[s], threshold)
+        shares = latencies(fold.test, test[s], threshold)
+        row[s]["median_latency"] = float(np.median(shares)) if shares else None
+        caught.setdefault(s, []).extend(shares)
     return row
 
 
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="int8", help="the numeric path (the served default: int8)")
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--sweep-alpha", type=float, nargs="*", default=[], help="further EMA smoothings, as ema@A")
     parser.add_argument("--out", type=Path, default=Path("tests/bench/results/reply_scoring.json"))
     args = parser.parse_args()
     lm = load_model(dtype=args.dtype)
@@ -197,15 +211,18 @@ def main() -> None:
         lm, asked, config.layers, pooling="tail", max_text_tokens=config.max_text_tokens, cache_dir=default_cache_dir()
     )
     report: dict = {"own_replies": str(own_path), "layers": list(config.layers), "variants": {}}
+    sweep = [f"ema@{a}" for a in args.sweep_alpha]
     for name, dataset in variants.items():
-        scorers = SCORERS if name == "+own" else ("final_mean", "running_mean")
-        results = []
+        scorers = (*SCORERS, *sweep) if name == "+own" else ("final_mean", "running_mean")
+        results, caught = [], {}
         for fold in folds(dataset):
-            results.append(evaluate(lm, fold, states, pooled, prompts, index, scorers, args))
+            results.append(evaluate(lm, fold, states, pooled, prompts, index, scorers, args, caught))
             print(name, end=" ")
             print_fold(results[-1], scorers)
         report["variants"][name] = results
-        print(f"\n{name}")
+        medians = {s: {"caught": len(v), "median": float(np.median(v))} for s, v in caught.items() if v}
+        report.setdefault("pooled_latency", {})[name] = medians
+        print(f"\n{name}; median latency over every caught held-out positive:", json.dumps(medians))
         finish(results, scorers, "scorer", report, args.out)
 
 
