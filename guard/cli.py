@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "calibrate",
             parents=[common],
-            help="calibrate the default prompt policies' probabilities on leave-one-dataset-out folds",
+            help="calibrate the default policies' probabilities on leave-one-dataset-out folds",
         )
     )
     _fit_set_parser(
@@ -791,7 +791,7 @@ def _lodo(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- calibrate ------------------------------------------------------------------------------------------
 def _calibrate_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", action="append", help="only these policies (repeatable); default: every prompt one")
+    p.add_argument("--policy", action="append", help="only these policies (repeatable); default: every default one")
     p.add_argument("--out", type=Path, help="the trained policies' directory (default: the shipped ones)")
     p.set_defaults(run=_calibrate)
 
@@ -802,10 +802,10 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from probes.eval.calibration import METHODS, calibrate, fold_scores
     from probes.eval.defaults import PRESET_CONFIG, recipe_config, recipe_features
 
-    prompt = [name for name in PRESETS["default"] if RECIPES[name].stage == "prompt"]
-    names = args.policy or prompt
-    if set(names) - set(prompt):
-        raise ValueError(f"calibrate takes the default prompt policies: {', '.join(prompt)}")
+    default = list(PRESETS["default"])
+    names = args.policy or default
+    if set(names) - set(default):
+        raise ValueError(f"calibrate takes the default policies: {', '.join(default)}")
     home = args.out or shipped_home(settings.dtype)
     lm = _model(settings)
     probes = {name: LinearProbe.load(home / name, model_fingerprint=lm.fingerprint) for name in names}

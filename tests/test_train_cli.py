@@ -9,7 +9,7 @@ from conftest import make_tiny_model
 from guard.cli import main
 from probes.data import Dataset, Row, split
 from probes.features import extract
-from probes.probe import LinearProbe
+from probes.probe import LinearProbe, logit, sigmoid
 from probes.train import TrainConfig, train_probe
 
 SAFE = ["bake bread", "write a poem about the sea", "plant tomatoes", "learn the piano", "paint a wall"]
@@ -242,5 +242,19 @@ def test_cli_calibrate_folds_the_held_out_calibrator_into_the_trained_probe(tiny
         rtol=1e-4,
         atol=1e-4,
     )
-    assert main(["calibrate", *common, "--policy", "harmful_reply", "--out", str(probes)]) == 2
-    assert "calibrate takes the default prompt policies" in capsys.readouterr().err
+    assert main(["calibrate", *common, "--policy", "privacy", "--out", str(probes)]) == 2  # not shipped
+    assert "calibrate takes the default policies" in capsys.readouterr().err
+
+
+def test_cli_calibrate_maps_a_reply_probes_streamed_threshold_with_its_logit(tiny_model_dir, data_dir, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
+    probes = tmp_path / "probes"
+    argv = ["train", *common, "--preset", "default", "--policy", "harmful_reply", "--layers", "1,2", "--no-progress"]
+    assert main([*argv, "--out", str(probes)]) == 0
+    stream = LinearProbe.load(probes / "harmful_reply").manifest["stream"]
+    assert main(["calibrate", *common, "--policy", "harmful_reply", "--out", str(probes)]) == 0
+    calibrated = LinearProbe.load(probes / "harmful_reply")
+    record = calibrated.manifest["calibration"]
+    assert {row["heldout"] for row in record["folds"]} >= {"do_not_answer_responses", "harmbench_replies"}
+    mapped = sigmoid(record["slope"] * logit(stream["threshold"]) + record["intercept"])
+    assert calibrated.manifest["stream"]["threshold"] == pytest.approx(float(mapped), abs=1e-6)
