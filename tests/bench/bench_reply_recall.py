@@ -10,6 +10,10 @@ mean-pooled, whole replies), each held-out source is read at three thresholds:
 - ``best``: the highest recall any threshold reaches at at most 1% FPR on the held-out source's own
   negatives, a threshold chosen on the test labels: a ceiling, not a rule a server could apply.
 
+Each reading also gives the F1 against the held-out labels. ``best F1`` is the highest any threshold
+reaches at at most 7% FPR (a ceiling too), with its recall and FPR: a 7B safety classifier agrees with
+HarmBench's human majority at F1 0.66 and 7% FPR.
+
 Prints a markdown table and writes JSON.
 
     .venv/bin/python tests/bench/bench_reply_recall.py [--dtype int8] [--policy harmful_reply]
@@ -23,6 +27,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 from guard.settings import Settings
 from probes.data import Dataset
@@ -42,7 +47,15 @@ def rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     return {
         "recall": float(flagged[labels == 1].mean()) if (labels == 1).any() else None,
         "fpr": float(flagged[labels == 0].mean()) if (labels == 0).any() else None,
+        "f1": float(f1_score(labels, flagged, zero_division=0.0)) if (labels == 1).any() else None,
     }
+
+
+def best_f1(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.07) -> dict:
+    """The highest F1 over the thresholds of ``scores`` that flag at most ``max_fpr`` of the negatives, and the
+    recall and FPR where it is reached."""
+    candidates = [rates(labels, scores, t) for t in np.unique(scores)]
+    return max((r for r in candidates if r["fpr"] <= max_fpr), key=lambda r: r["f1"])
 
 
 def cell(value: float | None) -> str:
@@ -73,13 +86,16 @@ def main() -> None:
             row[name] = rates(labels, test_scores, threshold)
         both = labels.any() and (labels == 0).any()
         row["best"] = {"recall": tpr_at_fpr(labels, test_scores, 0.01) if both else None, "fpr": 0.01}
+        row["best F1"] = best_f1(labels, test_scores) if both else None
         folds.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| held-out source | positives / negatives | " + " | ".join(f"{n}: recall / FPR" for n in RULES), end="")
-    print(" | best recall at ≤1% FPR |")
-    print("|---|---|" + "---|" * (len(RULES) + 1))
+    rules = " | ".join(f"{n}: recall / FPR / F1" for n in RULES)
+    print(f"\n| held-out source | positives / negatives | {rules}", end="")
+    print(" | best recall at ≤1% FPR | best F1 at ≤7% FPR: recall / FPR / F1 |")
+    print("|---|---|" + "---|" * (len(RULES) + 2))
     for row in folds:
         cells = [" / ".join(cell(v) for v in row[n].values()) for n in RULES] + [cell(row["best"]["recall"])]
+        cells.append(" / ".join(cell(v) for v in row["best F1"].values()) if row["best F1"] else "n/a")
         print(f"| {row['heldout']} | {row['positives']} / {row['negatives']} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"dtype": args.dtype, "policy": args.policy, "folds": folds}, indent=2) + "\n")
