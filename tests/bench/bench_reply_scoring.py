@@ -172,7 +172,9 @@ def evaluate(lm, fold: Fold, states, pooled, prompts, index, scorers, args, caug
     row = scored_fold(fold, peaks, config)
     for s in scorers:
         row[s]["pair_accuracy"] = pair_accuracy(fold.test, peaks[s][1])
-    for s in set(scorers) - set(WHOLE):
+    for s in scorers:
+        if s in WHOLE:
+            continue
         threshold = dev_threshold(fold.dev, peaks[s][0], config.target_fpr, config.traffic_fpr, config.traffic_source)
         shares = latencies(fold.test, test[s], threshold)
         row[s]["median_latency"] = float(np.median(shares)) if shares else None
