@@ -246,7 +246,12 @@ def test_cli_calibrate_folds_the_held_out_calibrator_into_the_trained_probe(tiny
     assert "calibrate takes the default policies" in capsys.readouterr().err
 
 
-def test_cli_calibrate_maps_a_reply_probes_streamed_threshold_with_its_logit(tiny_model_dir, data_dir, tmp_path):
+def test_cli_calibrate_takes_the_reply_policy_on_its_reply_sources_and_keeps_its_stream(
+    tiny_model_dir, data_dir, tmp_path
+):
+    """The output-stage policy is calibrated on folds that hold out its reply sources, and its moving average
+    keeps its smoothing and moves its threshold with the chosen map (a Platt map's move on a streamed
+    threshold: ``test_a_streamed_threshold_moves_with_the_calibration``)."""
     common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), "--data-dir", str(data_dir)]
     probes = tmp_path / "probes"
     argv = ["train", *common, "--preset", "default", "--policy", "harmful_reply", "--layers", "1,2", "--no-progress"]
@@ -256,5 +261,7 @@ def test_cli_calibrate_maps_a_reply_probes_streamed_threshold_with_its_logit(tin
     calibrated = LinearProbe.load(probes / "harmful_reply")
     record = calibrated.manifest["calibration"]
     assert {row["heldout"] for row in record["folds"]} >= {"do_not_answer_responses", "harmbench_replies"}
+    assert record["heldout_ece"][record["method"]] == min(record["heldout_ece"][m] for m in ("raw", "platt"))
+    assert calibrated.manifest["stream"]["alpha"] == stream["alpha"]
     mapped = sigmoid(record["slope"] * logit(stream["threshold"]) + record["intercept"])
     assert calibrated.manifest["stream"]["threshold"] == pytest.approx(float(mapped), abs=1e-6)
