@@ -359,7 +359,7 @@ def fold(
     shipped,
     jailbreak,
     policies: dict,
-    c: float = C,
+    c: float,
 ) -> dict:
     """One held-out family: each method's recall, FPRs and AUROC on its test rows, at each threshold rule."""
     held = [i for i, r in enumerate(wrapped) if r.family == family and r.test]
